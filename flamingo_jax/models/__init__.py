@@ -1,0 +1,1 @@
+"""Model components; see flamingo.py for how they compose."""

@@ -1,0 +1,236 @@
+"""Typed model configuration, validated before anything is built.
+
+Config files (`configs/*.py`) are ml_collections ConfigDicts; `FlamingoConfig.from_dict`
+turns `config.model` into these dataclasses and rejects unknown fields and impossible
+values with a message that names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names field and fix."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field `{field}`: {message}")
+
+
+def _divides(field: str, value: int, divisor_field: str, divisor: int) -> None:
+    _require(
+        divisor > 0 and value % divisor == 0,
+        field,
+        f"{value} is not divisible by `{divisor_field}`={divisor}; choose values where "
+        f"{field} is a multiple of {divisor_field}.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NFNetConfig:
+    """Normalizer-free ResNet (Brock et al. 2021). `variant` picks the published
+    F0-F7 widths/depths, or 'tiny' for tests and the CPU config."""
+
+    variant: str = "F6"
+    # Keep NFNet's final 1x1 conv (1536 -> 3072 channels for F-variants).
+    # With it the encoder has NFNet-F6's published 435M parameters (no classifier).
+    final_conv: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """CLIP-style ViT: pre-LN blocks, class token, returns patch tokens."""
+
+    width: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    patch_size: int = 14
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"  # CLIP uses quick_gelu; 'gelu' is the open_clip default
+    include_class_token: bool = True  # returned tokens are patch tokens (class token dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    encoder: str = "nfnet"  # 'nfnet' or 'vit'
+    image_size: int = 320
+    nfnet: NFNetConfig = NFNetConfig()
+    vit: ViTConfig = ViTConfig()
+    # Frames seen in training; the learned temporal embeddings have this many rows
+    # and are linearly interpolated when a video has more frames at inference.
+    num_frames: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplerConfig:
+    num_layers: int = 6
+    dim: int = 1536
+    num_heads: int = 16
+    head_dim: int = 128
+    num_latents: int = 64
+    ffw_mult: int = 4
+    activation: str = "squared_relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class XAttnConfig:
+    """GATED XATTN-DENSE blocks; their width is the decoder's."""
+
+    every: int = 1  # a block before every `every`-th LM layer, starting at the first
+    num_heads: int = 16
+    head_dim: int = 128
+    ffw_hidden: int = 0  # 0 means 4 x decoder dim
+    activation: str = "squared_relu"
+    # 'previous': a text token sees the last image before it (the paper's default).
+    # The data pipeline builds media_index accordingly; the model only reads it.
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Chinchilla-style (relative positions, GeLU) or LLaMA-style (rotary, SwiGLU)."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 0  # 0 means num_heads (no grouped-query attention)
+    head_dim: int = 128
+    ffw_hidden: int = 0  # 0 means 4 x dim
+    ffw: str = "gelu"  # 'gelu' (Chinchilla) or 'swiglu' (LLaMA)
+    positions: str = "relative"  # 'relative' (Transformer-XL, Chinchilla) or 'rotary'
+    rope_theta: float = 10000.0
+    max_len: int = 2048
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class FlamingoConfig:
+    vision: VisionConfig = VisionConfig()
+    resampler: ResamplerConfig = ResamplerConfig()
+    xattn: XAttnConfig = XAttnConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    # New tokens appended after the frozen vocabulary, each with a trainable
+    # embedding row (and output row): id vocab_size is <EOC>.
+    num_new_tokens: int = 1
+    dtype: str = "bfloat16"  # activations
+    frozen_param_dtype: str = "bfloat16"
+    trainable_param_dtype: str = "float32"
+    remat_policy: str = "none"  # see layers.REMAT_POLICIES
+
+    # ------------------------------------------------------------ derived values
+    @property
+    def eoc_id(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def total_vocab(self) -> int:
+        return self.decoder.vocab_size + self.num_new_tokens
+
+    @property
+    def num_xattn_blocks(self) -> int:
+        return -(-self.decoder.num_layers // self.xattn.every)
+
+    def dtypes(self) -> tuple[Any, Any, Any]:
+        """(activation dtype, frozen param dtype, trainable param dtype)."""
+        return DTYPES[self.dtype], DTYPES[self.frozen_param_dtype], DTYPES[self.trainable_param_dtype]
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> "FlamingoConfig":
+        from flamingo_jax.models import layers  # local: avoids a cycle at import time
+
+        for name in ("dtype", "frozen_param_dtype", "trainable_param_dtype"):
+            _require(getattr(self, name) in DTYPES, f"model.{name}",
+                     f"{getattr(self, name)!r} is not a dtype; use one of {sorted(DTYPES)}.")
+        _require(self.remat_policy in layers.REMAT_POLICIES, "model.remat_policy",
+                 f"{self.remat_policy!r} is unknown; use one of {sorted(layers.REMAT_POLICIES)}.")
+        _require(self.num_new_tokens >= 1, "model.num_new_tokens", "must be >= 1 (<EOC> is id vocab_size).")
+
+        v = self.vision
+        _require(v.encoder in ("nfnet", "vit"), "model.vision.encoder",
+                 f"unknown encoder {v.encoder!r}; use 'nfnet' or 'vit'.")
+        _require(v.image_size > 0, "model.vision.image_size", "must be positive.")
+        _require(v.num_frames >= 1, "model.vision.num_frames", "must be >= 1.")
+        if v.encoder == "nfnet":
+            from flamingo_jax.models.nfnet import NFNET_VARIANTS
+
+            _require(v.nfnet.variant in NFNET_VARIANTS, "model.vision.nfnet.variant",
+                     f"unknown variant {v.nfnet.variant!r}; use one of {sorted(NFNET_VARIANTS)}.")
+            _divides("model.vision.image_size", v.image_size, "NFNet total stride", 32)
+        else:
+            _divides("model.vision.vit.width", v.vit.width, "model.vision.vit.num_heads", v.vit.num_heads)
+            _divides("model.vision.image_size", v.image_size, "model.vision.vit.patch_size", v.vit.patch_size)
+
+        r = self.resampler
+        for name in ("num_layers", "dim", "num_heads", "head_dim", "num_latents", "ffw_mult"):
+            _require(getattr(r, name) >= 1, f"model.resampler.{name}", "must be >= 1.")
+        _require(r.activation in layers.ACTIVATIONS, "model.resampler.activation",
+                 f"unknown activation {r.activation!r}; use one of {sorted(layers.ACTIVATIONS)}.")
+
+        d = self.decoder
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "head_dim", "max_len"):
+            _require(getattr(d, name) >= 1, f"model.decoder.{name}", "must be >= 1.")
+        _require(d.ffw in ("gelu", "swiglu"), "model.decoder.ffw", f"{d.ffw!r} is unknown; use 'gelu' or 'swiglu'.")
+        _require(d.positions in ("relative", "rotary"), "model.decoder.positions",
+                 f"{d.positions!r} is unknown; use 'relative' or 'rotary'.")
+        _divides("model.decoder.num_heads", d.num_heads, "model.decoder.num_kv_heads", self.num_kv_heads)
+        if d.positions == "rotary":
+            _require(d.head_dim % 2 == 0, "model.decoder.head_dim", f"{d.head_dim} must be even for rotary positions.")
+
+        x = self.xattn
+        _require(1 <= x.every <= d.num_layers, "model.xattn.every",
+                 f"{x.every} must be between 1 and model.decoder.num_layers={d.num_layers}; "
+                 "a block is placed before every `every`-th LM layer starting at the first.")
+        _require(x.num_heads >= 1 and x.head_dim >= 1, "model.xattn.num_heads",
+                 "num_heads and head_dim must be >= 1.")
+        _require(x.activation in layers.ACTIVATIONS, "model.xattn.activation",
+                 f"unknown activation {x.activation!r}; use one of {sorted(layers.ACTIVATIONS)}.")
+        return self
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.decoder.num_kv_heads or self.decoder.num_heads
+
+    @property
+    def decoder_ffw_hidden(self) -> int:
+        return self.decoder.ffw_hidden or 4 * self.decoder.dim
+
+    @property
+    def xattn_ffw_hidden(self) -> int:
+        return self.xattn.ffw_hidden or 4 * self.decoder.dim
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | Any) -> "FlamingoConfig":
+        """Builds and validates a config from a (nested) dict or ConfigDict."""
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        return _build(cls, dict(values), "model").validate()
+
+
+def _build(cls, values: dict[str, Any], path: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config field `{path}.{unknown[0]}` is not a {cls.__name__} field; "
+            f"valid fields are {sorted(fields)}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default
+        if dataclasses.is_dataclass(default):
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            if not isinstance(value, dict):
+                raise ConfigError(f"config field `{path}.{name}` must be a group of fields, got {value!r}.")
+            value = _build(type(default), value, f"{path}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)

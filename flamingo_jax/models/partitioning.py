@@ -1,0 +1,89 @@
+"""Logical axis names -> mesh axes.
+
+Weights and the main activations are annotated with logical names ('embed',
+'mlp', 'heads', 'batch', ...). A rules table, one per config, says which mesh
+axis ('data', 'fsdp', 'tensor') each name is split over; names without a rule
+are replicated. The same model code then runs unsharded on one CPU, on 8 fake
+CPU devices, or on a TPU pod with Megatron-style tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+# Data + FSDP + tensor parallelism; a config overrides entries (e.g. the 80B
+# replicates 'embed' on 'fsdp' and shards optimizer state instead).
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "media_embed": "fsdp",
+    "vision_embed": None,
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "new_vocab": None,
+    "kv": None,
+    "layers": None,
+    "length": None,
+    "latents": None,
+    "frames": None,
+    "media": None,
+}
+
+
+def _mesh_axes(rule) -> tuple[str, ...]:
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes.
+
+    A mesh axis is used at most once per array (first logical axis wins), mesh
+    axes of size 1 are dropped, and when `shape` is given a dimension that the
+    mesh axes do not divide is replicated rather than failing to compile."""
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        mesh_axes = tuple(a for a in _mesh_axes(rules.get(name) if name else None)
+                          if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        if shape is not None and mesh_axes and shape[i] % math.prod(mesh.shape[a] for a in mesh_axes):
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*spec)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names; a no-op outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(axes, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,38 @@
+"""flamingo_jax: Flamingo (arXiv 2204.14198) in JAX/Flax NNX.
+
+Versions of jax, flax, optax and orbax move together; they are pinned as a set
+that was installed and tested together. TensorFlow is only the tf.data input
+library, so the CPU-only wheel is used: it can never claim an accelerator.
+"""
+
+from setuptools import find_packages, setup
+
+JAX_VERSION = "0.10.2"
+
+setup(
+    name="flamingo_jax",
+    version="0.1.0",
+    description="Flamingo visual language models in JAX/Flax NNX, trained on TPU pods",
+    packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        f"jaxlib=={JAX_VERSION}",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "chex==0.1.92",
+        "tensorflow-cpu==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "sentencepiece==0.2.3",
+        "ml_collections==1.1.0",
+        "absl-py==2.5.1",
+        "numpy>=2.0",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # Cloud TPU VMs; also lets a CPU host compile ahead-of-time for TPU topologies.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    },
+)
