@@ -1,0 +1,147 @@
+"""Flamingo: media -> visual tokens -> conditioned frozen LM -> logits.
+
+Composition (paper Fig. 3): a frozen vision encoder turns each frame into a grid
+of features; the Perceiver Resampler turns each media item into 64 visual
+tokens; the frozen LM runs with a GATED XATTN-DENSE block before every
+`xattn.every`-th layer, starting at the first.
+
+Depth does not grow the program: LM layers are grouped as [G, k] (G = L // k
+groups of k layers, each preceded by one xattn block) and scanned; when k does
+not divide L, one tail group of L % k layers follows with the last xattn block.
+80 layers with k=7 gives 11 groups of 7 plus a tail of 3: exactly 12 blocks.
+
+New tokens (<EOC> first) get trainable input and output rows beside the frozen
+vocabulary: ids >= vocab_size index the trainable table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flamingo_jax.models import layers
+from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.models.decoder import HIDDEN_AXES, Decoder, default_positions
+from flamingo_jax.models.partitioning import constrain
+from flamingo_jax.models.resampler import PerceiverResampler
+from flamingo_jax.models.xattn import GatedCrossAttentionBlock
+
+Array = jax.Array
+
+
+def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The frozen encoder named by `cfg.vision.encoder`; returns [B, S, Dv] per image."""
+    vision = cfg.vision
+    if vision.encoder == "nfnet":
+        from flamingo_jax.models.nfnet import NFNet
+
+        return NFNet(vision.nfnet, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if vision.encoder == "vit":
+        from flamingo_jax.models.vit import ViT
+
+        return ViT(vision.vit, vision.image_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    raise ValueError(f"config field `model.vision.encoder`: unknown encoder {vision.encoder!r}; use 'nfnet' or 'vit'.")
+
+
+class Flamingo(nnx.Module):
+    def __init__(self, cfg: FlamingoConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        dtype, frozen_dtype, trainable_dtype = cfg.dtypes()
+        self.dtype = dtype
+        self.vision_encoder = build_vision_encoder(cfg, dtype=dtype, param_dtype=frozen_dtype, rngs=rngs)
+        self.resampler = PerceiverResampler(
+            cfg.resampler, media_dim=self.vision_encoder.out_dim, num_frames=cfg.vision.num_frames,
+            dtype=dtype, param_dtype=trainable_dtype, remat_policy=cfg.remat_policy, rngs=rngs)
+        self.decoder = Decoder(cfg.decoder, dtype=dtype, param_dtype=frozen_dtype,
+                               remat_policy=cfg.remat_policy, rngs=rngs)
+        dim = cfg.decoder.dim
+        self.xattn = layers.stack_modules(
+            lambda r: GatedCrossAttentionBlock(
+                dim, cfg.resampler.dim, num_heads=cfg.xattn.num_heads, head_dim=cfg.xattn.head_dim,
+                ffw_hidden=cfg.xattn_ffw_hidden, activation=cfg.xattn.activation, dtype=dtype,
+                param_dtype=trainable_dtype, rngs=r),
+            cfg.num_xattn_blocks, rngs)
+        self.new_token_embedding = layers.make_variable(
+            nnx.Param, nnx.initializers.normal(1.0), rngs.params(), (cfg.num_new_tokens, dim), trainable_dtype,
+            ("new_vocab", "embed"))
+        self.new_token_unembedding = None if cfg.decoder.tie_embeddings else layers.make_variable(
+            nnx.Param, layers.fan_in_init(dim), rngs.params(), (dim, cfg.num_new_tokens), trainable_dtype,
+            ("embed", "new_vocab"))
+
+    # ---------------------------------------------------------------- media
+    def encode_media(self, media: Array) -> Array:
+        """Media [B, M, T, H, W, 3] -> visual tokens [B, M, R, D_resampler].
+
+        The encoder is frozen and sits before every trainable weight, so no
+        gradient is taken through it."""
+        b, m, t, h, w, c = media.shape
+        features = self.vision_encoder(media.reshape(b * m * t, h, w, c).astype(self.dtype))  # [BMT, S, Dv]
+        features = jax.lax.stop_gradient(features)
+        visual = self.resampler(features.reshape(b, m, t, *features.shape[1:]))
+        return constrain(visual, ("batch", "media", "latents", "media_embed"))
+
+    # ---------------------------------------------------------------- text
+    def embed(self, tokens: Array) -> Array:
+        """[B, T] ids, frozen vocab then new tokens -> [B, T, D]."""
+        vocab = self.cfg.decoder.vocab_size
+        is_new = tokens >= vocab
+        frozen = self.decoder.embed(jnp.where(is_new, 0, tokens))
+        new = jnp.take(self.new_token_embedding[...], jnp.clip(tokens - vocab, 0, self.cfg.num_new_tokens - 1),
+                       axis=0).astype(self.dtype)
+        return jnp.where(is_new[..., None], new, frozen)
+
+    def logits(self, h: Array) -> Array:
+        """[B, T, D] final hidden states -> [B, T, vocab_size + num_new_tokens] (fp32)."""
+        if self.new_token_unembedding is None:
+            new_w = self.new_token_embedding[...].astype(self.dtype).T
+        else:
+            new_w = self.new_token_unembedding[...].astype(self.dtype)
+        new = jnp.dot(h, new_w, preferred_element_type=jnp.float32)
+        return jnp.concatenate([self.decoder.logits(h), new], axis=-1)
+
+    # ---------------------------------------------------------------- layers
+    def _grouped_states(self) -> tuple[Any, Any, Any, Any]:
+        """Splits the stacked LM and xattn states into the scanned groups and the tail."""
+        k = self.cfg.xattn.every
+        num_groups, tail = divmod(self.cfg.decoder.num_layers, k)
+        _, lm_state = nnx.split(self.decoder.layers)
+        _, xattn_state = nnx.split(self.xattn)
+        head_lm = jax.tree.map(lambda a: a[: num_groups * k].reshape(num_groups, k, *a.shape[1:]), lm_state)
+        head_xattn = jax.tree.map(lambda a: a[:num_groups], xattn_state)
+        tail_lm = jax.tree.map(lambda a: a[num_groups * k:], lm_state) if tail else None
+        tail_xattn = jax.tree.map(lambda a: a[num_groups], xattn_state) if tail else None
+        return head_xattn, head_lm, tail_xattn, tail_lm
+
+    def run_layers(self, x: Array, visual: Array, media_index: Array, positions: Array, valid: Array) -> Array:
+        """The conditioned LM stack. x [B, T, D], visual [B, M, R, Dr], media_index [B, T]."""
+        xattn_graph, _ = nnx.split(self.xattn)
+        num_media = visual.shape[1]
+        head_xattn, head_lm, tail_xattn, tail_lm = self._grouped_states()
+
+        def xattn_step(xattn_state, x):
+            block = nnx.merge(xattn_graph, xattn_state)
+            return block(x, block.project_media(visual), media_index, num_media)
+
+        xattn_step = layers.remat(xattn_step, self.cfg.remat_policy)
+
+        def group(x, states):
+            xattn_state, lm_state = states
+            x = constrain(xattn_step(xattn_state, x), HIDDEN_AXES)
+            return self.decoder.run_layers(x, positions, valid, lm_state), None
+
+        x, _ = jax.lax.scan(group, x, (head_xattn, head_lm))
+        if tail_lm is not None:
+            x, _ = group(x, (tail_xattn, tail_lm))
+        return x
+
+    def __call__(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
+                 valid: Array | None = None) -> Array:
+        """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> logits [B, T, V + new]."""
+        positions, valid = default_positions(tokens, positions, valid)
+        visual = self.encode_media(media)
+        x = self.run_layers(self.embed(tokens), visual, media_index, positions, valid)
+        return self.logits(self.decoder.final_norm(x))
