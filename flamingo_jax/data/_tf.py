@@ -1,0 +1,35 @@
+"""Lazy, CPU-only TensorFlow for the input pipeline.
+
+TensorFlow is only our data library (tf.data, TFRecord, image decoding). It is
+imported on first use, not when `flamingo_jax.data` is imported, so tokenizer
+and config code stays light; and it is told once, before it creates any
+device, that it may not see GPUs, so it can never claim memory on the
+accelerator that JAX trains on (the CPU wheel has no TPU support at all).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_TF: Any = None
+
+
+def tf() -> Any:
+    """The `tensorflow` module, hidden from every accelerator."""
+    global _TF
+    if _TF is None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # keep TF's C++ INFO lines out of training logs
+        import tensorflow
+
+        try:
+            tensorflow.config.set_visible_devices([], "GPU")
+        except RuntimeError as error:  # devices already initialised by someone else
+            if tensorflow.config.list_logical_devices("GPU"):
+                raise RuntimeError(
+                    "TensorFlow initialised a GPU before flamingo_jax.data could hide it; the input "
+                    "pipeline must not hold accelerator memory. Import flamingo_jax.data (or call "
+                    "tf.config.set_visible_devices([], 'GPU')) before any other TensorFlow use."
+                ) from error
+        _TF = tensorflow
+    return _TF

@@ -1,0 +1,195 @@
+"""The training data mixture: one pipeline per dataset, all stepped together.
+
+The paper accumulates gradients over ALL datasets for every update (appendix
+B.1.2: better than round-robin), each with its own batch size and loss weight
+(M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03). So a step's input is a dict
+`{dataset name: batch}`, and `Mixture.weights` gives the λ per name.
+
+Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
+  tokenizer     path of the SentencePiece .model
+  image_size    S, pixels of the square model input (e.g. 320)
+  image_mean, image_std   optional per-channel constants (default: CLIP's)
+  random_flip, color_jitter   optional bools (training augmentation; default True)
+  datasets      list of dataset specs, each a dict with the fields of `DatasetSpec`:
+      dict(name="m3w", kind="interleaved", pattern="/data/m3w/m3w-*.tfrecord",
+           batch_size=256, weight=1.0, max_len=256, max_images=5, p_next=0.5)
+      dict(name="ltip", kind="image_text", pattern=..., batch_size=512, weight=0.2, max_len=32)
+      dict(name="vtp", kind="video_text", pattern=..., batch_size=64, weight=0.03, num_frames=8, fps=1.0)
+
+Usage in a train loop:
+  mixture = Mixture.from_config(config.data, seed=config.seed)   # this host's share
+  mixture.set_state(saved)                                       # when resuming
+  for step, batches in zip(range(start, steps), mixture):        # {name: batch}
+      ...  loss = sum(mixture.weights[n] * loss_n)
+      if checkpoint_now: save(..., data_state=mixture.get_state())   # JSON-serialisable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from flamingo_jax.data import formats, images
+from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
+from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
+from flamingo_jax.data.pipeline import RecordPipeline
+from flamingo_jax.data.tokenizer import Tokenizer
+
+_DEFAULT_MAX_LEN = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 32, formats.VIDEO_TEXT: 32}
+# Records of interleaved documents and videos hold many images: a smaller buffer bounds host memory.
+_DEFAULT_SHUFFLE_BUFFER = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 2048, formats.VIDEO_TEXT: 256}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of the mixture. Fields that do not apply to `kind` are ignored."""
+
+    name: str
+    kind: str  # 'interleaved' | 'image_text' | 'video_text'
+    pattern: str  # glob of the TFRecord shards (comma-separated globs allowed)
+    batch_size: int  # per host
+    weight: float = 1.0  # λ: this dataset's loss weight
+    max_len: int = 0  # L; 0 = kind default (256 interleaved, 32 pairs)
+    max_images: int = 5  # interleaved: N media slots
+    p_next: float = 0.5  # interleaved
+    max_images_per_doc: int = 32  # interleaved: larger documents are skipped
+    p_leading_space: float = 0.5  # pairs
+    num_frames: int = 8  # video: T
+    fps: float = 1.0  # video: sampled frames per second
+    shuffle_buffer: int = 0  # 0 = kind default
+    image_size: int = 0  # 0 = the data config's image_size
+    random_flip: bool | None = None  # None = the data config's
+    color_jitter: bool | None = None  # None = the data config's
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | Any, position: int = 0) -> DatasetSpec:
+        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        where = f"data.datasets[{position}] ({values.get('name', '?')!r})"
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; valid fields are {sorted(fields)}.")
+        missing = [f for f in ("name", "kind", "pattern", "batch_size") if f not in values]
+        if missing:
+            raise ValueError(f"{where}: missing required field {missing[0]!r}.")
+        spec = cls(**values)
+        if spec.kind not in formats.KINDS:
+            raise ValueError(f"{where}: kind={spec.kind!r} is unknown; use one of {formats.KINDS}.")
+        if spec.batch_size < 1:
+            raise ValueError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
+        if not np.isfinite(spec.weight) or spec.weight < 0:
+            raise ValueError(f"{where}: weight={spec.weight} must be a finite number >= 0.")
+        return spec
+
+
+def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images.ImageConfig,
+                   **kwargs: Any) -> RecordPipeline:
+    """The pipeline for one dataset spec. kwargs go to `RecordPipeline` (seed, training, ...)."""
+    overrides = {k: getattr(spec, k) for k in ("random_flip", "color_jitter") if getattr(spec, k) is not None}
+    if spec.image_size:
+        overrides["size"] = spec.image_size
+    image_config = dataclasses.replace(image_config, **overrides)
+    max_len = spec.max_len or _DEFAULT_MAX_LEN[spec.kind]
+    kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[spec.kind])
+    common = dict(name=spec.name, image_config=image_config, **kwargs)
+    if spec.kind == formats.INTERLEAVED:
+        config = InterleavedConfig(max_len=max_len, max_images=spec.max_images, p_next=spec.p_next,
+                                   max_images_per_doc=spec.max_images_per_doc)
+        return InterleavedPipeline(spec.pattern, spec.batch_size, tokenizer, config=config, **common)
+    pair_config = PairConfig(max_len=max_len, p_leading_space=spec.p_leading_space, num_frames=spec.num_frames,
+                             fps=spec.fps)
+    cls = ImageTextPipeline if spec.kind == formats.IMAGE_TEXT else VideoTextPipeline
+    return cls(spec.pattern, spec.batch_size, tokenizer, config=pair_config, **common)
+
+
+def image_config_from(data_config: Mapping[str, Any]) -> images.ImageConfig:
+    """`images.ImageConfig` from the data config's image fields."""
+    values: dict[str, Any] = {}
+    if "image_size" in data_config:
+        values["size"] = int(data_config["image_size"])
+    for source, target in (("image_mean", "mean"), ("image_std", "std")):
+        if data_config.get(source) is not None:
+            values[target] = tuple(float(v) for v in data_config[source])
+    for key in ("random_flip", "color_jitter"):
+        if data_config.get(key) is not None:
+            values[key] = bool(data_config[key])
+    return images.ImageConfig(**values)
+
+
+class Mixture:
+    """Steps every dataset's pipeline once per step: yields `{name: batch}`."""
+
+    def __init__(self, pipelines: Mapping[str, RecordPipeline], weights: Mapping[str, float], *,
+                 tokenizer: Tokenizer | None = None, specs: Mapping[str, DatasetSpec] | None = None):
+        if not pipelines:
+            raise ValueError("a data mixture needs at least one dataset (data.datasets is empty).")
+        if set(pipelines) != set(weights):
+            raise ValueError(f"pipelines {sorted(pipelines)} and weights {sorted(weights)} name different datasets.")
+        self.pipelines = dict(pipelines)
+        self.weights = {name: float(w) for name, w in weights.items()}
+        self.tokenizer = tokenizer
+        self.specs = dict(specs or {})
+
+    @classmethod
+    def from_config(cls, data_config: Mapping[str, Any] | Any, *, seed: int = 0, training: bool = True,
+                    process_index: int | None = None, process_count: int | None = None,
+                    num_epochs: int | None = None, tokenizer: Tokenizer | None = None) -> Mixture:
+        """Builds this host's pipelines from `config.data` (see the module docstring)."""
+        data_config = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+        allowed = {"tokenizer", "image_size", "image_mean", "image_std", "random_flip", "color_jitter", "datasets"}
+        unknown = sorted(set(data_config) - allowed)
+        if unknown:
+            raise ValueError(f"data config: unknown field {unknown[0]!r}; valid fields are {sorted(allowed)}.")
+        if tokenizer is None:
+            if not data_config.get("tokenizer"):
+                raise ValueError("data config: set `tokenizer` to the SentencePiece .model path.")
+            tokenizer = Tokenizer(data_config["tokenizer"])
+        specs = [DatasetSpec.from_dict(d, i) for i, d in enumerate(data_config.get("datasets") or [])]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.datasets: dataset names {names} repeat; give every dataset its own name.")
+        image_config = image_config_from(data_config)
+        pipelines = {
+            spec.name: build_pipeline(spec, tokenizer, image_config, seed=seed, training=training,
+                                      process_index=process_index, process_count=process_count,
+                                      num_epochs=num_epochs)
+            for spec in specs
+        }
+        return cls(pipelines, {spec.name: spec.weight for spec in specs}, tokenizer=tokenizer,
+                   specs={spec.name: spec for spec in specs})
+
+    def __iter__(self) -> Iterator[dict[str, dict[str, np.ndarray]]]:
+        return self
+
+    def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+        return {name: next(pipeline) for name, pipeline in self.pipelines.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state of this host's pipelines."""
+        return {"version": 1, "datasets": {name: p.get_state() for name, p in self.pipelines.items()}}
+
+    def set_state(self, state: Mapping[str, Any] | str) -> None:
+        """Resume from `get_state()` output (or its JSON string)."""
+        if isinstance(state, str):
+            state = json.loads(state)
+        saved = dict(state.get("datasets", {}))
+        if set(saved) != set(self.pipelines):
+            raise ValueError(
+                f"saved data state has datasets {sorted(saved)} but this mixture has {sorted(self.pipelines)}; "
+                "restore with the same data.datasets names (or start the data stream afresh)."
+            )
+        for name, pipeline in self.pipelines.items():
+            pipeline.set_state(saved[name])
+
+    def close(self) -> None:
+        """Stops every pipeline's background work (also done automatically at exit)."""
+        for pipeline in self.pipelines.values():
+            pipeline.close()
+
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        """Per dataset: records skipped so far, by reason."""
+        return {name: p.skip_counts() for name, p in self.pipelines.items()}

@@ -1,0 +1,189 @@
+"""Shared pipeline machinery: determinism, save/restore, host sharding, counted skipping."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from flamingo_jax.data import formats, images, interleaved, pairs
+from flamingo_jax.data._tf import tf
+from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
+
+IMAGE_CONFIG = images.ImageConfig(size=16)  # flips and jitter on: randomness must be reproducible too
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def docs_pattern(tmp_path_factory):
+    """40 interleaved documents over 4 shards, with a corrupt image in documents 7 and 23."""
+    directory = tmp_path_factory.mktemp("docs")
+    with formats.InterleavedWriter(str(directory), "docs", 4) as writer:
+        for i in range(40):
+            bad = b"\xff\xd8 not really a jpeg" if i in (7, 23) else solid_png(i + 50)
+            writer.write([f"record {i} starts", bad, f"and {i} goes on", solid_png(i + 100), "the end"])
+    return str(directory / "docs-*")
+
+
+def make(pattern, tok, **kwargs):
+    kwargs.setdefault("process_index", 0)
+    kwargs.setdefault("process_count", 1)
+    config = interleaved.InterleavedConfig(max_len=24, max_images=2, p_next=0.5)
+    return interleaved.InterleavedPipeline(pattern, 4, tok, config=config, image_config=IMAGE_CONFIG,
+                                           shuffle_buffer=8, **kwargs)
+
+
+def assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def take(pipeline, count):
+    return [next(pipeline) for _ in range(count)]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(docs_pattern, tok):
+    first = take(make(docs_pattern, tok, seed=11), 5)
+    assert_same(first, take(make(docs_pattern, tok, seed=11), 5))
+    other = take(make(docs_pattern, tok, seed=12), 5)
+    assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(first, other))
+    for batch in first:
+        check_contract(batch, tok.vocab_size)
+
+
+def test_restore_continues_exactly_across_epochs_with_skips(docs_pattern, tok):
+    # 38 good records per epoch = 9.5 batches: 14 batches cross an epoch boundary mid-batch.
+    reference = make(docs_pattern, tok, seed=3)
+    batches = take(reference, 14)
+    resumed_from = {}
+    for k in (2, 9, 10):
+        run = make(docs_pattern, tok, seed=3)
+        take(run, k)
+        resumed_from[k] = (json.dumps(run.get_state()), run.skip_counts())
+    for k, (state, skips) in resumed_from.items():
+        restored = make(docs_pattern, tok, seed=3)
+        restored.set_state(json.loads(state))
+        assert restored.skip_counts() == skips
+        assert_same(take(restored, 14 - k), batches[k:])
+        assert restored.skip_counts() == reference.skip_counts()
+    assert reference.skip_counts()["corrupt_image"] >= 2  # both bad documents of epoch 0 were met and counted
+    assert reference.get_state()["epoch"] == 1
+
+
+def test_restore_skips_records_without_processing_them(docs_pattern, tok):
+    run = make(docs_pattern, tok, seed=4, num_parallel_calls=1, prefetch=1)
+    take(run, 8)
+    state = run.get_state()
+    assert state["position"] >= 32
+    restored = make(docs_pattern, tok, seed=4, num_parallel_calls=1, prefetch=1)
+    restored.set_state(state)
+    processed = []
+    original = restored._sample
+
+    def counting_sample(*args):
+        processed.append(1)
+        return original(*args)
+
+    restored._sample = counting_sample  # called once per record that is tokenised (and then decoded)
+    next(restored)
+    assert 4 <= len(processed) < 16, f"{len(processed)} records processed to resume at position {state['position']}"
+
+
+def test_process_indices_read_disjoint_shards_covering_all_records(tmp_path, tok):
+    with formats.ImageTextWriter(str(tmp_path), "pairs", 6) as writer:
+        for i in range(30):
+            writer.write(solid_png(i + 10), f"record {i}")
+    pattern = str(tmp_path / "pairs-*")
+    seen = {}
+    for index in range(2):
+        pipeline = pairs.ImageTextPipeline(pattern, 1, tok, config=pairs.PairConfig(max_len=16, p_leading_space=0),
+                                           image_config=IMAGE_CONFIG, training=False, num_epochs=1,
+                                           process_index=index, process_count=2)
+        assert len(pipeline.files) == 3
+        seen[index] = {red_value(e["media"][0], IMAGE_CONFIG) - 10 for e in rows(collect(pipeline))}
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(range(30))
+    with pytest.raises(ValueError, match="at least 7 shards"):
+        pairs.ImageTextPipeline(pattern, 1, tok, process_index=0, process_count=7)
+
+
+def _example_without_image() -> bytes:
+    t = tf()
+    feature = {"caption": t.train.Feature(bytes_list=t.train.BytesList(value=[b"no image here"]))}
+    return t.train.Example(features=t.train.Features(feature=feature)).SerializeToString()
+
+
+def test_bad_records_are_skipped_counted_and_logged(tmp_path, tok, caplog):
+    good_docs = {i: [f"good document {i}", solid_png(10 * i + 20), "fine"] for i in range(5)}
+    with formats.InterleavedWriter(str(tmp_path), "docs", 1) as writer:
+        writer.write(good_docs[0])
+        writer.write_serialized(b"\x00\x01 definitely not a tf.train.Example")  # record 1: malformed
+        writer.write(good_docs[1])
+        writer.write(["text", b"\x89PNG\r\n\x1a\n truncated", "more"])  # record 3: corrupt image
+        writer.write(["", solid_png(1), "   "])  # record 4: empty text
+        writer.write(good_docs[2])
+        writer.write(["only text, no image"])  # record 6: no image
+        writer.write(["too many"] + [solid_png(2)] * 4)  # record 7: too many images (limit 3)
+        writer.write(good_docs[3])
+        writer.write(good_docs[4])
+        writer.write(["ends badly", b"GIF89a"])  # record 10, last: corrupt, counted at the end of the stream
+    config = interleaved.InterleavedConfig(max_len=32, max_images=2, p_next=0.0, max_images_per_doc=3)
+    caplog.set_level(logging.WARNING)
+    pipeline = interleaved.InterleavedPipeline(
+        str(tmp_path / "docs-*"), 2, tok, config=config, image_config=IMAGE_CONFIG, training=False,
+        num_epochs=1, drop_remainder=False, process_index=0, process_count=1)
+    batches = collect(pipeline)
+    for batch in batches:
+        check_contract(batch, tok.vocab_size)
+    examples = rows(batches)
+    assert len(examples) == 5
+    for i, example in enumerate(examples):
+        assert tok.decode(example["tokens"][example["tokens"] != tok.pad_id]) == (
+            f"good document {i}<EOC><image> fine<EOC>")
+        assert red_value(example["media"][0], IMAGE_CONFIG) == 10 * i + 20
+    assert pipeline.skip_counts() == {"malformed": 1, "empty_text": 1, "no_image": 1, "too_many_images": 1,
+                                      "corrupt_image": 2}
+    shard = str(tmp_path / "docs-00000-of-00001.tfrecord")
+    messages = [r.getMessage() for r in caplog.records]
+    for index, reason in ((1, "malformed"), (3, "corrupt_image"), (4, "empty_text"), (6, "no_image"),
+                          (7, "too_many_images"), (10, "corrupt_image")):
+        assert any(f"record {index} of {shard}: {reason}" in m for m in messages), (index, reason)
+
+    # Pairs: the same reasons apply per pair.
+    with formats.ImageTextWriter(str(tmp_path), "pairs", 1) as writer:
+        writer.write(solid_png(60), "a good pair")
+        writer.write(b"garbage bytes", "corrupt image")
+        writer.write(solid_png(61), "  ")
+        writer.write_serialized(_example_without_image())
+        writer.write(solid_png(62), "another good pair")
+    pair_pipeline = pairs.ImageTextPipeline(
+        str(tmp_path / "pairs-*"), 4, tok, config=pairs.PairConfig(max_len=16), image_config=IMAGE_CONFIG,
+        training=False, num_epochs=1, drop_remainder=False, process_index=0, process_count=1)
+    pair_examples = rows(collect(pair_pipeline))
+    assert [red_value(e["media"][0], IMAGE_CONFIG) for e in pair_examples] == [60, 62]
+    assert pair_pipeline.skip_counts() == {"malformed": 0, "empty_text": 1, "no_image": 1, "too_many_images": 0,
+                                           "corrupt_image": 1}
+
+
+def test_a_stream_with_no_valid_record_raises_instead_of_hanging(tmp_path, tok):
+    with formats.ImageTextWriter(str(tmp_path), "bad", 1) as writer:
+        for _ in range(3):
+            writer.write(b"not an image", "caption")
+    pipeline = pairs.ImageTextPipeline(str(tmp_path / "bad-*"), 2, tok, image_config=IMAGE_CONFIG,
+                                       process_index=0, process_count=1)
+    with pytest.raises(RuntimeError, match="no valid record"):
+        next(pipeline)
+    assert pipeline.skip_counts()["corrupt_image"] == 3
+
+
+def test_state_from_another_host_layout_is_refused(docs_pattern, tok):
+    state = make(docs_pattern, tok, seed=1, process_index=0, process_count=2).get_state()
+    with pytest.raises(ValueError, match="process_count=2 but this pipeline has process_count=1"):
+        make(docs_pattern, tok, seed=1).set_state(state)

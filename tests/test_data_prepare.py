@@ -1,0 +1,172 @@
+"""Importers: small files in each public format, written here, become records the pipelines read."""
+
+import base64
+import csv
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flamingo_jax.data import images, interleaved, pairs, prepare
+from test_data_utils import collect, make_tokenizer, red_value, rows, solid_png
+
+IMAGE_CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def read_docs(pattern, tok):
+    config = interleaved.InterleavedConfig(max_len=128, max_images=5, p_next=0.0)
+    return rows(collect(interleaved.InterleavedPipeline(
+        pattern, 1, tok, config=config, image_config=IMAGE_CONFIG, training=False, num_epochs=1,
+        process_index=0, process_count=1)))
+
+
+def doc_text(tok, example):
+    return tok.decode(example["tokens"][example["tokens"] != tok.pad_id])
+
+
+def test_obelics_jsonl_and_parquet(tmp_path, tok):
+    images_dir = tmp_path / "imgs"
+    images_dir.mkdir()
+    (images_dir / "a.png").write_bytes(solid_png(30))
+    data_uri = "data:image/png;base64," + base64.b64encode(solid_png(40)).decode()
+    jsonl_rows = [
+        {"texts": ["red cat", None, "blue dog"], "images": [None, "a.png", None]},
+        {"texts": [None, "first image", None], "images": [data_uri, None, "imgs/a.png"]},
+        {"texts": ["missing", None], "images": [None, "https://example.com/x.jpg"]},  # URL: not fetched
+        {"texts": ["no images here"], "images": [None]},
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in jsonl_rows) + "\nnot json\n")
+    stats = prepare.import_interleaved(str(tmp_path / "docs.jsonl"), str(tmp_path / "out"), 2,
+                                       image_dir=str(images_dir))
+    assert stats.written == 2
+    assert stats.skipped == {"missing_image": 1, "no_image": 1, "malformed": 1}
+    examples = read_docs(str(tmp_path / "out" / "interleaved-*"), tok)
+    assert sorted(doc_text(tok, e) for e in examples) == sorted(
+        ["red cat<EOC><image> blue dog<EOC>", "<image> first image<EOC><image><EOC>"])
+    values = sorted(tuple(red_value(m, IMAGE_CONFIG) for m in e["media"][e["media_mask"]]) for e in examples)
+    assert values == [(30,), (40, 30)]
+
+    # Parquet, Hugging Face style: images as {"bytes": ..., "path": ...} structs.
+    table = pa.table({
+        "texts": [["a star", None], [None, "two", None]],
+        "images": [[None, {"bytes": solid_png(50), "path": None}],
+                   [{"bytes": None, "path": str(images_dir / "a.png")}, None, {"bytes": b"broken", "path": None}]],
+    })
+    pq.write_table(table, str(tmp_path / "docs.parquet"))
+    stats = prepare.import_interleaved(str(tmp_path / "docs.parquet"), str(tmp_path / "pq"), 1, name="web")
+    assert stats.written == 1 and stats.skipped == {"corrupt_image": 1}
+    [example] = read_docs(str(tmp_path / "pq" / "web-*"), tok)
+    assert doc_text(tok, example) == "a star<EOC><image><EOC>"
+    assert red_value(example["media"][0], IMAGE_CONFIG) == 50
+
+
+def test_mmc4_images_go_before_their_matched_sentence(tmp_path, tok):
+    (tmp_path / "cat.png").write_bytes(solid_png(60))
+    row = {"url": "http://page", "text_list": ["one cat.", "two dogs.", "the end."],
+           "image_info": [{"image_name": "cat.png", "matched_text_index": 1, "matched_sim": 0.3},
+                          {"image_base64": base64.b64encode(solid_png(70)).decode(), "matched_text_index": 2}]}
+    missing = dict(row, image_info=[{"image_name": "gone.png", "matched_text_index": 0}, row["image_info"][0]])
+    (tmp_path / "mmc4.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(missing) + "\n")
+    stats = prepare.import_interleaved(str(tmp_path / "mmc4.jsonl"), str(tmp_path / "out"), 1)
+    assert stats.written == 1 and stats.skipped == {"missing_image": 1}
+    [example] = read_docs(str(tmp_path / "out" / "interleaved-*"), tok)
+    assert doc_text(tok, example) == "one cat.<EOC><image> two dogs.<EOC><image> the end.<EOC>"
+    assert [red_value(m, IMAGE_CONFIG) for m in example["media"][:2]] == [60, 70]
+    # drop_image keeps the document without the missing image.
+    stats = prepare.import_interleaved(str(tmp_path / "mmc4.jsonl"), str(tmp_path / "drop"), 1,
+                                       on_missing_image="drop_image")
+    assert stats.written == 2 and stats.skipped == {}
+
+
+def _add(archive, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tar_shards(tmp_path, tok):
+    with tarfile.open(tmp_path / "00000.tar", "w") as archive:
+        _add(archive, "s/000.jpg", images.encode_image(np.full((10, 10, 3), 128, np.uint8)))
+        _add(archive, "s/000.txt", b"a grey square")
+        _add(archive, "s/001.png", solid_png(90))
+        _add(archive, "s/001.json", json.dumps({"caption": "a red thing", "width": 16}).encode())
+        _add(archive, "s/002.jpg", solid_png(10))
+        _add(archive, "s/002.json", json.dumps({"url": "no caption"}).encode())
+        _add(archive, "s/003.jpg", b"\xff\xd8\xff broken jpeg")
+        _add(archive, "s/003.txt", b"corrupt")
+        _add(archive, "s/004.txt", b"caption without image")
+    stats = prepare.import_webdataset(str(tmp_path / "*.tar"), str(tmp_path / "out"), 2)
+    assert stats.written == 2
+    assert stats.skipped == {"empty_text": 1, "corrupt_image": 1, "no_image": 1}
+    pipeline = pairs.ImageTextPipeline(str(tmp_path / "out" / "image_text-*"), 1, tok,
+                                       config=pairs.PairConfig(max_len=32, p_leading_space=0.0),
+                                       image_config=IMAGE_CONFIG, training=False, num_epochs=1,
+                                       process_index=0, process_count=1)
+    got = {tok.decode(e["targets"][e["loss_mask"] > 0]): red_value(e["media"][0], IMAGE_CONFIG)
+           for e in rows(collect(pipeline))}
+    assert set(got) == {"a grey square<EOC>", "a red thing<EOC>"}  # targets: caption, <EOC>, EOS (decodes to "")
+    assert abs(got["a grey square<EOC>"] - 128) <= 2 and got["a red thing<EOC>"] == 90
+
+
+def _frames(folder, count):
+    folder.mkdir(parents=True)
+    for k in range(count):
+        (folder / f"{k:03d}.png").write_bytes(solid_png(10 * k + 5))
+
+
+def test_video_frame_folders_with_csv_or_json_captions(tmp_path, tok):
+    _frames(tmp_path / "frames" / "v1", 8)
+    _frames(tmp_path / "frames" / "v2", 4)
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_id", "caption", "frame_rate"])
+        writer.writerows([["v1", "a cat runs", "2"], ["v2", "a dog sits", "1"], ["v3", "missing", "1"]])
+    stats = prepare.import_video_frames(str(tmp_path / "captions.csv"), str(tmp_path / "out"), 1,
+                                        frames_dir=str(tmp_path / "frames"))
+    assert stats.written == 2 and stats.skipped == {"missing_image": 1}
+    pipeline = pairs.VideoTextPipeline(str(tmp_path / "out" / "video_text-*"), 2, tok,
+                                       config=pairs.PairConfig(max_len=16, num_frames=3, fps=1.0),
+                                       image_config=IMAGE_CONFIG, training=False, num_epochs=1,
+                                       process_index=0, process_count=1)
+    [first, second] = rows(collect(pipeline))
+    picked = [[(red_value(frame[None], IMAGE_CONFIG) - 5) // 10 for frame in e["media"][0]] for e in (first, second)]
+    assert picked == [[0, 2, 4], [0, 1, 2]]  # 1 FPS from 2 FPS and 1 FPS frames
+
+    (tmp_path / "captions.json").write_text(json.dumps({"v2": "a dog sits"}))
+    with pytest.raises(ValueError, match="--frame_rate"):
+        prepare.import_video_frames(str(tmp_path / "captions.json"), str(tmp_path / "j"), 1,
+                                    frames_dir=str(tmp_path / "frames"))
+    stats = prepare.import_video_frames(str(tmp_path / "captions.json"), str(tmp_path / "j"), 1,
+                                        frames_dir=str(tmp_path / "frames"), frame_rate=1.0)
+    assert stats.written == 1
+    (tmp_path / "frames" / "captions.json").write_text(json.dumps([{"video_id": "v1", "caption": "c", "fps": 2}]))
+    assert prepare.import_video_frames(str(tmp_path / "frames"), str(tmp_path / "d"), 1).written == 1
+
+    (tmp_path / "frames" / "v4.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (tmp_path / "mp4.json").write_text(json.dumps({"v4": "a video file"}))
+    with pytest.raises(ValueError, match="ffmpeg"):
+        prepare.import_video_frames(str(tmp_path / "mp4.json"), str(tmp_path / "m"), 1,
+                                    frames_dir=str(tmp_path / "frames"), frame_rate=1.0)
+    with pytest.raises(ValueError, match="ffmpeg"):
+        prepare.import_video_frames(str(tmp_path / "frames" / "v4.mp4"), str(tmp_path / "m"), 1)
+
+
+def test_command_line_prints_counts(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(solid_png(30))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"texts": ["hi", None], "images": [None, "a.png"]}) + "\n")
+    code = prepare._main(["prepare", "interleaved", f"--input={tmp_path / 'd.jsonl'}",
+                          f"--output_dir={tmp_path / 'out'}", "--num_shards=3", "--name=mine"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["written"] == 1 and stats["skipped"] == {}
+    assert sorted(os.listdir(tmp_path / "out")) == [f"mine-0000{i}-of-00003.tfrecord" for i in range(3)]
