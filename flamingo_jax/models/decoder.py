@@ -137,7 +137,8 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.embedding = layers.make_variable(
-            layers.Frozen, nnx.initializers.normal(1.0), rngs.params(), (cfg.vocab_size, cfg.dim),
+            # std 1/sqrt(dim): with tied embeddings the initial logits then have unit scale.
+            layers.Frozen, nnx.initializers.normal(cfg.dim ** -0.5), rngs.params(), (cfg.vocab_size, cfg.dim),
             param_dtype, ("vocab", "embed"))
         self.layers = layers.stack_modules(
             lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)

@@ -66,7 +66,7 @@ class Flamingo(nnx.Module):
                 param_dtype=trainable_dtype, rngs=r),
             cfg.num_xattn_blocks, rngs)
         self.new_token_embedding = layers.make_variable(
-            nnx.Param, nnx.initializers.normal(1.0), rngs.params(), (cfg.num_new_tokens, dim), trainable_dtype,
+            nnx.Param, nnx.initializers.normal(dim ** -0.5), rngs.params(), (cfg.num_new_tokens, dim), trainable_dtype,
             ("new_vocab", "embed"))
         self.new_token_unembedding = None if cfg.decoder.tie_embeddings else layers.make_variable(
             nnx.Param, layers.fan_in_init(dim), rngs.params(), (dim, cfg.num_new_tokens), trainable_dtype,
