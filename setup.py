@@ -24,6 +24,7 @@ setup(
         "chex==0.1.92",
         "tensorflow-cpu==2.21.0",
         "tensorflow-datasets==4.9.10",
+        "tensorboard==2.21.0",  # tf.summary.scalar lives here; the CPU TF wheel does not pull it in
         "sentencepiece==0.2.3",
         "ml_collections==1.1.0",
         "absl-py==2.5.1",

@@ -1,10 +1,16 @@
 """Tiny Flamingo: trains and evaluates end to end on 2 CPU cores in minutes.
 
 Same architecture as the paper's models (NFNet, Perceiver Resampler, GATED
-XATTN-DENSE, Chinchilla-style decoder), scaled down; fp32 throughout.
+XATTN-DENSE, Chinchilla-style decoder), scaled down, fp32 throughout, trained on
+the project's synthetic corpus (generated into `synthetic.out_dir` on first use).
 """
 
+import os
+
 from flamingo_jax import config_defaults
+from flamingo_jax.data import synthetic
+
+DATA_DIR = os.environ.get("FLAMINGO_TINY_DATA", "data_cache/synthetic-tiny")
 
 
 def get_config():
@@ -22,4 +28,11 @@ def get_config():
     m.dtype = "float32"
     m.frozen_param_dtype = "float32"
     m.trainable_param_dtype = "float32"
+
+    config.synthetic.update(out_dir=DATA_DIR, num_examples=2000, image_size=64, seed=0)
+    config.data.update(synthetic.data_config(DATA_DIR, image_size=64, interleaved_batch=4, pair_batch=8,
+                                             video_batch=2, interleaved_len=64, pair_len=24, max_images=3,
+                                             num_frames=4))
+    config.train.update(steps=300, learning_rate=1e-3, warmup_steps=20, log_every=10)
+    config.checkpoint.update(every_steps=100, keep=2)
     return config

@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,3 +44,24 @@ def random_media(key, batch: int, num_media: int, frames: int, size: int) -> jax
 
 def jit_forward(model: Flamingo):
     return nnx.jit(lambda m, tokens, media, media_index: m(tokens, media, media_index))
+
+
+def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), steps: int = 5, num_layers: int = 2):
+    """configs/tiny.py shrunk for tests: a one-block ViT at 32 px (it compiles far faster
+    than NFNet; the encoder is irrelevant to training mechanics), a 1-layer Resampler,
+    a 2-layer LM, the given synthetic datasets, fp32."""
+    from flamingo_jax.data import synthetic
+
+    config = load_config("tiny")
+    config.model.vision.update(encoder="vit", image_size=32)
+    config.model.vision.vit.update(width=32, num_layers=1, num_heads=2, patch_size=8)
+    config.model.resampler.num_layers = 1
+    config.model.decoder.num_layers = num_layers
+    data = synthetic.data_config(corpus_dir, image_size=32, interleaved_batch=4, pair_batch=4, video_batch=2,
+                                 interleaved_len=32, pair_len=16, max_images=2, num_frames=2)
+    data["datasets"] = [d for d in data["datasets"] if d["name"] in datasets]
+    config.data = ml_collections.ConfigDict(data)
+    config.synthetic.out_dir = ""
+    config.train.update(steps=steps, learning_rate=1e-3, warmup_steps=0, log_every=1, tensorboard=False)
+    config.checkpoint.update(every_steps=1000, keep=2, async_save=True)
+    return config

@@ -1,0 +1,20 @@
+"""Process-level JAX settings shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "flamingo_jax", "xla")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Persistent XLA compilation cache: a rerun (e.g. resuming after preemption)
+    reuses compiled programs instead of compiling the train step again.
+    `FLAMINGO_COMPILATION_CACHE=''` turns it off."""
+    directory = os.environ.get("FLAMINGO_COMPILATION_CACHE", directory or DEFAULT_CACHE_DIR)
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return directory

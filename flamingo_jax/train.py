@@ -1,0 +1,54 @@
+"""Trains Flamingo.
+
+    python -m flamingo_jax.train --config=configs/tiny.py --workdir=workdirs/tiny
+    python -m flamingo_jax.train --config=configs/80b.py --config.train.steps=1000 --workdir=gs://...
+
+Running the same command again in the same workdir resumes from its latest
+checkpoint (also after a SIGTERM, which saves before exiting).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events go here "
+                               "(default: workdirs/<config name>).")
+
+
+class _QuietLibraries:
+    """Drops other libraries' INFO lines (orbax logs every save step by step) so
+    the progress line stays readable; their warnings and errors still show."""
+
+    NOISY = ("orbax", "tensorflow")
+
+    def filter(self, record):
+        return record.levelno > 20 or not any(name in record.pathname for name in self.NOISY)
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+
+    from flamingo_jax import runtime
+    from flamingo_jax.training.trainer import Trainer
+
+    runtime.enable_compilation_cache()
+    if os.environ.get("FLAMINGO_DISTRIBUTED") == "1":  # set by launch/ on multi-host pods
+        jax.distributed.initialize()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
+    logging.info("devices: %s; workdir %s", jax.devices(), workdir)
+    trainer = Trainer(config, workdir)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    logging.info("finished at step %d%s", result.step, " (preempted)" if result.preempted else "")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

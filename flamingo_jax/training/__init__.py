@@ -1,0 +1,1 @@
+"""Training: state, optimizer, loss, sharding, checkpoints, metrics and the loop."""

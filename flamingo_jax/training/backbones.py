@@ -1,0 +1,77 @@
+"""The frozen backbones: pretrained vision encoder and language model weights.
+
+Each is an orbax checkpoint of the component's frozen weights as a pure dict
+(the layout of `nnx.to_pure_dict(nnx.state(model.vision_encoder))` and of
+`model.decoder`). `config.backbones.vision` / `config.backbones.decoder` name
+them; Flamingo checkpoints record these paths instead of copying the weights.
+Without them the backbones are random, which is only useful for tests and
+benchmarks: the run says so loudly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from flamingo_jax.training.checkpoint import abstract_with_shardings
+
+COMPONENTS = {"vision": "vision_encoder", "decoder": "decoder"}
+
+
+class BackboneError(FileNotFoundError):
+    """A backbone checkpoint named in the config that cannot be used."""
+
+
+def check_paths(backbones_config: Any) -> dict[str, str]:
+    """The configured backbone paths, checked to exist before anything compiles."""
+    paths = {}
+    for name in COMPONENTS:
+        path = backbones_config.get(name, "") if backbones_config is not None else ""
+        if not path:
+            continue
+        if not os.path.isdir(path):
+            raise BackboneError(
+                f"config field `backbones.{name}` = {path!r}: no such checkpoint directory. Point it at an "
+                f"orbax checkpoint of the {name} weights (see flamingo_jax/training/backbones.py), or set it "
+                "to '' to train on randomly initialised weights (tests only).")
+        paths[name] = os.path.abspath(path)
+    missing = [name for name in COMPONENTS if name not in paths]
+    if missing:
+        logging.warning(
+            "\n%s\nNO PRETRAINED WEIGHTS for %s: these frozen backbones are RANDOMLY INITIALISED, so the model "
+            "cannot learn anything useful from them. Set config.backbones.%s to an orbax checkpoint of the "
+            "pretrained weights (save one with flamingo_jax.training.backbones.save).\n%s",
+            "!" * 78, ", ".join(missing), missing[0], "!" * 78)
+    return paths
+
+
+def save(path: str, weights: Any) -> None:
+    """Writes one component's frozen weights (a pure dict) as an orbax checkpoint."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(path), weights)
+        checkpointer.wait_until_finished()
+
+
+def restore(path: str, abstract: Any, shardings: Any) -> Any:
+    """Reads one component's weights onto the given shardings, checking shapes."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            return checkpointer.restore(os.path.abspath(path), abstract_with_shardings(abstract, shardings))
+        except (ValueError, KeyError) as error:
+            raise BackboneError(
+                f"backbone checkpoint {path!r} does not match the configured model: {error}. Check that the "
+                "config's model sizes are those the backbone was trained with.") from error
+
+
+def load_into(frozen: Any, frozen_abstract: Any, frozen_shardings: Any, paths: dict[str, str]) -> Any:
+    """Replaces the components named in `paths` inside the frozen pure dict."""
+    frozen = dict(frozen)
+    for name, path in paths.items():
+        key = COMPONENTS[name]
+        frozen[key] = restore(path, frozen_abstract[key], frozen_shardings[key])
+        logging.info("restored frozen %s from %s", key, path)
+    return jax.tree.map(lambda x: x, frozen)

@@ -1,0 +1,66 @@
+"""Orbax checkpoints of a Flamingo run.
+
+A checkpoint holds what training changes and what resuming needs: the train
+state (trainable weights, optimizer state, step, RNG) and a JSON record with the
+data-iterator state, the config and the backbone checkpoints it was trained
+on. The frozen backbones themselves (70B weights for the 80B) are *referred to*,
+never copied. Saves are asynchronous and atomic (orbax writes to a temporary
+directory and renames it), the last `keep` are kept, and a restore lays the
+arrays out on whatever mesh the restoring run uses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unreadable checkpoint; the message says what to do."""
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(every_steps, 1), enable_async_checkpointing=async_save,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Starts an (asynchronous) save if the interval says so or `force`; returns whether it did."""
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}; start a new run or point --workdir "
+                                  "at the directory a run wrote.")
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}.")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

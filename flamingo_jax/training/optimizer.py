@@ -1,0 +1,48 @@
+"""AdamW as the paper trains Flamingo (appendix B.1.2).
+
+Linear warm-up from 0 to the peak learning rate, then constant; global-norm
+clipping at 1.0; weight decay 0.1 on every trainable weight except the
+Perceiver Resampler's. The optimizer only ever sees trainable parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+    peak = train_config.learning_rate
+    warmup = train_config.warmup_steps
+    if train_config.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif train_config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, max(train_config.steps - warmup, 1))
+    else:
+        raise ValueError(f"config field `train.schedule`: {train_config.schedule!r} is unknown; "
+                         "use 'constant' (the paper) or 'cosine'.")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def weight_decay_mask(params: Any, exempt_roots: tuple[str, ...] = ("resampler",)) -> Any:
+    """True for every leaf that gets weight decay: all but those under `exempt_roots`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[0], "key", None) not in exempt_roots, params)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip_norm),
+        optax.adamw(
+            learning_rate_schedule(train_config),
+            b1=train_config.adam_b1,
+            b2=train_config.adam_b2,
+            eps=train_config.adam_eps,
+            weight_decay=train_config.weight_decay,
+            mask=weight_decay_mask,
+        ),
+    )

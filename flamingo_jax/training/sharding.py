@@ -1,0 +1,94 @@
+"""Meshes and shardings for the train state, frozen weights and batches.
+
+One mesh with axes ('data', 'fsdp', 'tensor'); the config gives their sizes
+(-1 fills the rest). Weights are placed by their logical axes through the
+config's rules table (models/partitioning.py); batches are split over
+('data', 'fsdp') along their leading axis. Everything is checked before any
+compile, with errors that name the value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flamingo_jax.models.partitioning import DEFAULT_RULES, MESH_AXES, logical_to_spec
+
+
+class ShardingError(ValueError):
+    """A mesh or batch that cannot be laid out on the devices."""
+
+
+def mesh_shape(requested: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves -1 (at most one) so that the axes multiply to `num_devices`."""
+    unknown = sorted(set(requested) - set(MESH_AXES))
+    if unknown:
+        raise ShardingError(f"config field `mesh.{unknown[0]}` is not a mesh axis; the axes are {MESH_AXES}.")
+    shape = {axis: int(requested.get(axis, 1)) for axis in MESH_AXES}
+    fill = [axis for axis, size in shape.items() if size == -1]
+    if len(fill) > 1:
+        raise ShardingError(f"config `mesh`: only one axis may be -1, got {fill}; give the others explicit sizes.")
+    fixed = math.prod(size for size in shape.values() if size != -1)
+    if any(size == 0 or size < -1 for size in shape.values()):
+        raise ShardingError(f"config `mesh` {shape}: sizes must be positive or -1.")
+    if fill:
+        if num_devices % fixed:
+            raise ShardingError(
+                f"config `mesh` {shape}: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices; choose sizes whose product divides {num_devices}.")
+        shape[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ShardingError(
+            f"config `mesh` {shape}: the axes multiply to {fixed} but there are {num_devices} devices; "
+            f"make the product {num_devices} or set one axis to -1.")
+    return shape
+
+
+def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(requested, len(devices))
+    return Mesh(np.asarray(devices).reshape([shape[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def rules_from_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """DEFAULT_RULES with the config's overrides (`mesh_rules`), lists turned to tuples."""
+    rules = dict(DEFAULT_RULES)
+    for name, rule in dict(overrides or {}).items():
+        rules[name] = tuple(rule) if isinstance(rule, (list, tuple)) else rule
+    return rules
+
+
+def tree_shardings(abstract: Any, axes: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
+    """NamedSharding per leaf of a pure dict, from its logical axes."""
+    return jax.tree.map(
+        lambda leaf, names: NamedSharding(mesh, logical_to_spec(names, rules, mesh, leaf.shape)),
+        abstract, axes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def check_batch_sizes(batch_sizes: Mapping[str, int], mesh: Mesh, num_microbatches: int) -> None:
+    """Global batch sizes must split over the data axes and into micro-batches."""
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    for name, size in batch_sizes.items():
+        if size % (shards * num_microbatches):
+            raise ShardingError(
+                f"dataset {name!r}: global batch size {size} is not divisible by the data axes "
+                f"(data x fsdp = {shards}) times train.microbatches={num_microbatches}; use a batch size "
+                f"that is a multiple of {shards * num_microbatches}.")
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This host's slice of a batch -> global arrays sharded over the data axes."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}

@@ -1,0 +1,259 @@
+"""The training loop behind `python -m flamingo_jax.train`.
+
+Order matters: every check a user can fail (model config, mesh, batch sizes,
+backbone paths) runs before anything is compiled or allocated. Then the state
+is initialised straight into its shardings (or restored from the latest
+checkpoint in the workdir, on whatever mesh this run has), and the loop runs
+with checkpoints every K steps, on SIGTERM (TPU preemption) and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.models.partitioning import activation_sharding
+from flamingo_jax.training import backbones, sharding
+from flamingo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from flamingo_jax.training.metrics import MetricsWriter
+from flamingo_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from flamingo_jax.training.state import ModelParts, TrainState, new_train_state
+from flamingo_jax.training.step import make_train_step
+
+
+class TrainingStopped(RuntimeError):
+    """Training gave up (e.g. too many non-finite steps); progress was saved first."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int  # the last completed step
+    preempted: bool
+    losses: dict[int, float]
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; the loop saves a checkpoint and exits at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def prepare_synthetic_data(config) -> None:
+    """Generates the project's synthetic corpus if the config uses it and it is absent."""
+    synthetic = config.get("synthetic")
+    if not synthetic or not synthetic.get("out_dir"):
+        return
+    manifest = os.path.join(synthetic.out_dir, "manifest.json")
+    if os.path.exists(manifest):
+        return
+    from flamingo_jax.data import synthetic as synthetic_data
+
+    if jax.process_index() == 0:
+        logging.info("generating the synthetic corpus in %s ...", synthetic.out_dir)
+        started = time.time()
+        synthetic_data.generate(synthetic.out_dir, num_examples=synthetic.num_examples,
+                                image_size=synthetic.image_size, vocab_size=config.model.decoder.vocab_size,
+                                seed=synthetic.seed)
+        logging.info("synthetic corpus ready in %.1f s", time.time() - started)
+
+
+class Trainer:
+    """Builds everything a run needs; `run()` trains until `train.steps` or preemption."""
+
+    def __init__(self, config, workdir: str, *, devices=None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        train = config.train
+        # ---- checks that need no compile
+        self.model_config = FlamingoConfig.from_dict(config.model)
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        self.rules = sharding.rules_from_config(config.get("mesh_rules"))
+        self.backbone_paths = backbones.check_paths(config.get("backbones"))
+        if train.accumulation not in ("all", "round_robin"):
+            raise ValueError(f"config field `train.accumulation`: {train.accumulation!r} is unknown; use 'all' "
+                             "(gradients of every dataset in each update, the paper) or 'round_robin'.")
+        prepare_synthetic_data(config)
+        self.mixture = Mixture.from_config(config.data, seed=config.seed)
+        self.datasets = tuple(sorted(self.mixture.pipelines))
+        self.batch_sizes = {name: spec.batch_size * jax.process_count() for name, spec in self.mixture.specs.items()}
+        sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
+        self._check_vocab()
+
+        # ---- model, optimizer and shardings (abstract: nothing allocated yet)
+        self.parts = ModelParts(self.model_config)
+        self.optimizer = make_optimizer(train)
+        self.schedule = learning_rate_schedule(train)
+        abstract_params, abstract_frozen = self.parts.abstract()
+        param_axes, frozen_axes = self.parts.logical_axes()
+        self.param_shardings = sharding.tree_shardings(abstract_params, param_axes, self.mesh, self.rules)
+        self.frozen_shardings = sharding.tree_shardings(abstract_frozen, frozen_axes, self.mesh, self.rules)
+        self.abstract_frozen = abstract_frozen
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        init_state = jax.jit(lambda p: new_train_state(p, self.optimizer, config.seed),
+                             in_shardings=(self.param_shardings,))
+        self._init_state = init_state.lower(abstract_with_shardings(abstract_params, self.param_shardings)).compile()
+        self.state_shardings = self._init_state.output_shardings
+        self.abstract_state = jax.eval_shape(lambda p: new_train_state(p, self.optimizer, config.seed),
+                                             abstract_params)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                         every_steps=config.checkpoint.every_steps,
+                                         async_save=config.checkpoint.async_save)
+
+    def _check_vocab(self) -> None:
+        tokenizer = self.mixture.tokenizer
+        if tokenizer is not None and tokenizer.vocab_size != self.model_config.decoder.vocab_size:
+            raise ValueError(
+                f"config field `model.decoder.vocab_size` = {self.model_config.decoder.vocab_size} but the "
+                f"tokenizer {self.config.data.tokenizer!r} has {tokenizer.vocab_size} pieces; they must match "
+                "(<EOC> is the id right after the frozen vocabulary).")
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self) -> tuple[TrainState, Any, dict[str, Any]]:
+        """(state, frozen weights, checkpoint meta or {}): restored if the workdir has a checkpoint."""
+        init = jax.jit(self.parts.init, static_argnums=0,
+                       out_shardings=(self.param_shardings, self.frozen_shardings))
+        params, frozen = init(self.config.seed)
+        frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
+        if self.checkpointer.latest_step() is None:
+            return self._init_state(params), frozen, {}
+        del params
+        state, meta = self.checkpointer.restore(abstract_with_shardings(self.abstract_state, self.state_shardings))
+        recorded = meta.get("backbones", {})
+        if recorded != self.backbone_paths:
+            logging.warning("resuming with backbones %s but the checkpoint was trained with %s",
+                            self.backbone_paths, recorded)
+        self.mixture.set_state(meta["data"])
+        logging.info("resumed from step %d in %s", int(state.step), self.checkpointer.directory)
+        return state, frozen, meta
+
+    def _meta(self, state: TrainState, nonfinite_in_row: int) -> dict[str, Any]:
+        return {
+            "step": int(state.step),
+            "data": self.mixture.get_state(),
+            "config": json.loads(self.config.to_json_best_effort()),
+            "backbones": self.backbone_paths,
+            "skipped_records": self.mixture.skip_counts(),
+            "nonfinite_in_row": nonfinite_in_row,
+        }
+
+    # ------------------------------------------------------------------ steps
+    def _compile_steps(self) -> dict[tuple[str, ...], Callable]:
+        """One jitted step over all datasets, or one per dataset under round-robin."""
+        groups = [self.datasets] if self.config.train.accumulation == "all" else [(n,) for n in self.datasets]
+        steps = {}
+        for group in groups:
+            fn = make_train_step(self.parts, self.optimizer, self.mixture.weights, group,
+                                 self.config.train.microbatches)
+            batch_shardings = {name: self.batch_sharding for name in group}
+            steps[group] = jax.jit(fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        return steps
+
+    def _next_batches(self, group: tuple[str, ...]) -> dict[str, Any]:
+        local = {name: next(self.mixture.pipelines[name]) for name in group}
+        return {name: sharding.global_batch(batch, self.batch_sharding) for name, batch in local.items()}
+
+    # ------------------------------------------------------------------ loop
+    def run(self, after_step: Callable[[int], None] | None = None) -> RunResult:
+        """Trains to `train.steps`. `after_step(step)` is called after each step (tests use it)."""
+        train = self.config.train
+        clock = time.time()
+        state, frozen, meta = self.initial_state()
+        start_step = int(state.step)
+        logging.info("state ready at step %d in %.1f s", start_step, time.time() - clock)
+        nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
+        steps = self._compile_steps()
+        groups = list(steps)
+        writer = MetricsWriter(self.workdir, train.steps, tensorboard=train.tensorboard)
+        losses: dict[int, float] = {}
+        started = time.time()
+        pending = None  # the previous step's metrics, read after the next step is dispatched
+        preempted = False
+
+        def finish(step_metrics, step, step_time, tokens):
+            nonlocal nonfinite_in_row
+            scalars = dict(jax.device_get(step_metrics))
+            scalars.update(learning_rate=float(self.schedule(step - 1)), tokens_per_s=tokens / max(step_time, 1e-9),
+                           step_time=step_time)
+            losses[step] = float(scalars["loss"])
+            nonfinite_in_row = 0 if bool(scalars["finite"]) else nonfinite_in_row + 1
+            if not bool(scalars["finite"]):
+                logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                                step, nonfinite_in_row)
+            writer.write(step, scalars)
+            if step % train.log_every == 0 or step == train.steps:
+                writer.progress(step, scalars, step_time, started, start_step)
+
+        with _PreemptionFlag() as preemption, activation_sharding(self.mesh, self.rules):
+            step = start_step
+            while step < train.steps:
+                group = groups[step % len(groups)]
+                batches = self._next_batches(group)
+                step_started = time.time()
+                state, step_metrics = steps[group](state, frozen, batches)
+                if step == start_step:
+                    logging.info("first step (compile + run) took %.1f s", time.time() - step_started)
+                step += 1
+                if pending is not None:
+                    finish(*pending)
+                tokens = sum(batch["tokens"].size for batch in batches.values())
+                pending = (step_metrics, step, time.time() - step_started, tokens)
+                if after_step is not None:
+                    after_step(step)
+                if nonfinite_in_row >= train.max_nonfinite_steps:
+                    finish(*pending)
+                    pending = None
+                    self.checkpointer.save(step, state, self._meta(state, nonfinite_in_row), force=True)
+                    self.checkpointer.wait()
+                    raise TrainingStopped(
+                        f"{nonfinite_in_row} consecutive steps had a non-finite loss or gradient (updates were "
+                        f"skipped); saved step {step} in {self.checkpointer.directory}. Lower "
+                        "train.learning_rate or check the data, then rerun to resume.")
+                if preemption.raised:
+                    preempted = True
+                    break
+                if self.checkpointer.manager.should_save(step):
+                    self.checkpointer.save(step, state, self._meta(state, nonfinite_in_row))
+            if pending is not None:
+                finish(*pending)
+        if self.checkpointer.latest_step() != step:
+            self.checkpointer.save(step, state, self._meta(state, nonfinite_in_row), force=True)
+        self.checkpointer.wait()
+        writer.close()
+        if preempted:
+            logging.warning("preempted: saved step %d in %s; run the same command again to resume.",
+                            step, self.checkpointer.directory)
+        skipped = {name: {reason: n for reason, n in counts.items() if n}
+                   for name, counts in self.mixture.skip_counts().items()}
+        skipped = {name: counts for name, counts in skipped.items() if counts}
+        if skipped:
+            logging.info("records skipped so far, by dataset and reason: %s", skipped)
+        self.last_state = state
+        return RunResult(step=step, preempted=preempted, losses=losses)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.mixture.close()

@@ -1,0 +1,180 @@
+"""Training: the loss falls, frozen weights stay put, accumulation is exact,
+bad setups fail before compiling, and preemption + resume is exact."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.training import backbones
+from flamingo_jax.training.backbones import BackboneError
+from flamingo_jax.training.loss import nll_sum
+from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
+from flamingo_jax.training.sharding import ShardingError
+from flamingo_jax.training.state import ModelParts, new_train_state
+from flamingo_jax.training.step import make_train_step
+from flamingo_jax.training.trainer import Trainer
+
+from helpers import train_config
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_corpus):
+    config = train_config(synthetic_corpus)
+    parts = ModelParts(FlamingoConfig.from_dict(config.model))
+    params, frozen = jax.jit(parts.init, static_argnums=0)(0)
+    mixture = Mixture.from_config(config.data, seed=0)
+    batches = [next(mixture) for _ in range(2)]
+    mixture.close()
+    return config, parts, params, frozen, batches
+
+
+def run_steps(config, parts, params, frozen, batches, num_steps, datasets, weights, microbatches=1):
+    optimizer = make_optimizer(config.train)
+    step = jax.jit(make_train_step(parts, optimizer, weights, datasets, microbatches))
+    state = new_train_state(params, optimizer, 0)
+    losses = []
+    for i in range(num_steps):
+        state, metrics = step(state, frozen, batches[i % len(batches)])
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_loss_falls_and_only_trainable_weights_move(setup):
+    config, parts, params, frozen, batches = setup
+    frozen_before = jax.tree.map(np.array, frozen)
+    state, losses = run_steps(config, parts, params, frozen, batches, 30, ("image_text",), {"image_text": 1.0})
+    # Two alternating batches: compare like with like (first pair vs last pair), in nats.
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
+    jax.tree.map(np.testing.assert_array_equal, frozen, frozen_before)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), state.params, params)
+    assert moved["xattn"]["attention_gate"] and moved["xattn"]["ffw_gate"]
+    assert moved["new_token_embedding"]
+    assert all(jax.tree.leaves(moved["resampler"]))
+    # Optimizer state exists for trainable weights only.
+    mu = state.opt_state[1][0].mu
+    assert jax.tree.structure(mu) == jax.tree.structure(params)
+
+
+def test_accumulated_update_equals_update_of_the_weighted_sum(setup):
+    config, parts, params, frozen, batches = setup
+    weights = {"image_text": 0.2, "interleaved": 1.0}
+    datasets = ("image_text", "interleaved")
+    state, _ = run_steps(config, parts, params, frozen, batches, 1, datasets, weights)
+
+    def weighted_sum(p):
+        total = 0.0
+        for name in datasets:
+            b = batches[0][name]
+            logits = parts.merge(p, frozen)(b["tokens"], b["media"], b["media_index"])
+            total += weights[name] * nll_sum(logits, b["targets"], b["loss_mask"]) / b["loss_mask"].sum()
+        return total
+
+    grads = jax.jit(jax.grad(weighted_sum))(params)
+    optimizer = make_optimizer(config.train)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected)
+
+    # Splitting each dataset's batch into micro-batches changes nothing either.
+    micro, _ = run_steps(config, parts, params, frozen, batches, 1, datasets, weights, microbatches=2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), micro.params, state.params)
+
+
+def test_no_weight_decay_on_the_resampler(setup):
+    _, _, params, _, _ = setup
+    mask = weight_decay_mask(params)
+    assert not any(jax.tree.leaves(mask["resampler"]))
+    assert all(jax.tree.leaves(mask["xattn"]))
+
+
+def test_non_finite_loss_skips_the_update(setup):
+    config, parts, params, frozen, batches = setup
+    bad = jax.tree.map(lambda x: x, batches[0])
+    bad["image_text"] = dict(bad["image_text"], media=np.full_like(bad["image_text"]["media"], np.nan))
+    state, losses = run_steps(config, parts, params, frozen, [bad], 1, ("image_text",), {"image_text": 1.0})
+    assert not np.isfinite(losses[0])
+    jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
+# ------------------------------------------------------------------ errors before compile
+
+
+def test_mesh_that_does_not_divide_the_devices_fails_early(synthetic_corpus, tmp_path):
+    config = train_config(synthetic_corpus)
+    config.mesh.update(data=3, fsdp=1, tensor=1)
+    with pytest.raises(ShardingError, match=r"mesh.*multiply to 3.*1 devices"):
+        Trainer(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_microbatches_fails_early(synthetic_corpus, tmp_path):
+    config = train_config(synthetic_corpus)
+    config.train.microbatches = 3
+    with pytest.raises(ShardingError, match=r"batch size 4 is not divisible.*microbatches=3"):
+        Trainer(config, str(tmp_path))
+
+
+def test_missing_backbone_checkpoint_fails_early(synthetic_corpus, tmp_path):
+    config = train_config(synthetic_corpus)
+    config.backbones.decoder = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(BackboneError, match=r"backbones.decoder.*no such checkpoint directory"):
+        Trainer(config, str(tmp_path))
+
+
+def test_tokenizer_vocab_must_match_the_model(synthetic_corpus, tmp_path):
+    config = train_config(synthetic_corpus)
+    config.model.decoder.vocab_size = 600
+    with pytest.raises(ValueError, match=r"model.decoder.vocab_size.*600"):
+        Trainer(config, str(tmp_path))
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def final_params(trainer):
+    return jax.tree.map(np.asarray, trainer.last_state.params)
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_corpus, tmp_path):
+    config = train_config(synthetic_corpus, steps=10)
+    straight = Trainer(config, str(tmp_path / "straight"))
+    uninterrupted = straight.run()
+    straight.close()
+
+    def preempt_at_5(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = Trainer(config, str(tmp_path / "resumed"))
+    stopped = first.run(after_step=preempt_at_5)
+    first.close()
+    assert stopped.preempted and stopped.step == 5
+    second = Trainer(config, str(tmp_path / "resumed"))
+    resumed = second.run()
+    second.close()
+    assert resumed.step == 10 and sorted(resumed.losses) == list(range(6, 11))
+    for step in range(1, 11):
+        losses = stopped.losses if step <= 5 else resumed.losses
+        np.testing.assert_allclose(losses[step], uninterrupted.losses[step], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 final_params(second), final_params(straight))
+
+
+def test_backbones_restore_from_checkpoints(synthetic_corpus, tmp_path):
+    """Frozen weights come from the named checkpoints, not from the random init."""
+    config = train_config(synthetic_corpus, steps=1)
+    parts = ModelParts(FlamingoConfig.from_dict(config.model))
+    _, frozen = jax.jit(parts.init, static_argnums=0)(7)  # another seed: differs from the run's init
+    backbones.save(str(tmp_path / "vision"), frozen["vision_encoder"])
+    backbones.save(str(tmp_path / "decoder"), frozen["decoder"])
+    config.backbones.update(vision=str(tmp_path / "vision"), decoder=str(tmp_path / "decoder"))
+    trainer = Trainer(config, str(tmp_path / "run"))
+    _, restored, _ = trainer.initial_state()
+    trainer.close()
+    jax.tree.map(np.testing.assert_array_equal, restored, frozen)
