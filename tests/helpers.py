@@ -46,17 +46,22 @@ def jit_forward(model: Flamingo):
     return nnx.jit(lambda m, tokens, media, media_index: m(tokens, media, media_index))
 
 
-def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), steps: int = 5, num_layers: int = 2):
-    """configs/tiny.py shrunk for tests: a one-block ViT at 32 px (it compiles far faster
-    than NFNet; the encoder is irrelevant to training mechanics), a 1-layer Resampler,
-    a 2-layer LM, the given synthetic datasets, fp32."""
+def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), steps: int = 5,
+                 shrink_model: bool = True):
+    """configs/tiny.py on the session's synthetic corpus (32 px, the given datasets), fp32.
+
+    With `shrink_model` the model is smaller still: a one-block ViT (it compiles far
+    faster than NFNet; the encoder is irrelevant to training mechanics), a 1-layer
+    Resampler and a 2-layer LM."""
     from flamingo_jax.data import synthetic
 
     config = load_config("tiny")
-    config.model.vision.update(encoder="vit", image_size=32)
-    config.model.vision.vit.update(width=32, num_layers=1, num_heads=2, patch_size=8)
-    config.model.resampler.num_layers = 1
-    config.model.decoder.num_layers = num_layers
+    config.model.vision.image_size = 32
+    if shrink_model:
+        config.model.vision.encoder = "vit"
+        config.model.vision.vit.update(width=32, num_layers=1, num_heads=2, patch_size=8)
+        config.model.resampler.num_layers = 1
+        config.model.decoder.num_layers = 2
     data = synthetic.data_config(corpus_dir, image_size=32, interleaved_batch=4, pair_batch=4, video_batch=2,
                                  interleaved_len=32, pair_len=16, max_images=2, num_frames=2)
     data["datasets"] = [d for d in data["datasets"] if d["name"] in datasets]
