@@ -11,12 +11,8 @@ from flamingo_jax import config_defaults
 
 
 def get_config():
-    config = config_defaults.base()
-    config.name = "flamingo-80b"
+    config = config_defaults.paper_config("flamingo-80b")
     m = config.model
-    m.vision.update(encoder="nfnet", image_size=320, num_frames=8)
-    m.vision.nfnet.variant = "F6"
-    m.resampler.update(num_layers=6, dim=1536, num_heads=16, head_dim=128, num_latents=64)
     m.xattn.update(every=7, num_heads=64, head_dim=128, ffw_hidden=5 * 8192)
     m.decoder.update(vocab_size=32000, dim=8192, num_layers=80, num_heads=64, head_dim=128,
                      ffw_hidden=4 * 8192, ffw="gelu", positions="relative", tie_embeddings=True, max_len=2048)

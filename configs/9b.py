@@ -12,12 +12,8 @@ from flamingo_jax import config_defaults
 
 
 def get_config():
-    config = config_defaults.base()
-    config.name = "flamingo-9b"
+    config = config_defaults.paper_config("flamingo-9b")
     m = config.model
-    m.vision.update(encoder="nfnet", image_size=320, num_frames=8)
-    m.vision.nfnet.variant = "F6"
-    m.resampler.update(num_layers=6, dim=1536, num_heads=16, head_dim=128, num_latents=64)
     m.xattn.update(every=4, num_heads=32, head_dim=128, ffw_hidden=14336)
     m.decoder.update(vocab_size=32000, dim=4096, num_layers=40, num_heads=32, head_dim=128,
                      ffw_hidden=11008, ffw="gelu", positions="relative", tie_embeddings=True, max_len=2048)

@@ -40,6 +40,19 @@ def train_defaults() -> ml_collections.ConfigDict:
     ))
 
 
+def paper_config(name: str) -> ml_collections.ConfigDict:
+    """`base()` with what the paper's 3B, 9B and 80B share (Table 4): NFNet-F6 at 320 px,
+    8 training frames, and the 6-layer, 1536-wide Resampler with 16 heads of 128 and 64
+    latents. Each model's config then sets its xattn blocks and frozen LM."""
+    config = base()
+    config.name = name
+    m = config.model
+    m.vision.update(encoder="nfnet", image_size=320, num_frames=8)
+    m.vision.nfnet.variant = "F6"
+    m.resampler.update(num_layers=6, dim=1536, num_heads=16, head_dim=128, num_latents=64)
+    return config
+
+
 def base() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "flamingo"

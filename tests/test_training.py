@@ -24,27 +24,25 @@ from flamingo_jax.training.trainer import Trainer
 from helpers import train_config
 
 
-@pytest.fixture(scope="module")
-def setup(synthetic_corpus):
-    config = train_config(synthetic_corpus)
+def fixed_batches(config, num_batches=2):
+    """The model parts, its initial weights and a few fixed batches for `config`."""
     parts = ModelParts(FlamingoConfig.from_dict(config.model))
     params, frozen = jax.jit(parts.init, static_argnums=0)(0)
     mixture = Mixture.from_config(config.data, seed=0)
-    batches = [next(mixture) for _ in range(2)]
+    batches = [next(mixture) for _ in range(num_batches)]
     mixture.close()
     return config, parts, params, frozen, batches
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_corpus):
+    return fixed_batches(train_config(synthetic_corpus))
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(synthetic_corpus):
     """configs/tiny.py's own model (NFNet, 4-layer LM) on image-text batches."""
-    config = train_config(synthetic_corpus, datasets=("image_text",), shrink_model=False)
-    parts = ModelParts(FlamingoConfig.from_dict(config.model))
-    params, frozen = jax.jit(parts.init, static_argnums=0)(0)
-    mixture = Mixture.from_config(config.data, seed=0)
-    batches = [next(mixture) for _ in range(2)]
-    mixture.close()
-    return config, parts, params, frozen, batches
+    return fixed_batches(train_config(synthetic_corpus, datasets=("image_text",), shrink_model=False))
 
 
 def run_steps(config, parts, params, frozen, batches, num_steps, datasets, weights, microbatches=1):
