@@ -28,6 +28,8 @@ finite stream ends with a sentinel that carries the tail's tally).
 
 from __future__ import annotations
 
+import abc
+
 import atexit
 import gc
 import json
@@ -100,7 +102,7 @@ def _seed_int(*parts: Any) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-class RecordPipeline:
+class RecordPipeline(abc.ABC):
     """Base of the per-kind pipelines: an iterator of batches (dicts of numpy arrays).
 
     `training` turns on every augmentation (image flips and colour jitter, random
@@ -177,8 +179,9 @@ class RecordPipeline:
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
 
     # ------------------------------------------------------------ to implement
+    @abc.abstractmethod
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """One parsed record -> the batch fields plus `reason`/`detail` (graph mode)."""
 
     # ------------------------------------------------------------ public API
     def __iter__(self) -> RecordPipeline:
