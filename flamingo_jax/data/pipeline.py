@@ -29,7 +29,6 @@ finite stream ends with a sentinel that carries the tail's tally).
 from __future__ import annotations
 
 import abc
-
 import atexit
 import gc
 import json
