@@ -25,7 +25,7 @@ import numpy as np
 
 from flamingo_jax.data import formats, images, sequence
 from flamingo_jax.data._tf import tf
-from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, numpy_rng, text_reason
+from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, assemble_example, numpy_rng, text_reason
 from flamingo_jax.data.tokenizer import Tokenizer
 
 
@@ -114,17 +114,6 @@ class InterleavedPipeline(RecordPipeline):
             t.reshape(encoded, [-1]), self.image_config, self.training, example["seed"])
         padding = t.zeros([slots - t.shape(decoded)[0], size, size, 3], t.float32)
         media = t.reshape(t.concat([decoded, padding], 0), [slots, 1, size, size, 3])
-        reason = t.reshape(reason, [])
-        reason = t.where(t.logical_and(reason == 0, t.logical_not(decoded_ok)), REASON_CODE["corrupt_image"], reason)
-        detail = t.where(t.logical_and(t.strings.length(detail) == 0, reason > 0),
-                         "an image in the window could not be decoded", t.reshape(detail, []))
-        return {
-            "tokens": t.ensure_shape(tokens, [length]),
-            "targets": t.ensure_shape(targets, [length]),
-            "loss_mask": t.ensure_shape(loss_mask, [length]),
-            "media_index": t.ensure_shape(media_index, [length]),
-            "media": media,
-            "media_mask": t.ensure_shape(media_mask, [slots]),
-            "reason": reason,
-            "detail": detail,
-        }
+        return assemble_example(tokens, targets, loss_mask, media_index, media,
+                                t.ensure_shape(media_mask, [slots]), reason, detail, decoded_ok, length,
+                                "an image in the window could not be decoded")

@@ -28,7 +28,7 @@ import numpy as np
 
 from flamingo_jax.data import formats, images, sequence
 from flamingo_jax.data._tf import tf
-from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, numpy_rng, text_reason
+from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, assemble_example, numpy_rng, text_reason
 from flamingo_jax.data.tokenizer import Tokenizer
 
 
@@ -135,19 +135,8 @@ class _PairPipeline(RecordPipeline):
         good = t.logical_and(reason == 0, decoded_ok)
         media = t.cond(good, lambda: t.reshape(decoded, [1, frames, size, size, 3]),
                        lambda: t.zeros([1, frames, size, size, 3], t.float32))
-        reason = t.where(t.logical_and(reason == 0, t.logical_not(decoded_ok)), REASON_CODE["corrupt_image"], reason)
-        detail = t.where(t.logical_and(t.strings.length(detail) == 0, reason > 0),
-                         "the image could not be decoded", t.reshape(detail, []))
-        return {
-            "tokens": t.ensure_shape(tokens, [length]),
-            "targets": t.ensure_shape(targets, [length]),
-            "loss_mask": t.ensure_shape(loss_mask, [length]),
-            "media_index": t.ensure_shape(media_index, [length]),
-            "media": media,
-            "media_mask": t.ones([1], t.bool),
-            "reason": reason,
-            "detail": detail,
-        }
+        return assemble_example(tokens, targets, loss_mask, media_index, media, t.ones([1], t.bool), reason,
+                                detail, decoded_ok, length, "the image could not be decoded")
 
 
 class ImageTextPipeline(_PairPipeline):

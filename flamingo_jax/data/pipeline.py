@@ -380,6 +380,27 @@ class RecordPipeline(abc.ABC):
         return np.asarray(reason, np.int32)
 
 
+def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask, reason, detail, decoded_ok,
+                     length: int, undecodable: str) -> dict[str, Any]:
+    """One record's batch fields (graph mode); an image that failed to decode turns a
+    good record into a counted `corrupt_image` skip, explained by `undecodable`."""
+    t = tf()
+    reason = t.reshape(reason, [])
+    reason = t.where(t.logical_and(reason == 0, t.logical_not(decoded_ok)), REASON_CODE["corrupt_image"], reason)
+    detail = t.where(t.logical_and(t.strings.length(t.reshape(detail, [])) == 0, reason > 0), undecodable,
+                     t.reshape(detail, []))
+    return {
+        "tokens": t.ensure_shape(tokens, [length]),
+        "targets": t.ensure_shape(targets, [length]),
+        "loss_mask": t.ensure_shape(loss_mask, [length]),
+        "media_index": t.ensure_shape(media_index, [length]),
+        "media": media,
+        "media_mask": media_mask,
+        "reason": reason,
+        "detail": detail,
+    }
+
+
 def _sentinel_like(spec: dict[str, Any]) -> dict[str, Any]:
     """An element shaped like `spec` whose reason is the end-of-stream sentinel."""
     t = tf()
