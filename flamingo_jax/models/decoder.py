@@ -64,7 +64,7 @@ class SelfAttention(nnx.Module):
             # W_r projects the distance sinusoids; u and v are the content and
             # position biases of Transformer-XL (Dai et al. 2019, eq. 4).
             self.relative = layers.Dense(cfg.dim, (cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "kv"), **kw)
-            zeros = lambda key, shape, dt: jnp.zeros(shape, dt)
+            zeros = nnx.initializers.zeros
             self.content_bias = layers.make_variable(
                 layers.Frozen, zeros, rngs.params(), (cfg.num_heads, cfg.head_dim), param_dtype, ("heads", "kv"))
             self.position_bias = layers.make_variable(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -68,10 +67,10 @@ def restore(path: str, abstract: Any, shardings: Any) -> Any:
 
 
 def load_into(frozen: Any, frozen_abstract: Any, frozen_shardings: Any, paths: dict[str, str]) -> Any:
-    """Replaces the components named in `paths` inside the frozen pure dict."""
+    """Adds the components named in `paths`, read from their checkpoints, to the frozen pure dict."""
     frozen = dict(frozen)
     for name, path in paths.items():
         key = COMPONENTS[name]
         frozen[key] = restore(path, frozen_abstract[key], frozen_shardings[key])
         logging.info("restored frozen %s from %s", key, path)
-    return jax.tree.map(lambda x: x, frozen)
+    return frozen

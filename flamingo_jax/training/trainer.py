@@ -132,14 +132,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def initial_state(self) -> tuple[TrainState, Any, dict[str, Any]]:
-        """(state, frozen weights, checkpoint meta or {}): restored if the workdir has a checkpoint."""
-        init = jax.jit(self.parts.init, static_argnums=0,
-                       out_shardings=(self.param_shardings, self.frozen_shardings))
+        """(state, frozen weights, checkpoint meta or {}): restored if the workdir has a checkpoint.
+
+        Only what is not restored is randomly initialised: XLA drops the unused
+        outputs, so resuming does not initialise trainable weights and a frozen
+        backbone loaded from its checkpoint is never initialised at all."""
+        resuming = self.checkpointer.latest_step() is not None
+        loaded = {backbones.COMPONENTS[name] for name in self.backbone_paths}
+
+        def random_weights(seed):
+            params, frozen = self.parts.init(seed)
+            return (None if resuming else params), {k: v for k, v in frozen.items() if k not in loaded}
+
+        frozen_shardings = {k: v for k, v in self.frozen_shardings.items() if k not in loaded}
+        init = jax.jit(random_weights, static_argnums=0,
+                       out_shardings=(None if resuming else self.param_shardings, frozen_shardings))
         params, frozen = init(self.config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
-        if self.checkpointer.latest_step() is None:
+        if not resuming:
             return self._init_state(params), frozen, {}
-        del params
         state, meta = self.checkpointer.restore(abstract_with_shardings(self.abstract_state, self.state_shardings))
         recorded = meta.get("backbones", {})
         if recorded != self.backbone_paths:
