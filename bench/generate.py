@@ -55,7 +55,7 @@ def run_ours(args) -> dict:
 
     from flamingo_jax.inference import decoding
     from flamingo_jax.models.config import FlamingoConfig
-    from flamingo_jax.training.state import ModelParts
+    from flamingo_jax.core.parts import ModelParts
 
     cfg = FlamingoConfig.from_dict(load_config("ref_cpu").model)
     parts = ModelParts(cfg)

@@ -72,7 +72,8 @@ def run_ours(args) -> dict:
 
     from flamingo_jax.models.config import FlamingoConfig
     from flamingo_jax.training.optimizer import make_optimizer
-    from flamingo_jax.training.state import ModelParts, new_train_state
+    from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.training.state import new_train_state
     from flamingo_jax.training.step import make_train_step
 
     config = load_config("ref_cpu")

@@ -8,9 +8,9 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flamingo_jax import aot, flops
+from flamingo_jax.core import flops, sharding
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.training import sharding
+from flamingo_jax.pod import aot, topology
 
 from helpers import load_config
 
@@ -19,21 +19,21 @@ requires_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 
 def test_slice_names():
-    v4 = aot.parse_slice("v4-1536")  # v4 names count TensorCores: two per chip
-    assert (v4.chips, v4.shape, v4.hosts, v4.generation.hbm_bytes) == (768, (8, 8, 12), 192, 32 * aot.GiB)
-    assert aot.parse_slice("v5p-128").chips == 64
-    assert aot.parse_slice("v5e-256").shape == (16, 16)  # v5e / v6e names count chips
-    assert aot.parse_slice("v6e-256").generation.chip == "v6e"
+    v4 = topology.parse_slice("v4-1536")  # v4 names count TensorCores: two per chip
+    assert (v4.chips, v4.shape, v4.hosts, v4.generation.hbm_bytes) == (768, (8, 8, 12), 192, 32 * topology.GiB)
+    assert topology.parse_slice("v5p-128").chips == 64
+    assert topology.parse_slice("v5e-256").shape == (16, 16)  # v5e / v6e names count chips
+    assert topology.parse_slice("v6e-256").generation.chip == "v6e"
     with pytest.raises(ValueError, match="known sizes"):
-        aot.parse_slice("v4-12")
+        topology.parse_slice("v4-12")
     with pytest.raises(ValueError, match="generation one of"):
-        aot.parse_slice("tpu-8")
+        topology.parse_slice("tpu-8")
 
 
 def test_missing_libtpu_names_the_fix(monkeypatch):
-    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install 'flamingo_jax\[tpu\]'"):
-        aot.parse_slice("v4-8").devices()
+        topology.parse_slice("v4-8").devices()
 
 
 def test_zero1_adds_the_data_axis_where_it_divides():
@@ -88,7 +88,7 @@ def test_train_step_compiles_for_a_v4_8():
     memory, inputs = report["memory_per_chip"], report["arguments_per_chip_bytes"]
     assert memory["generated_code_bytes"] > 0 and memory["peak_bytes"] >= memory["argument_bytes"]
     assert memory["argument_bytes"] >= sum(inputs.values())
-    assert memory["peak_bytes"] + report["headroom_bytes"] == 32 * aot.GiB
+    assert memory["peak_bytes"] + report["headroom_bytes"] == 32 * topology.GiB
     # ZeRO-1 over 2 data shards: Adam's two moments take one params' worth per chip, not two.
     assert inputs["optimizer_state"] < 1.2 * inputs["trainable_params"]
     assert memory["alias_bytes"] > 0  # the donated train state is updated in place

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from flamingo_jax.evaluation import metrics as M
-from flamingo_jax.evaluation import prompts as P
 from flamingo_jax.evaluation import readers as R
 from flamingo_jax.evaluation import tasks as T
+from flamingo_jax.evaluation import templates
+from flamingo_jax.inference import items as prompt_items
 
 ALL_TASKS = ("coco", "flickr30k", "vqav2", "okvqa", "vizwiz", "textvqa", "hateful_memes", "imagenet",
              "msvdqa", "msrvttqa", "synthetic_captioning", "synthetic_vqa", "synthetic_classification")
@@ -287,9 +288,9 @@ def test_synthetic_tasks_load_from_the_corpus(synthetic_corpus: str) -> None:
         assert (len(support), len(queries)) == (8, 8), name  # num_eval=16: half support, half query
         task = T.get_task(name)
         assert all(task.media(e).path.is_file() for e in support + queries), name
-        prompt = P.build_prompt(task.template, support[:2], queries[0])
-        assert sum(isinstance(item, P.Media) for item in prompt) == 3
-        assert sum(item is P.END_OF_CHUNK for item in prompt) == 2
+        prompt = templates.build_prompt(task.template, support[:2], queries[0])
+        assert sum(isinstance(item, prompt_items.Media) for item in prompt) == 3
+        assert sum(item is prompt_items.END_OF_CHUNK for item in prompt) == 2
     captions, _ = loaded["synthetic_captioning"]
     assert all(isinstance(e, R.CaptionExample) and len(e.captions) == 3 for e in captions)
     assert loaded["synthetic_vqa"][1][0].question.startswith("Where is the")

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flamingo_jax import flops
+from flamingo_jax.core import flops
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.training.optimizer import make_optimizer
-from flamingo_jax.training.state import ModelParts, new_train_state
+from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 
 from helpers import load_config, train_config

@@ -11,7 +11,7 @@ from flax import nnx
 
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.tokenizer import Tokenizer
-from flamingo_jax.evaluation.prompts import END_OF_CHUNK, Media
+from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.inference.engine import DecodeOptions, Engine
 from flamingo_jax.models.flamingo import Flamingo
 

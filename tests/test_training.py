@@ -12,12 +12,13 @@ import pytest
 
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.training import backbones
-from flamingo_jax.training.backbones import BackboneError
+from flamingo_jax.core import backbones
+from flamingo_jax.core.backbones import BackboneError
 from flamingo_jax.training.loss import nll_sum
 from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
-from flamingo_jax.training.sharding import ShardingError
-from flamingo_jax.training.state import ModelParts, new_train_state
+from flamingo_jax.core.sharding import ShardingError
+from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
 

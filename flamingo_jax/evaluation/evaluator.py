@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from flamingo_jax.evaluation import prompts as prompt_lib
+from flamingo_jax.evaluation import support as support_lib
+from flamingo_jax.evaluation.rices import RicesIndex
+from flamingo_jax.evaluation.templates import build_prompt
 from flamingo_jax.evaluation.tasks import Task
 from flamingo_jax.inference import prompting
 from flamingo_jax.inference.engine import DecodeOptions, Engine
@@ -64,12 +66,12 @@ class Evaluator:
 
     # ------------------------------------------------------------------ prompts
     def _support_for(self, task: Task, pool: list, query: Any, shots: int, rng: np.random.Generator,
-                     rices: prompt_lib.RicesIndex | None, query_features: np.ndarray | None) -> list:
+                     rices: RicesIndex | None, query_features: np.ndarray | None) -> list:
         if shots == 0:
             return []
         if rices is not None:
             return [pool[i] for i in rices.select(query_features, min(shots, len(pool)))]
-        return prompt_lib.random_support(pool, min(shots, len(pool)), rng)
+        return support_lib.random_support(pool, min(shots, len(pool)), rng)
 
     def _fit(self, task: Task, support: list, query: Any, reserve: int, zero_shot: list) -> tuple[list, int]:
         """The prompt, with the earliest support (or zero-shot text) examples dropped until it
@@ -78,7 +80,7 @@ class Evaluator:
         droppable = zero_shot or support
         for dropped in range(len(droppable) + 1):
             kept = droppable[dropped:]
-            items = prompt_lib.build_prompt(task.template, [] if zero_shot else kept, query,
+            items = build_prompt(task.template, [] if zero_shot else kept, query,
                                             zero_shot_text_only=kept if zero_shot else [])
             if len(prompting.encode_prompt(items, self.engine.tokenizer).ids) <= limit:
                 return items, dropped
@@ -89,11 +91,11 @@ class Evaluator:
         """{shots: metrics + counts} for one task."""
         settings = self.settings
         support_pool, query_pool = task.load(data_dir)
-        support_pool = prompt_lib.sample_queries(support_pool, settings.support_size, settings.seed)
-        queries = prompt_lib.sample_queries(query_pool, settings.num_queries, settings.seed + 1)
+        support_pool = support_lib.sample_queries(support_pool, settings.support_size, settings.seed)
+        queries = support_lib.sample_queries(query_pool, settings.num_queries, settings.seed + 1)
         rices = query_features = None
         if task.rices and any(settings.shots):
-            rices = prompt_lib.RicesIndex.from_pool(support_pool, task.media, self.engine.media_features,
+            rices = RicesIndex.from_pool(support_pool, task.media, self.engine.media_features,
                                                    batch_size=settings.batch_size)
             query_features = self.engine.media_features([task.media(q) for q in queries],
                                                         batch_size=settings.batch_size)
@@ -115,7 +117,7 @@ class Evaluator:
         generating = task.mode == "generate"
         candidates = None if generating else [task.template.continuation(c) for c in task.candidates(support_pool)]
         reserve = task.max_new_tokens if generating else 16
-        orders = [None] if generating or shots < 2 else prompt_lib.ensemble_orders(shots, settings.ensemble, rng)
+        orders = [None] if generating or shots < 2 else support_lib.ensemble_orders(shots, settings.ensemble, rng)
         progress = Progress(len(queries), f"{task.name} {shots}-shot")
         outputs: list = []
         dropped = 0
@@ -124,7 +126,7 @@ class Evaluator:
             chosen = []
             for i, query in enumerate(batch):
                 features = None if query_features is None else query_features[start + i]
-                zero_shot = prompt_lib.zero_shot_examples(support_pool, rng) if shots == 0 else []
+                zero_shot = support_lib.zero_shot_examples(support_pool, rng) if shots == 0 else []
                 chosen.append((self._support_for(task, support_pool, query, shots, rng, rices, features), zero_shot))
             if generating:
                 prompts = []
@@ -141,7 +143,7 @@ class Evaluator:
                 for order in orders:
                     prompts = []
                     for query, (support, zero_shot) in zip(batch, chosen):
-                        ordered = support if order is None else prompt_lib.reorder(support, order)
+                        ordered = support if order is None else support_lib.reorder(support, order)
                         items, cut = self._fit(task, ordered, query, reserve, zero_shot)
                         prompts.append(items)
                         dropped += (cut > 0) and order is orders[0]

@@ -43,7 +43,6 @@ train split in memory is not an option, so TFDS sources are not offered.
 
 Scope: queries come from the split the paper reports on; the paper's DEV
 protocol (validation on training-split subsets) would be separate task names.
-VisDial has a template in prompts.py but no task: readers.py has no reader.
 """
 
 from __future__ import annotations
@@ -56,15 +55,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from flamingo_jax.evaluation import metrics, readers
-from flamingo_jax.evaluation.prompts import (
+from flamingo_jax.evaluation.templates import (
     YES_NO,
     CaptioningTemplate,
     ClassNameTemplate,
     HatefulMemesTemplate,
-    Media,
     PromptTemplate,
     VQATemplate,
 )
+from flamingo_jax.inference.items import Media
 
 Example = Any
 Loader = Callable[[Path], tuple[list, list]]

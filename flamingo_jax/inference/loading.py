@@ -1,7 +1,7 @@
 """Reloading what a training run wrote: config, trainable weights, frozen backbones.
 
 A Flamingo checkpoint holds the train state and a JSON record with the run's
-config and the backbone checkpoints it used (see `training.checkpoint`). The
+config and the backbone checkpoints it used (see `core.checkpoint`). The
 frozen weights come from those backbone checkpoints; a backbone the run left
 random (tests, the tiny default) is re-created from the config's seed exactly
 as the trainer created it, which gives the same weights on the same device
@@ -22,9 +22,9 @@ from flamingo_jax.data.mixture import image_config_from
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
-from flamingo_jax.training import backbones, sharding
-from flamingo_jax.training.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
-from flamingo_jax.training.state import ModelParts
+from flamingo_jax.core import backbones, sharding
+from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
+from flamingo_jax.core.parts import ModelParts
 
 
 def workdir_path(workdir: str) -> epath.Path:

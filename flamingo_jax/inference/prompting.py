@@ -1,6 +1,6 @@
 """Interleaved prompts -> the padded arrays that `decoding.prefill` takes.
 
-A prompt is a list of items (see `flamingo_jax.evaluation.prompts`): text,
+A prompt is a list of items (see `flamingo_jax.inference.items`): text,
 `Media` (an image or a video, as a path, frame folder or array) and
 `END_OF_CHUNK`. Each media item becomes the `<image>` marker in the text and a
 slot in the media tensor; text tokens cross-attend to the last media item
@@ -23,7 +23,7 @@ import numpy as np
 from flamingo_jax.data import images as image_ops
 from flamingo_jax.data import sequence
 from flamingo_jax.data.tokenizer import Tokenizer
-from flamingo_jax.evaluation.prompts import END_OF_CHUNK, Media
+from flamingo_jax.inference.items import END_OF_CHUNK, Media
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 

@@ -7,7 +7,7 @@ Conventions that the rest of `flamingo_jax.models` relies on:
   model into the two, so gradients and optimizer state only ever exist for
   `nnx.Param` leaves.
 * Every variable carries `logical_axes` metadata (e.g. ``('embed', 'mlp')``);
-  `flamingo_jax.training.sharding` maps those names to mesh axes with a rules
+  `flamingo_jax.core.sharding` maps those names to mesh axes with a rules
   table. We deliberately do not use Flax's `out_sharding` metadata: Flax would
   try to shard eagerly with the logical names as if they were mesh axes.
 * Parameters are stored in `param_dtype` and cast to the activation `dtype`

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from flamingo_jax.training.loss import nll_sum
-from flamingo_jax.training.state import ModelParts, TrainState
+from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 

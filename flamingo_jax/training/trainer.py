@@ -21,16 +21,16 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from flamingo_jax import flops
+from flamingo_jax.core import backbones, flops, sharding
+from flamingo_jax.core.checkpoint import (Checkpointer, absolute, abstract_with_shardings, gather_process_states,
+                                           this_process_state)
+from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.partitioning import activation_sharding
-from flamingo_jax.training import backbones, sharding
-from flamingo_jax.training.checkpoint import (Checkpointer, absolute, abstract_with_shardings, gather_process_states,
-                                               this_process_state)
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from flamingo_jax.training.state import ModelParts, TrainState, new_train_state
+from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flamingo_jax.training.checkpoint import abstract_with_shardings
+from flamingo_jax.core.checkpoint import abstract_with_shardings
 
 COMPONENTS = {"vision": "vision_encoder", "decoder": "decoder"}
 
@@ -35,7 +35,7 @@ def check_paths(backbones_config: Any) -> dict[str, str]:
         if not os.path.isdir(path):
             raise BackboneError(
                 f"config field `backbones.{name}` = {path!r}: no such checkpoint directory. Point it at an "
-                f"orbax checkpoint of the {name} weights (see flamingo_jax/training/backbones.py), or set it "
+                f"orbax checkpoint of the {name} weights (see flamingo_jax/core/backbones.py), or set it "
                 "to '' to train on randomly initialised weights (tests only).")
         paths[name] = os.path.abspath(path)
     missing = [name for name in COMPONENTS if name not in paths]
@@ -43,7 +43,7 @@ def check_paths(backbones_config: Any) -> dict[str, str]:
         logging.warning(
             "\n%s\nNO PRETRAINED WEIGHTS for %s: these frozen backbones are RANDOMLY INITIALISED, so the model "
             "cannot learn anything useful from them. Set config.backbones.%s to an orbax checkpoint of the "
-            "pretrained weights (save one with flamingo_jax.training.backbones.save).\n%s",
+            "pretrained weights (save one with flamingo_jax.core.backbones.save).\n%s",
             "!" * 78, ", ".join(missing), missing[0], "!" * 78)
     return paths
 
