@@ -40,7 +40,7 @@ def tiny_dict():
     (lambda d: d["vision"].update(encoder="resnet"), "model.vision.encoder", "'nfnet' or 'vit'"),
     (lambda d: d["vision"]["nfnet"].update(variant="F9"), "model.vision.nfnet.variant", "one of"),
     (lambda d: d["vision"].update(image_size=50), "model.vision.image_size", "multiple"),
-    (lambda d: d["decoder"].update(positions="alibi"), "model.decoder.positions", "'relative' or 'rotary'"),
+    (lambda d: d["decoder"].update(positions="learned"), "model.decoder.positions", "one of"),
     (lambda d: d.update(dtype="fp8"), "model.dtype", "one of"),
     (lambda d: d["decoder"].update(n_layers=4), "model.decoder.n_layers", "valid fields"),
 ])

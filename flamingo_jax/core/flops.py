@@ -15,6 +15,8 @@ for tiny widths. What a Flamingo train step runs, per dataset batch:
 * attention score and value matmuls (LM, xattn, Resampler): both operands
   are activations, so the backward is 2x the forward (Transformer-XL's relative
   term is 1x: its other operand depends only on frozen weights);
+* Transformer-XL's projected distance table: once per call and layer, before
+  the layer scan (it depends only on frozen weights): no backward, no recompute;
 * the logits (tied frozen embedding, plus the trainable new-token rows);
 * rematerialisation, per `model.remat_policy`: the forward matmuls of the
   scanned bodies (LM layers, xattn blocks, Resampler layers) run again in the
@@ -302,11 +304,12 @@ def _batch_flops(cfg: FlamingoConfig, shape: BatchShape, num_microbatches: int) 
                              + ffw_in * 2.0 * B * L * d.dim * cfg.decoder_ffw_hidden) + ffw_out
     scores = d.num_layers * 2.0 * B * L * L * heads  # = the value matmul's
     relative_projection = relative_scores = 0.0
-    if d.positions == "relative":  # W_r on the [L, D] distance table (per call), and q . r
+    if d.positions == "relative":  # W_r on the [L, D] distance table (once per call), and q . r
+        # The table depends only on frozen weights and is computed before the layer scan, so
+        # it has no backward and no recompute.
         relative_projection = d.num_layers * num_microbatches * 2.0 * L * d.dim * heads
         relative_scores = scores
-    out["lm"] = ComponentFlops(lm_fwd + relative_projection, lm_fwd,
-                               (lm_fwd - ffw_out + relative_projection) if full else 0.0)
+    out["lm"] = ComponentFlops(lm_fwd + relative_projection, lm_fwd, (lm_fwd - ffw_out) if full else 0.0)
     # The values matmul's output feeds only the output projection: with its input
     # saved ('dots_no_batch') it is not recomputed.
     attention += ComponentFlops(2 * scores + relative_scores, 4 * scores + relative_scores,

@@ -41,6 +41,7 @@ class Context:
 
     cache: StackCache  # LM keys/values, [..., B, S, K, H]
     media_kv: MediaKV  # xattn keys/values of each prompt's media
+    position_keys: Array | None  # [L, S, N, H]: the LM's relative-position tables (None: other positions)
     slot_positions: Array  # int32 [B, S]: token position held by each cache slot
     slot_valid: Array  # bool [B, S]: slot holds a real token
     length: Array  # int32 []: slots filled so far (the same for every row)
@@ -75,12 +76,13 @@ def prefill(model: Flamingo, tokens: Array, media: Array, media_index: Array, po
     if num_slots < prompt_len:
         raise ValueError(f"a cache of {num_slots} slots cannot hold a prompt of {prompt_len} tokens.")
     media_kv = model.project_media(model.encode_media(media))
+    position_keys = model.position_keys(num_slots)
     slot_positions = jnp.zeros((batch, num_slots), jnp.int32).at[:, :prompt_len].set(positions)
     slot_valid = jnp.zeros((batch, num_slots), bool).at[:, :prompt_len].set(valid)
     slots = CacheSlots(jnp.zeros((), jnp.int32), slot_positions, slot_valid)
     logits, cache = model.extend_cache(tokens, media_index, positions, media_kv,
-                                       model.empty_cache(batch, num_slots), slots)
-    return Context(cache=cache, media_kv=media_kv, slot_positions=slot_positions, slot_valid=slot_valid,
+                                       model.empty_cache(batch, num_slots), slots, position_keys)
+    return Context(cache=cache, media_kv=media_kv, position_keys=position_keys, slot_positions=slot_positions, slot_valid=slot_valid,
                    length=jnp.asarray(prompt_len, jnp.int32), next_position=positions[:, -1] + 1,
                    media_index=media_index[:, -1], last_logits=logits[:, -1])
 
@@ -96,7 +98,7 @@ def extend(model: Flamingo, context: Context, tokens: Array, valid: Array | None
     slot_valid = jax.lax.dynamic_update_slice_in_dim(context.slot_valid, valid, context.length, axis=1)
     media_index = jnp.broadcast_to(context.media_index[:, None], tokens.shape)
     logits, cache = model.extend_cache(tokens, media_index, positions, context.media_kv, context.cache,
-                                       CacheSlots(context.length, slot_positions, slot_valid))
+                                       CacheSlots(context.length, slot_positions, slot_valid), context.position_keys)
     return logits, context.replace(cache=cache, slot_positions=slot_positions, slot_valid=slot_valid,
                                    length=context.length + steps, next_position=context.next_position + steps,
                                    last_logits=logits[:, -1])

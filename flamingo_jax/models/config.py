@@ -7,10 +7,18 @@ values with a message that names the field and says how to fix it.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import difflib
+import math
+import types
+import typing
 from typing import Any
 
 import jax.numpy as jnp
+
+from flamingo_jax.models import layers
+from flamingo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -31,6 +39,74 @@ def _divides(field: str, value: int, divisor_field: str, divisor: int) -> None:
         f"{value} is not divisible by `{divisor_field}`={divisor}; choose values where "
         f"{field} is a multiple of {divisor_field}.",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NFNetSpec:
+    """Architecture of one NFNet variant."""
+
+    widths: tuple[int, ...]  # output channels of each stage
+    depths: tuple[int, ...]  # blocks per stage
+    stem_widths: tuple[int, int, int, int] = (16, 32, 64, 128)  # last one is widths[0] // 2
+    strides: tuple[int, ...] = (1, 2, 2, 2)  # stride of each stage's first block
+    group_width: int = 128  # channels per group of the grouped 3x3 convs
+    bottleneck_ratio: float = 0.5  # bottleneck width = ratio * stage width
+    se_ratio: float = 0.5  # squeeze-excite hidden width = ratio * stage width
+    alpha: float = 0.2  # residual branch scale: variance grows by alpha^2 per block
+    final_conv_mult: int = 2  # final 1x1 conv widens the last stage by this factor
+    train_resolution: int = 0  # image size used in NFNet's ImageNet training (informational)
+
+    def __post_init__(self):
+        if not (len(self.widths) == len(self.depths) == len(self.strides)):
+            raise ValueError(f"NFNetSpec: widths {self.widths}, depths {self.depths} and strides "
+                             f"{self.strides} must have one entry per stage.")
+        if min(self.depths) < 1:
+            raise ValueError(f"NFNetSpec: every stage needs at least one block, got depths {self.depths}.")
+        for width in self.widths:
+            if int(width * self.bottleneck_ratio) < self.group_width:
+                raise ValueError(f"NFNetSpec: bottleneck width {int(width * self.bottleneck_ratio)} of stage "
+                                 f"width {width} is smaller than group_width={self.group_width}.")
+
+    @property
+    def total_stride(self) -> int:
+        return 4 * math.prod(self.strides)  # the stem downsamples by 4
+
+    def stage_betas(self) -> list[tuple[float, ...]]:
+        """beta = 1/expected_std of each block's input, per stage.
+
+        A block adds alpha^2 to the variance of the residual stream; a transition
+        block's output is a 1x1 conv of a unit-variance input, so the expected
+        variance restarts at 1 + alpha^2 after it (the reference code's rule)."""
+        expected_std, betas = 1.0, []
+        for depth in self.depths:
+            stage = []
+            for index in range(depth):
+                stage.append(1.0 / expected_std)
+                if index == 0:
+                    expected_std = 1.0
+                expected_std = math.sqrt(expected_std**2 + self.alpha**2)
+            betas.append(tuple(stage))
+        return betas
+
+
+def _f_variant(multiplier: int, train_resolution: int) -> NFNetSpec:
+    return NFNetSpec(widths=(256, 512, 1536, 1536), depths=tuple(multiplier * d for d in (1, 2, 6, 3)),
+                     train_resolution=train_resolution)
+
+
+NFNET_VARIANTS: dict[str, NFNetSpec] = {
+    "F0": _f_variant(1, 192),
+    "F1": _f_variant(2, 224),
+    "F2": _f_variant(3, 256),
+    "F3": _f_variant(4, 320),
+    "F4": _f_variant(5, 384),
+    "F5": _f_variant(6, 416),
+    "F6": _f_variant(7, 448),
+    "F7": _f_variant(8, 480),
+    # Same structure at toy width, for tests and the CPU config (fast at 32-64 px). Stage 3
+    # scans 2 blocks: a length-1 scan would not exercise per-step betas.
+    "tiny": NFNetSpec(widths=(16, 32, 64, 64), depths=(1, 1, 3, 1), stem_widths=(4, 8, 8, 8), group_width=8),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +164,33 @@ class XAttnConfig:
     head_dim: int = 128
     ffw_hidden: int = 0  # 0 means 4 x decoder dim
     activation: str = "squared_relu"
-    # 'previous': a text token sees the last image before it (the paper's default).
-    # The data pipeline builds media_index accordingly; the model only reads it.
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling for contexts longer than pretraining's: 'none', 'linear'
+    (positions / factor) or 'llama3' (Llama 3.1's per-frequency rescaling, with
+    `low_freq_factor`, `high_freq_factor` and the pretraining context
+    `original_max_len`)."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Chinchilla-style (relative positions, GeLU) or LLaMA-style (rotary, SwiGLU)."""
+    """The frozen LM. The defaults are Chinchilla's (the paper): RMSNorm, Transformer-XL
+    relative positions, GeLU MLP, no biases. Switches cover the open decoder families:
+
+    * LLaMA 2/3, Mistral: positions='rotary' (+ rope_scaling), ffw='swiglu', num_kv_heads (GQA),
+      tie_embeddings=False;
+    * GPT-NeoX (Pythia, RedPajama-INCITE): norm='layer' with bias, rotary on `rotary_fraction`
+      of each head, parallel_residual, attention_bias and ffw_bias, ffw='gelu_exact';
+    * MPT: norm='layer' without bias, positions='alibi', ffw='gelu_exact', no biases.
+    """
 
     vocab_size: int = 32000
     dim: int = 2048
@@ -103,12 +199,20 @@ class DecoderConfig:
     num_kv_heads: int = 0  # 0 means num_heads (no grouped-query attention)
     head_dim: int = 128
     ffw_hidden: int = 0  # 0 means 4 x dim
-    ffw: str = "gelu"  # 'gelu' (Chinchilla) or 'swiglu' (LLaMA)
-    positions: str = "relative"  # 'relative' (Transformer-XL, Chinchilla) or 'rotary'
+    ffw: str = "gelu"  # 'gelu' (tanh approximation, Chinchilla), 'gelu_exact' (erf), 'swiglu' (LLaMA)
+    positions: str = "relative"  # 'relative' (Transformer-XL, Chinchilla), 'rotary' or 'alibi'
     rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # share of each head's dims that rotate (GPT-NeoX's rotary_pct)
+    rope_scaling: RopeScaling = RopeScaling()
+    alibi_max_bias: float = 8.0  # ALiBi: head slopes 2^(-max_bias * i / n), as MPT
     max_len: int = 2048
     tie_embeddings: bool = True
+    norm: str = "rms"  # 'rms' (Chinchilla, LLaMA) or 'layer' (GPT-NeoX, MPT)
+    norm_bias: bool = False  # LayerNorm bias (GPT-NeoX); RMSNorm has none
     norm_eps: float = 1e-6
+    attention_bias: bool = False  # biases on the query/key/value/output projections
+    ffw_bias: bool = False  # biases on the feed-forward projections
+    parallel_residual: bool = False  # x + attn(norm(x)) + ffw(norm'(x)) (GPT-NeoX) instead of sequential
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +228,7 @@ class FlamingoConfig:
     frozen_param_dtype: str = "bfloat16"
     trainable_param_dtype: str = "float32"
     remat_policy: str = "none"  # see layers.REMAT_POLICIES
+    attention: str = "xla"  # the kernel every attention uses: see models/attention.py
 
     # ------------------------------------------------------------ derived values
     @property
@@ -144,13 +249,13 @@ class FlamingoConfig:
 
     # ------------------------------------------------------------ validation
     def validate(self) -> "FlamingoConfig":
-        from flamingo_jax.models import layers  # local: avoids a cycle at import time
-
         for name in ("dtype", "frozen_param_dtype", "trainable_param_dtype"):
             _require(getattr(self, name) in DTYPES, f"model.{name}",
                      f"{getattr(self, name)!r} is not a dtype; use one of {sorted(DTYPES)}.")
         _require(self.remat_policy in layers.REMAT_POLICIES, "model.remat_policy",
                  f"{self.remat_policy!r} is unknown; use one of {sorted(layers.REMAT_POLICIES)}.")
+        _require(self.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+                 f"{self.attention!r} is unknown; use one of {ATTENTION_IMPLEMENTATIONS}.")
         _require(self.num_new_tokens >= 1, "model.num_new_tokens", "must be >= 1 (<EOC> is id vocab_size).")
 
         v = self.vision
@@ -159,8 +264,6 @@ class FlamingoConfig:
         _require(v.image_size > 0, "model.vision.image_size", "must be positive.")
         _require(v.num_frames >= 1, "model.vision.num_frames", "must be >= 1.")
         if v.encoder == "nfnet":
-            from flamingo_jax.models.nfnet import NFNET_VARIANTS
-
             _require(v.nfnet.variant in NFNET_VARIANTS, "model.vision.nfnet.variant",
                      f"unknown variant {v.nfnet.variant!r}; use one of {sorted(NFNET_VARIANTS)}.")
             _divides("model.vision.image_size", v.image_size, "NFNet total stride", 32)
@@ -174,15 +277,8 @@ class FlamingoConfig:
         _require(r.activation in layers.ACTIVATIONS, "model.resampler.activation",
                  f"unknown activation {r.activation!r}; use one of {sorted(layers.ACTIVATIONS)}.")
 
+        validate_decoder(self.decoder)
         d = self.decoder
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "head_dim", "max_len"):
-            _require(getattr(d, name) >= 1, f"model.decoder.{name}", "must be >= 1.")
-        _require(d.ffw in ("gelu", "swiglu"), "model.decoder.ffw", f"{d.ffw!r} is unknown; use 'gelu' or 'swiglu'.")
-        _require(d.positions in ("relative", "rotary"), "model.decoder.positions",
-                 f"{d.positions!r} is unknown; use 'relative' or 'rotary'.")
-        _divides("model.decoder.num_heads", d.num_heads, "model.decoder.num_kv_heads", self.num_kv_heads)
-        if d.positions == "rotary":
-            _require(d.head_dim % 2 == 0, "model.decoder.head_dim", f"{d.head_dim} must be even for rotary positions.")
 
         x = self.xattn
         _require(1 <= x.every <= d.num_layers, "model.xattn.every",
@@ -210,27 +306,96 @@ class FlamingoConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | Any) -> "FlamingoConfig":
         """Builds and validates a config from a (nested) dict or ConfigDict."""
-        if hasattr(values, "to_dict"):
-            values = values.to_dict()
-        return _build(cls, dict(values), "model").validate()
+        return build_config(cls, values, "model").validate()
 
 
-def _build(cls, values: dict[str, Any], path: str):
+DECODER_FFW = ("gelu", "gelu_exact", "swiglu")
+DECODER_POSITIONS = ("relative", "rotary", "alibi")
+DECODER_NORMS = ("rms", "layer")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+def validate_decoder(d: DecoderConfig, path: str = "model.decoder") -> DecoderConfig:
+    """Checks a decoder config on its own (the converters build decoders without a Flamingo)."""
+    for name in ("vocab_size", "dim", "num_layers", "num_heads", "head_dim", "max_len"):
+        _require(getattr(d, name) >= 1, f"{path}.{name}", "must be >= 1.")
+    _require(d.ffw in DECODER_FFW, f"{path}.ffw", f"{d.ffw!r} is unknown; use one of {DECODER_FFW}.")
+    _require(d.positions in DECODER_POSITIONS, f"{path}.positions",
+             f"{d.positions!r} is unknown; use one of {DECODER_POSITIONS}.")
+    _require(d.norm in DECODER_NORMS, f"{path}.norm", f"{d.norm!r} is unknown; use one of {DECODER_NORMS}.")
+    _require(not (d.norm_bias and d.norm == "rms"), f"{path}.norm_bias", "RMSNorm has no bias; use norm='layer'.")
+    _require(d.norm_eps > 0, f"{path}.norm_eps", "must be > 0.")
+    _divides(f"{path}.num_heads", d.num_heads, f"{path}.num_kv_heads", d.num_kv_heads or d.num_heads)
+    if d.positions == "rotary":
+        _require(0 < d.rotary_fraction <= 1, f"{path}.rotary_fraction", f"{d.rotary_fraction} must be in (0, 1].")
+        rotary_dims = int(d.head_dim * d.rotary_fraction)
+        _require(rotary_dims >= 2 and rotary_dims % 2 == 0, f"{path}.rotary_fraction",
+                 f"head_dim {d.head_dim} x rotary_fraction {d.rotary_fraction} = {rotary_dims} rotary dims; "
+                 "it must be an even number >= 2.")
+        _require(d.rope_theta > 0, f"{path}.rope_theta", "must be > 0.")
+        scaling = d.rope_scaling
+        _require(scaling.kind in ROPE_SCALINGS, f"{path}.rope_scaling.kind",
+                 f"{scaling.kind!r} is unknown; use one of {ROPE_SCALINGS}.")
+        _require(scaling.factor >= 1, f"{path}.rope_scaling.factor", f"{scaling.factor} must be >= 1.")
+        if scaling.kind == "llama3":
+            _require(scaling.high_freq_factor > scaling.low_freq_factor > 0, f"{path}.rope_scaling",
+                     "llama3 scaling needs high_freq_factor > low_freq_factor > 0.")
+            _require(scaling.original_max_len >= 1, f"{path}.rope_scaling.original_max_len", "must be >= 1.")
+    elif d.positions == "alibi":
+        _require(d.alibi_max_bias > 0, f"{path}.alibi_max_bias", "must be > 0.")
+    return d
+
+
+def build_config(cls, values: Any, path: str):
+    """A frozen config dataclass from a (nested) dict or ConfigDict: unknown fields and values of
+    the wrong type are errors naming the field (`path.name`); nested dataclasses recurse."""
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    if not isinstance(values, dict):
+        raise ConfigError(f"config field `{path}` must be a group of fields, got {values!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"config field `{path}.{unknown[0]}` is not a {cls.__name__} field; "
-            f"valid fields are {sorted(fields)}."
-        )
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f" (did you mean `{path}.{close[0]}`?)" if close else ""
+        raise ConfigError(f"config field `{path}.{unknown[0]}` is not a {cls.__name__} field{hint}; "
+                          f"valid fields are {sorted(fields)}.")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
+        field_path = f"{path}.{name}"
         default = fields[name].default
         if dataclasses.is_dataclass(default):
-            if hasattr(value, "to_dict"):
-                value = value.to_dict()
-            if not isinstance(value, dict):
-                raise ConfigError(f"config field `{path}.{name}` must be a group of fields, got {value!r}.")
-            value = _build(type(default), value, f"{path}.{name}")
-        kwargs[name] = value
+            kwargs[name] = build_config(type(default), value, field_path)
+        else:
+            kwargs[name] = _checked(value, hints[name], field_path)
     return cls(**kwargs)
+
+
+def _checked(value: Any, annotation: Any, path: str) -> Any:
+    """`value` if it has the annotated type (ints accepted for floats, lists for tuples)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked(value, option, path)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"config field `{path}` must be a sequence, got {value!r}.")
+        item = args[0] if args else Any
+        return tuple(_checked(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, collections.abc.Mapping) or annotation in (dict, Any):
+        return dict(value) if origin is not None and hasattr(value, "items") else value
+    expected = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(annotation)
+    if expected is None:
+        return value
+    if not isinstance(value, expected) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigError(f"config field `{path}` must be {annotation.__name__}, got {value!r} "
+                          f"({type(value).__name__}).")
+    return float(value) if annotation is float else value

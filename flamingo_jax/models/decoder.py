@@ -1,22 +1,29 @@
-"""The frozen language model: a Chinchilla- or LLaMA-style decoder-only Transformer.
+"""The frozen language model: one decoder-only Transformer with switches per family.
 
-Switches cover both families (see `DecoderConfig`):
-* positions: Transformer-XL relative encodings (Chinchilla/Gopher: sinusoids of
-  the query-key distance, projected per layer, with the global content and
-  position biases u and v) or rotary embeddings (LLaMA, the "rotate half" layout
-  of the Hugging Face checkpoints);
-* feed-forward: GeLU MLP (Chinchilla) or SwiGLU (LLaMA);
-* grouped-query attention (`num_kv_heads` < `num_heads`);
-* tied or untied input/output embeddings.
+`DecoderConfig` picks the family's choices; the defaults are Chinchilla's (the paper):
+* positions: Transformer-XL relative encodings (Chinchilla/Gopher: sinusoids of the
+  query-key distance, projected per layer, with global content and position biases
+  u and v), rotary embeddings (LLaMA and GPT-NeoX, the "rotate half" layout of the
+  Hugging Face checkpoints, optionally on part of each head and with Llama 3's
+  frequency scaling) or ALiBi (MPT: a per-head linear penalty on the distance);
+* norms: RMSNorm (Chinchilla, LLaMA) or LayerNorm with or without bias (NeoX, MPT);
+* feed-forward: GeLU MLP or SwiGLU; biases on projections where the family has them;
+* sequential or parallel (GPT-NeoX) attention and feed-forward residuals;
+* grouped-query attention (`num_kv_heads` < `num_heads`); tied or untied embeddings.
 
-Every weight is `Frozen`. Attention is split into projection (`project_kv`) and
-`attend_to` so that a KV cache only has to store the projected keys/values and
-their positions: `extend_cache` writes the new tokens' keys into the cache and
-attends over all of it (decoding, see `flamingo_jax.inference`).
+Every weight is `Frozen`. There is one forward path, with or without a KV cache:
+a layer projects its new tokens' keys/values, writes them into the cache at
+`slots.start` (without a cache, the keys are exactly the new tokens') and
+attends over all cached slots, causally by *position*. Training is that call on
+a sequence with no cache; prefill is it with an empty cache; each decoding step,
+with one token. What depends only on the weights and the cache size (the
+projected relative-position table) is computed once per call, outside the
+layer scan (`position_keys`), and decoding keeps it for every step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -24,11 +31,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
+from flamingo_jax.models.attention import attention
+from flamingo_jax.models.config import DecoderConfig, RopeScaling
 from flamingo_jax.models.partitioning import constrain
-from flamingo_jax.models.config import DecoderConfig
 
 Array = jax.Array
 HIDDEN_AXES = ("batch", "length", "embed")  # the residual stream [B, T, D]
+
+
+# ------------------------------------------------------------------ positions
 
 
 def sinusoid_table(num_positions: int, dim: int, dtype: Any = jnp.float32) -> Array:
@@ -38,75 +49,49 @@ def sinusoid_table(num_positions: int, dim: int, dtype: Any = jnp.float32) -> Ar
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).astype(dtype)
 
 
-def apply_rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding in the LLaMA "rotate half" layout. x: [B, T, N, H]; positions: [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+def rotary_frequencies(rotary_dims: int, theta: float, scaling: RopeScaling) -> Array:
+    """Inverse frequencies [rotary_dims / 2] of the rotary embedding, scaled as configured."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dims, 2, dtype=jnp.float32) / rotary_dims))
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        # Llama 3.1: long wavelengths slow down by `factor`, short ones stay, the band between blends.
+        wavelength = 2 * math.pi / inv_freq
+        low_freq_wavelength = scaling.original_max_len / scaling.low_freq_factor
+        high_freq_wavelength = scaling.original_max_len / scaling.high_freq_factor
+        smooth = (scaling.original_max_len / wavelength - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        scaled = jnp.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+        medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+        return jnp.where(medium, blended, scaled)
+    return inv_freq
+
+
+def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotary embedding in the "rotate half" layout on the first 2 * len(inv_freq) dims of each head
+    (the rest pass through, as GPT-NeoX's partial rotary). x: [B, T, N, H]; positions: [B, T]."""
+    half = inv_freq.shape[0]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2, rest = x32[..., :half], x32[..., half:2 * half], x32[..., 2 * half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return rotated.astype(x.dtype)
 
 
-class SelfAttention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dtype
-        num_kv = cfg.num_kv_heads or cfg.num_heads
-        kw = dict(variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.query = layers.Dense(cfg.dim, (cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "kv"), **kw)
-        self.key = layers.Dense(cfg.dim, (num_kv, cfg.head_dim), axes=("embed", "kv_heads", "kv"), **kw)
-        self.value = layers.Dense(cfg.dim, (num_kv, cfg.head_dim), axes=("embed", "kv_heads", "kv"), **kw)
-        self.out = layers.Dense((cfg.num_heads, cfg.head_dim), cfg.dim, axes=("heads", "kv", "embed"), **kw)
-        if cfg.positions == "relative":
-            # W_r projects the distance sinusoids; u and v are the content and
-            # position biases of Transformer-XL (Dai et al. 2019, eq. 4).
-            self.relative = layers.Dense(cfg.dim, (cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "kv"), **kw)
-            zeros = nnx.initializers.zeros
-            self.content_bias = layers.make_variable(
-                layers.Frozen, zeros, rngs.params(), (cfg.num_heads, cfg.head_dim), param_dtype, ("heads", "kv"))
-            self.position_bias = layers.make_variable(
-                layers.Frozen, zeros, rngs.params(), (cfg.num_heads, cfg.head_dim), param_dtype, ("heads", "kv"))
+def alibi_slopes(num_heads: int, max_bias: float) -> Array:
+    """ALiBi's per-head slopes [N] (Press et al. 2022, as MPT computes them): for N a power of
+    two, 2^(-max_bias * i / N) for i = 1..N; otherwise the odd then even slopes of the next power."""
+    padded = 1 << (num_heads - 1).bit_length()
+    slopes = 2.0 ** (-max_bias * jnp.arange(1, padded + 1, dtype=jnp.float32) / padded)
+    if padded != num_heads:
+        slopes = jnp.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
 
-    def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
-        """Keys and values of `x` [B, S, D] -> ([B, S, K, H], [B, S, K, H]); rotary applied."""
-        k, v = self.key(x), self.value(x)
-        if self.cfg.positions == "rotary":
-            k = apply_rotary(k, positions, self.cfg.rope_theta)
-        return k, v
 
-    def attend_to(self, x: Array, positions: Array, keys: Array, values: Array,
-                  key_positions: Array, key_valid: Array) -> Array:
-        """Attention of queries from `x` [B, T, D] at `positions` [B, T] over keys/values
-        [B, S, K, H] at `key_positions` [B, S]; `key_valid` [B, S] marks real keys.
-        Causality is by position: a query sees keys at positions <= its own."""
-        cfg = self.cfg
-        q = self.query(x)  # [B, T, N, H]
-        scale = cfg.head_dim ** -0.5
-        mask = (key_positions[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
-        bias = None
-        if cfg.positions == "rotary":
-            q = apply_rotary(q, positions, cfg.rope_theta)
-        else:
-            num_keys = keys.shape[1]
-            rel = self.relative(sinusoid_table(num_keys, cfg.dim, self.dtype))  # [S, N, H]
-            q_pos_term = q + self.position_bias[...].astype(self.dtype)
-            q = q + self.content_bias[...].astype(self.dtype)
-            all_distances = jnp.einsum("btnh,rnh->bntr", q_pos_term, rel)  # [B, N, T, S]
-            distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
-            distance = jnp.clip(distance, 0, num_keys - 1)
-            bias = jnp.take_along_axis(all_distances, distance[:, None], axis=-1) * scale
-        out = jax.nn.dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), bias=bias, mask=mask[:, None], scale=scale,
-            implementation="xla")
-        return self.out(out)
-
-    def __call__(self, x: Array, positions: Array, valid: Array) -> Array:
-        keys, values = self.project_kv(x, positions)
-        return self.attend_to(x, positions, keys, values, positions, valid)
+# ------------------------------------------------------------------ cache
 
 
 class LayerCache(NamedTuple):
@@ -117,51 +102,138 @@ class LayerCache(NamedTuple):
 
 
 class CacheSlots(NamedTuple):
-    """Where the cache stands, shared by every layer: new keys go to slots
-    [start, start + T); `positions` / `valid` [B, S] describe all S slots
-    (written ones at their token positions, free ones invalid)."""
+    """Where the keys stand, shared by every layer: new keys go to slots [start, start + T);
+    `positions` / `valid` [B, S] describe all S slots (written ones at their token
+    positions, free ones invalid). Without a cache the slots are the new tokens themselves."""
 
     start: Array  # int32 []
     positions: Array  # int32 [B, S]
     valid: Array  # bool [B, S]
 
 
+def write_cache(cache: LayerCache | None, keys: Array, values: Array, start: Array) -> LayerCache:
+    """The cache with new keys/values [B, T, K, H] at slot `start`; no cache: just the new ones."""
+    if cache is None:
+        return LayerCache(keys, values)
+    write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=1)
+    return LayerCache(write(cache.keys, keys), write(cache.values, values))
+
+
+# ------------------------------------------------------------------ layers
+
+
+def _norm(cfg: DecoderConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, eps=cfg.norm_eps, param_dtype=param_dtype)
+    if cfg.norm == "layer":
+        return layers.LayerNorm(cfg.dim, use_bias=cfg.norm_bias, **kw)
+    return layers.RMSNorm(cfg.dim, **kw)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "xla"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.implementation = implementation
+        num_kv = cfg.num_kv_heads or cfg.num_heads
+        kw = dict(variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                  use_bias=cfg.attention_bias)
+        self.query = layers.Dense(cfg.dim, (cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "kv"), **kw)
+        self.key = layers.Dense(cfg.dim, (num_kv, cfg.head_dim), axes=("embed", "kv_heads", "kv"), **kw)
+        self.value = layers.Dense(cfg.dim, (num_kv, cfg.head_dim), axes=("embed", "kv_heads", "kv"), **kw)
+        self.out = layers.Dense((cfg.num_heads, cfg.head_dim), cfg.dim, axes=("heads", "kv", "embed"), **kw)
+        if cfg.positions == "relative":
+            # W_r projects the distance sinusoids; u and v are the content and
+            # position biases of Transformer-XL (Dai et al. 2019, eq. 4).
+            self.relative = layers.Dense(cfg.dim, (cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "kv"),
+                                         variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+            zeros = nnx.initializers.zeros
+            self.content_bias = layers.make_variable(
+                layers.Frozen, zeros, rngs.params(), (cfg.num_heads, cfg.head_dim), param_dtype, ("heads", "kv"))
+            self.position_bias = layers.make_variable(
+                layers.Frozen, zeros, rngs.params(), (cfg.num_heads, cfg.head_dim), param_dtype, ("heads", "kv"))
+
+    @property
+    def _inv_freq(self) -> Array:
+        cfg = self.cfg
+        return rotary_frequencies(int(cfg.head_dim * cfg.rotary_fraction), cfg.rope_theta, cfg.rope_scaling)
+
+    def position_keys(self, num_distances: int) -> Array:
+        """Transformer-XL: the projected sinusoid of every distance 0..num_distances-1, [R, N, H].
+        It depends only on the weights and the number of key slots, so callers compute it once."""
+        return self.relative(sinusoid_table(num_distances, self.cfg.dim, self.dtype))
+
+    def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
+        """Keys and values of `x` [B, S, D] -> ([B, S, K, H], [B, S, K, H]); rotary applied."""
+        k, v = self.key(x), self.value(x)
+        if self.cfg.positions == "rotary":
+            k = apply_rotary(k, positions, self._inv_freq)
+        return k, v
+
+    def attend_to(self, x: Array, positions: Array, cache: LayerCache, slots: CacheSlots,
+                  position_keys: Array | None) -> Array:
+        """Queries from `x` [B, T, D] at `positions` [B, T] over the cached keys/values [B, S, K, H]
+        at `slots.positions` [B, S] (valid where `slots.valid`). Causality is by position: a query
+        sees keys at positions <= its own."""
+        cfg = self.cfg
+        q = self.query(x)  # [B, T, N, H]
+        scale = cfg.head_dim ** -0.5
+        mask = (slots.positions[:, None, :] <= positions[:, :, None]) & slots.valid[:, None, :]  # [B, T, S]
+        distance = positions[:, :, None] - slots.positions[:, None, :]  # [B, T, S]
+        bias = None
+        if cfg.positions == "rotary":
+            q = apply_rotary(q, positions, self._inv_freq)
+        elif cfg.positions == "alibi":
+            slopes = alibi_slopes(cfg.num_heads, cfg.alibi_max_bias)
+            bias = -slopes[None, :, None, None] * jnp.maximum(distance, 0)[:, None].astype(jnp.float32)
+        else:
+            if position_keys is None:
+                position_keys = self.position_keys(cache.keys.shape[1])
+            num_distances = position_keys.shape[0]
+            q_pos_term = q + self.position_bias[...].astype(self.dtype)
+            q = q + self.content_bias[...].astype(self.dtype)
+            all_distances = jnp.einsum("btnh,rnh->bntr", q_pos_term, position_keys.astype(q.dtype))  # [B, N, T, R]
+            distance = jnp.clip(distance, 0, num_distances - 1)
+            bias = jnp.take_along_axis(all_distances, distance[:, None], axis=-1) * scale
+        out = attention(q, cache.keys, cache.values, bias=bias, mask=mask[:, None], scale=scale,
+                        implementation=self.implementation)
+        return self.out(out)
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm Transformer layer: x + attn(norm(x)), then + ffw(norm(x))."""
+    """Pre-norm Transformer layer: x + attn(norm(x)), then + ffw(norm(x)); or, with
+    `parallel_residual`, x + attn(norm(x)) + ffw(norm'(x))."""
 
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, eps=cfg.norm_eps,
-                       param_dtype=param_dtype)
-        self.attention_norm = layers.RMSNorm(cfg.dim, **norm_kw)
-        self.attention = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ffw_norm = layers.RMSNorm(cfg.dim, **norm_kw)
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "xla"):
+        self.parallel_residual = cfg.parallel_residual
+        self.attention_norm = _norm(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.attention = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                       implementation=implementation)
+        self.ffw_norm = _norm(cfg, param_dtype=param_dtype, rngs=rngs)
+        gated = cfg.ffw == "swiglu"
         self.ffw = layers.FeedForward(
-            cfg.dim, cfg.ffw_hidden or 4 * cfg.dim,
-            activation="silu" if cfg.ffw == "swiglu" else "gelu", gated=cfg.ffw == "swiglu",
-            variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+            cfg.dim, cfg.ffw_hidden or 4 * cfg.dim, activation="silu" if gated else cfg.ffw, gated=gated,
+            variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.ffw_bias)
 
-    def __call__(self, x: Array, positions: Array, valid: Array) -> Array:
-        x = x + self.attention(self.attention_norm(x), positions, valid)
-        return x + self.ffw(self.ffw_norm(x))
-
-    def extend_cache(self, x: Array, positions: Array, cache: LayerCache, slots: CacheSlots) -> tuple[Array, LayerCache]:
-        """Like `__call__` for new tokens x [B, T, D] that attend to the cached keys:
-        their own keys/values are written at `slots.start` first, so the new tokens
-        see each other (causally, by position) and everything cached before them."""
+    def __call__(self, x: Array, positions: Array, slots: CacheSlots, cache: LayerCache | None = None,
+                 position_keys: Array | None = None) -> tuple[Array, LayerCache]:
+        """New tokens x [B, T, D] at `positions` [B, T]: their keys/values are written into `cache`
+        at `slots.start` first (no cache: they are the keys), so the new tokens see each other
+        (causally, by position) and everything cached before them. Returns (x, cache)."""
         h = self.attention_norm(x)
-        k, v = self.attention.project_kv(h, positions)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), slots.start, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), slots.start, axis=1)
-        x = x + self.attention.attend_to(h, positions, keys, values, slots.positions, slots.valid)
-        return x + self.ffw(self.ffw_norm(x)), LayerCache(keys, values)
+        cache = write_cache(cache, *self.attention.project_kv(h, positions), slots.start)
+        attended = self.attention.attend_to(h, positions, cache, slots, position_keys)
+        if self.parallel_residual:
+            return x + attended + self.ffw(self.ffw_norm(x)), cache
+        x = x + attended
+        return x + self.ffw(self.ffw_norm(x)), cache
 
 
 class Decoder(nnx.Module):
-    """The frozen LM. `__call__` is the bare LM; Flamingo reuses `embed`, `layers`
-    (stacked on a leading 'layers' axis) and `logits` around its own blocks."""
+    """The frozen LM. `__call__` is the bare LM; Flamingo reuses `embed`, `run_layers`
+    (layers stacked on a leading 'layers' axis) and `logits` around its own blocks."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: str = "none", rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention_implementation: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
@@ -170,9 +242,10 @@ class Decoder(nnx.Module):
             layers.Frozen, nnx.initializers.normal(cfg.dim ** -0.5), rngs.params(), (cfg.vocab_size, cfg.dim),
             param_dtype, ("vocab", "embed"))
         self.layers = layers.stack_modules(
-            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
-        self.final_norm = layers.RMSNorm(cfg.dim, axis_name="embed", variable_type=layers.Frozen, rngs=rngs,
-                                         eps=cfg.norm_eps, param_dtype=param_dtype)
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                   implementation=attention_implementation),
+            cfg.num_layers, rngs)
+        self.final_norm = _norm(cfg, param_dtype=param_dtype, rngs=rngs)
         self.unembedding = None if cfg.tie_embeddings else layers.make_variable(
             layers.Frozen, layers.fan_in_init(cfg.dim), rngs.params(), (cfg.dim, cfg.vocab_size),
             param_dtype, ("embed", "vocab"))
@@ -189,32 +262,38 @@ class Decoder(nnx.Module):
             w = self.unembedding[...].astype(self.dtype)
         return constrain(jnp.dot(h, w, preferred_element_type=jnp.float32), ("batch", "length", "vocab"))
 
-    def run_layers(self, x: Array, positions: Array, valid: Array, layer_indices: Array | None = None) -> Array:
-        """Applies the stacked layers (or those at `layer_indices`, in order) to x [B, T, D]."""
+    def position_keys(self, num_slots: int) -> Array | None:
+        """Every layer's projected relative-position table [L, S, N, H] for `num_slots` key
+        slots (None unless positions are 'relative'): computed once, not per layer call."""
+        if self.cfg.positions != "relative":
+            return None
         graphdef, state = nnx.split(self.layers)
+        relative = lambda layer_state: nnx.merge(graphdef, layer_state).attention.position_keys(num_slots)
+        return jax.vmap(relative)(state)
 
-        def body(layer, x, _):
-            return constrain(layer(x, positions, valid), HIDDEN_AXES), None
+    def run_layers(self, x: Array, positions: Array, slots: CacheSlots, cache: LayerCache | None = None,
+                   layer_indices: Array | None = None, position_keys: Array | None = None
+                   ) -> tuple[Array, LayerCache | None]:
+        """Applies the stacked layers (or those at `layer_indices`, in order) to x [B, T, D].
+        With a cache (leading layer axis, one entry per layer run) returns it extended;
+        without, returns None. `position_keys`: the layers' tables [L', S, N, H], one per layer run."""
+        graphdef, state = nnx.split(self.layers)
+        keep_cache = cache is not None
 
-        x, _ = layers.scan_stack(graphdef, state, body, x, remat_policy=self.remat_policy,
+        def body(layer, x, per_layer):
+            layer_cache, layer_position_keys = per_layer
+            x, layer_cache = layer(x, positions, slots, layer_cache, layer_position_keys)
+            return constrain(x, HIDDEN_AXES), (layer_cache if keep_cache else None)
+
+        return layers.scan_stack(graphdef, state, body, x, (cache, position_keys), remat_policy=self.remat_policy,
                                  layer_indices=layer_indices)
-        return x
-
-    def extend_cache(self, x: Array, positions: Array, cache: LayerCache, slots: CacheSlots,
-                     layer_indices: Array | None = None) -> tuple[Array, LayerCache]:
-        """`run_layers` for new tokens against a KV cache with a leading layer axis."""
-        graphdef, state = nnx.split(self.layers)
-
-        def body(layer, x, layer_cache):
-            x, layer_cache = layer.extend_cache(x, positions, layer_cache, slots)
-            return constrain(x, HIDDEN_AXES), layer_cache
-
-        return layers.scan_stack(graphdef, state, body, x, cache, layer_indices=layer_indices)
 
     def __call__(self, tokens: Array, positions: Array | None = None, valid: Array | None = None) -> Array:
         """Bare LM: tokens [B, T] -> logits [B, T, vocab_size]."""
         positions, valid = default_positions(tokens, positions, valid)
-        x = self.run_layers(self.embed(tokens), positions, valid)
+        slots = uncached_slots(positions, valid)
+        x, _ = self.run_layers(self.embed(tokens), positions, slots,
+                               position_keys=self.position_keys(tokens.shape[1]))
         return self.logits(self.final_norm(x))
 
 
@@ -226,3 +305,8 @@ def default_positions(tokens: Array, positions: Array | None, valid: Array | Non
     if valid is None:
         valid = jnp.ones((batch, length), bool)
     return positions, valid
+
+
+def uncached_slots(positions: Array, valid: Array) -> CacheSlots:
+    """The key slots of a call without a cache: the new tokens themselves."""
+    return CacheSlots(jnp.zeros((), jnp.int32), positions, valid)

@@ -24,7 +24,8 @@ from flax import nnx
 
 from flamingo_jax.models import layers
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.models.decoder import HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions
+from flamingo_jax.models.decoder import (HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions,
+                                         uncached_slots)
 from flamingo_jax.models.partitioning import constrain
 from flamingo_jax.models.resampler import PerceiverResampler
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock
@@ -57,7 +58,8 @@ def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.R
     if vision.encoder == "vit":
         from flamingo_jax.models.vit import ViT
 
-        return ViT(vision.vit, vision.image_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return ViT(vision.vit, vision.image_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   attention_implementation=cfg.attention)
     raise ValueError(f"config field `model.vision.encoder`: unknown encoder {vision.encoder!r}; use 'nfnet' or 'vit'.")
 
 
@@ -70,15 +72,16 @@ class Flamingo(nnx.Module):
         self.vision_encoder = build_vision_encoder(cfg, dtype=dtype, param_dtype=frozen_dtype, rngs=rngs)
         self.resampler = PerceiverResampler(
             cfg.resampler, media_dim=self.vision_encoder.out_dim, num_frames=cfg.vision.num_frames,
-            dtype=dtype, param_dtype=trainable_dtype, remat_policy=cfg.remat_policy, rngs=rngs)
-        self.decoder = Decoder(cfg.decoder, dtype=dtype, param_dtype=frozen_dtype,
-                               remat_policy=cfg.remat_policy, rngs=rngs)
+            dtype=dtype, param_dtype=trainable_dtype, remat_policy=cfg.remat_policy,
+            attention_implementation=cfg.attention, rngs=rngs)
+        self.decoder = Decoder(cfg.decoder, dtype=dtype, param_dtype=frozen_dtype, remat_policy=cfg.remat_policy,
+                               attention_implementation=cfg.attention, rngs=rngs)
         dim = cfg.decoder.dim
         self.xattn = layers.stack_modules(
             lambda r: GatedCrossAttentionBlock(
                 dim, cfg.resampler.dim, num_heads=cfg.xattn.num_heads, head_dim=cfg.xattn.head_dim,
                 ffw_hidden=cfg.xattn_ffw_hidden, activation=cfg.xattn.activation, dtype=dtype,
-                param_dtype=trainable_dtype, rngs=r),
+                param_dtype=trainable_dtype, attention_implementation=cfg.attention, rngs=r),
             cfg.num_xattn_blocks, rngs)
         self.new_token_embedding = layers.make_variable(
             nnx.Param, nnx.initializers.normal(dim ** -0.5), rngs.params(), (cfg.num_new_tokens, dim), trainable_dtype,
@@ -136,27 +139,47 @@ class Flamingo(nnx.Module):
         tail_xattn = jax.tree.map(lambda a: a[num_groups], xattn_state)
         return head_xattn, head_layers, tail_xattn, jnp.arange(num_groups * k, num_groups * k + tail, dtype=jnp.int32)
 
-    def run_layers(self, x: Array, visual: Array, media_index: Array, positions: Array, valid: Array) -> Array:
-        """The conditioned LM stack. x [B, T, D], visual [B, M, R, Dr], media_index [B, T]."""
-        xattn_graph, _ = nnx.split(self.xattn)
-        num_media = visual.shape[1]
-        head_xattn, head_layers, tail_xattn, tail_layers = self._groups()
+    def _stack(self, x: Array, positions: Array, slots: CacheSlots, media_index: Array, *,
+               visual: Array | None = None, media_kv: MediaKV | None = None, cache: StackCache | None = None,
+               position_keys: Array | None = None) -> tuple[Array, StackCache | None]:
+        """The conditioned LM, the one path of training, prefill and decoding: for each group,
+        its GATED XATTN-DENSE block, then its LM layers.
 
-        def xattn_step(xattn_state, x):
+        x [B, T, D] at `positions` [B, T]; `media_index` [B, T]. The blocks' visual keys/values
+        are projected from `visual` [B, M, R, Dr] inside each block (training: rematerialised
+        with it) or taken from `media_kv` (projected once per prompt). With a `cache` the new
+        tokens' keys/values are written at `slots.start` and the extended cache is returned."""
+        xattn_graph, _ = nnx.split(self.xattn)
+        head_xattn, head_layers, tail_xattn, tail_layers = self._groups()
+        num_media = visual.shape[1] if visual is not None else media_kv.head.keys.shape[2]
+
+        def xattn_step(xattn_state, x, kv):
             block = nnx.merge(xattn_graph, xattn_state)
-            return block(x, block.project_media(visual), media_index, num_media)
+            if kv is None:
+                kv = block.project_media(visual)
+            else:  # [B, M, R, N, H] -> [B, M*R, N, H]
+                kv = tuple(a.reshape(a.shape[0], -1, *a.shape[3:]) for a in kv)
+            return block(x, kv, media_index, num_media)
 
         xattn_step = layers.remat(xattn_step, self.cfg.remat_policy)
 
         def group(x, inputs):
-            xattn_state, layer_indices = inputs
-            x = constrain(xattn_step(xattn_state, x), HIDDEN_AXES)
-            return self.decoder.run_layers(x, positions, valid, layer_indices), None
+            xattn_state, layer_indices, kv, layer_cache, layer_position_keys = inputs
+            x = constrain(xattn_step(xattn_state, x, kv), HIDDEN_AXES)
+            return self.decoder.run_layers(x, positions, slots, layer_cache, layer_indices, layer_position_keys)
 
-        x, _ = jax.lax.scan(group, x, (head_xattn, head_layers))
+        num_groups, k = head_layers.shape
+        split = lambda tree, head: None if tree is None else getattr(tree, "head" if head else "tail")
+        head_keys = None if position_keys is None else position_keys[:num_groups * k].reshape(
+            num_groups, k, *position_keys.shape[1:])
+        x, head_cache = jax.lax.scan(group, x, (head_xattn, head_layers, split(media_kv, True), split(cache, True),
+                                                head_keys))
+        tail_cache = None
         if tail_layers is not None:
-            x, _ = group(x, (tail_xattn, tail_layers))
-        return x
+            tail_keys = None if position_keys is None else position_keys[num_groups * k:]
+            x, tail_cache = group(x, (tail_xattn, tail_layers, split(media_kv, False), split(cache, False),
+                                      tail_keys))
+        return x, (None if cache is None else StackCache(head_cache, tail_cache))
 
     # ---------------------------------------------------------------- inference
     def project_media(self, visual: Array) -> MediaKV:
@@ -183,31 +206,24 @@ class Flamingo(nnx.Module):
         return StackCache(LayerCache(zeros(num_groups, k), zeros(num_groups, k)),
                           LayerCache(zeros(tail), zeros(tail)) if tail else None)
 
+    def position_keys(self, num_slots: int) -> Array | None:
+        """The LM's relative-position tables for `num_slots` key slots (None unless the decoder
+        uses relative positions): computed once per prompt, reused by every decoding step."""
+        return self.decoder.position_keys(num_slots)
+
     def extend_cache(self, tokens: Array, media_index: Array, positions: Array, media_kv: MediaKV,
-                     cache: StackCache, slots: CacheSlots) -> tuple[Array, StackCache]:
+                     cache: StackCache, slots: CacheSlots, position_keys: Array | None) -> tuple[Array, StackCache]:
         """Runs new tokens [B, T] against the cache: returns their logits [B, T, V + new]
         and the cache with their keys/values written at `slots.start`. Prefill is this
         call with the whole prompt; each decoding step, with one token."""
-        xattn_graph, _ = nnx.split(self.xattn)
-        head_xattn, head_layers, tail_xattn, tail_layers = self._groups()
-
-        def group(x, inputs):
-            xattn_state, layer_indices, kv, layer_cache = inputs
-            num_media = kv.keys.shape[1]
-            flat = tuple(a.reshape(a.shape[0], -1, *a.shape[3:]) for a in kv)  # [B, M*R, N, H]
-            x = nnx.merge(xattn_graph, xattn_state)(x, flat, media_index, num_media)
-            return self.decoder.extend_cache(constrain(x, HIDDEN_AXES), positions, layer_cache, slots, layer_indices)
-
-        x, head = jax.lax.scan(group, self.embed(tokens), (head_xattn, head_layers, media_kv.head, cache.head))
-        tail = None
-        if tail_layers is not None:
-            x, tail = group(x, (tail_xattn, tail_layers, media_kv.tail, cache.tail))
-        return self.logits(self.decoder.final_norm(x)), StackCache(head, tail)
+        x, cache = self._stack(self.embed(tokens), positions, slots, media_index, media_kv=media_kv, cache=cache,
+                               position_keys=position_keys)
+        return self.logits(self.decoder.final_norm(x)), cache
 
     def __call__(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
                  valid: Array | None = None) -> Array:
         """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> logits [B, T, V + new]."""
         positions, valid = default_positions(tokens, positions, valid)
-        visual = self.encode_media(media)
-        x = self.run_layers(self.embed(tokens), visual, media_index, positions, valid)
+        x, _ = self._stack(self.embed(tokens), positions, uncached_slots(positions, valid), media_index,
+                           visual=self.encode_media(media), position_keys=self.position_keys(tokens.shape[1]))
         return self.logits(self.decoder.final_norm(x))

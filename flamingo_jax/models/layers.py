@@ -195,17 +195,6 @@ class FeedForward(nnx.Module):
         return self.wo(h)
 
 
-def attend(q: Array, k: Array, v: Array, *, bias: Array | None = None, mask: Array | None = None) -> Array:
-    """Multi-head (or grouped-query) attention through `jax.nn.dot_product_attention`.
-
-    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K;
-    bias: broadcastable to [B, N, T, S]; mask: bool, broadcastable to [B, N, T, S].
-    Returns [B, T, N, H]. A query row whose keys are all masked gets an arbitrary
-    (finite) output: callers that can produce such rows zero them explicitly.
-    """
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
-
-
 # -------------------------------------------------------------------- stacking
 
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
-from flamingo_jax.models.config import NFNetConfig
+from flamingo_jax.models.config import NFNET_VARIANTS, NFNetConfig, NFNetSpec
 
 Array = jax.Array
 
@@ -77,74 +77,6 @@ def bucketed_fan_in_init(fan_in: int):
         return (z.reshape(shape) * (std / 0.87962566)).astype(dtype)
 
     return init
-
-
-@dataclasses.dataclass(frozen=True)
-class NFNetSpec:
-    """Architecture of one NFNet variant."""
-
-    widths: tuple[int, ...]  # output channels of each stage
-    depths: tuple[int, ...]  # blocks per stage
-    stem_widths: tuple[int, int, int, int] = (16, 32, 64, 128)  # last one is widths[0] // 2
-    strides: tuple[int, ...] = (1, 2, 2, 2)  # stride of each stage's first block
-    group_width: int = 128  # channels per group of the grouped 3x3 convs
-    bottleneck_ratio: float = 0.5  # bottleneck width = ratio * stage width
-    se_ratio: float = 0.5  # squeeze-excite hidden width = ratio * stage width
-    alpha: float = 0.2  # residual branch scale: variance grows by alpha^2 per block
-    final_conv_mult: int = 2  # final 1x1 conv widens the last stage by this factor
-    train_resolution: int = 0  # image size used in NFNet's ImageNet training (informational)
-
-    def __post_init__(self):
-        if not (len(self.widths) == len(self.depths) == len(self.strides)):
-            raise ValueError(f"NFNetSpec: widths {self.widths}, depths {self.depths} and strides "
-                             f"{self.strides} must have one entry per stage.")
-        if min(self.depths) < 1:
-            raise ValueError(f"NFNetSpec: every stage needs at least one block, got depths {self.depths}.")
-        for width in self.widths:
-            if int(width * self.bottleneck_ratio) < self.group_width:
-                raise ValueError(f"NFNetSpec: bottleneck width {int(width * self.bottleneck_ratio)} of stage "
-                                 f"width {width} is smaller than group_width={self.group_width}.")
-
-    @property
-    def total_stride(self) -> int:
-        return 4 * math.prod(self.strides)  # the stem downsamples by 4
-
-    def stage_betas(self) -> list[tuple[float, ...]]:
-        """beta = 1/expected_std of each block's input, per stage.
-
-        A block adds alpha^2 to the variance of the residual stream; a transition
-        block's output is a 1x1 conv of a unit-variance input, so the expected
-        variance restarts at 1 + alpha^2 after it (the reference code's rule)."""
-        expected_std, betas = 1.0, []
-        for depth in self.depths:
-            stage = []
-            for index in range(depth):
-                stage.append(1.0 / expected_std)
-                if index == 0:
-                    expected_std = 1.0
-                expected_std = math.sqrt(expected_std**2 + self.alpha**2)
-            betas.append(tuple(stage))
-        return betas
-
-
-def _f_variant(multiplier: int, train_resolution: int) -> NFNetSpec:
-    return NFNetSpec(widths=(256, 512, 1536, 1536), depths=tuple(multiplier * d for d in (1, 2, 6, 3)),
-                     train_resolution=train_resolution)
-
-
-NFNET_VARIANTS: dict[str, NFNetSpec] = {
-    "F0": _f_variant(1, 192),
-    "F1": _f_variant(2, 224),
-    "F2": _f_variant(3, 256),
-    "F3": _f_variant(4, 320),
-    "F4": _f_variant(5, 384),
-    "F5": _f_variant(6, 416),
-    "F6": _f_variant(7, 448),
-    "F7": _f_variant(8, 480),
-    # Same structure at toy width, for tests and the CPU config (fast at 32-64 px). Stage 3
-    # scans 2 blocks: a length-1 scan would not exercise per-step betas.
-    "tiny": NFNetSpec(widths=(16, 32, 64, 64), depths=(1, 1, 3, 1), stem_widths=(4, 8, 8, 8), group_width=8),
-}
 
 
 class WSConv2D(nnx.Module):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
+from flamingo_jax.models.attention import attention
 from flamingo_jax.models.config import ResamplerConfig
 
 Array = jax.Array
@@ -38,7 +39,9 @@ def interpolate_frames(table: Array, num_frames: int) -> Array:
 
 
 class ResamplerLayer(nnx.Module):
-    def __init__(self, cfg: ResamplerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ResamplerConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 attention_implementation: str = "xla"):
+        self.attention_implementation = attention_implementation
         kw = dict(variable_type=nnx.Param, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         norm_kw = dict(axis_name="media_embed", variable_type=nnx.Param, rngs=rngs, param_dtype=param_dtype)
         self.media_norm = layers.LayerNorm(cfg.dim, **norm_kw)
@@ -55,15 +58,15 @@ class ResamplerLayer(nnx.Module):
         """latents [B, R, D], features [B, S, D] -> [B, R, D]."""
         x = self.latent_norm(latents)
         kv_input = jnp.concatenate([self.media_norm(features), x], axis=1)  # [B, S+R, D]
-        attended = jax.nn.dot_product_attention(
-            self.query(x), self.key(kv_input), self.value(kv_input), implementation="xla")
+        attended = attention(self.query(x), self.key(kv_input), self.value(kv_input),
+                             implementation=self.attention_implementation)
         latents = latents + self.out(attended)
         return latents + self.ffw(self.ffw_norm(latents))
 
 
 class PerceiverResampler(nnx.Module):
     def __init__(self, cfg: ResamplerConfig, *, media_dim: int, num_frames: int, dtype, param_dtype,
-                 remat_policy: str = "none", rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention_implementation: str = "xla", rngs: nnx.Rngs):
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.input_projection = (
@@ -77,7 +80,9 @@ class PerceiverResampler(nnx.Module):
         self.latents = layers.make_variable(
             nnx.Param, normal, rngs.params(), (cfg.num_latents, cfg.dim), param_dtype, ("latents", "media_embed"))
         self.layers = layers.stack_modules(
-            lambda r: ResamplerLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
+            lambda r: ResamplerLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                     attention_implementation=attention_implementation),
+            cfg.num_layers, rngs)
         self.final_norm = layers.LayerNorm(cfg.dim, axis_name="media_embed", variable_type=nnx.Param, rngs=rngs,
                                            param_dtype=param_dtype)
 

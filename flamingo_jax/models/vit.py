@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
+from flamingo_jax.models.attention import attention
 from flamingo_jax.models.config import ViTConfig
 
 Array = jax.Array
@@ -55,7 +56,9 @@ Array = jax.Array
 class ViTBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: ViTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ViTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 attention_implementation: str = "xla"):
+        self.attention_implementation = attention_implementation
         width, heads = cfg.width, cfg.num_heads
         head_shape = (heads, width // heads)
         kw = dict(variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=True)
@@ -71,7 +74,9 @@ class ViTBlock(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x [B, T, W] -> [B, T, W]; every token attends to every token."""
         h = self.ln_1(x)
-        x = x + self.out(layers.attend(self.query(h), self.key(h), self.value(h)))  # q, k, v: [B, T, H, Dh]
+        attended = attention(self.query(h), self.key(h), self.value(h),  # q, k, v: [B, T, H, Dh]
+                             implementation=self.attention_implementation)
+        x = x + self.out(attended)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -84,7 +89,7 @@ class ViT(nnx.Module):
     """
 
     def __init__(self, cfg: ViTConfig, image_size: int, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, attention_implementation: str = "xla"):
         if image_size % cfg.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {cfg.patch_size}.")
         if cfg.width % cfg.num_heads:
@@ -110,7 +115,9 @@ class ViT(nnx.Module):
         norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype)
         self.ln_pre = layers.LayerNorm(width, **norm_kw)
         self.blocks = layers.stack_modules(
-            lambda r: ViTBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
+            lambda r: ViTBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                               attention_implementation=attention_implementation),
+            cfg.num_layers, rngs)
         self.ln_post = layers.LayerNorm(width, **norm_kw)
 
     def patchify(self, images: Array) -> Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
+from flamingo_jax.models.attention import attention
 
 Array = jax.Array
 
@@ -35,9 +36,10 @@ class GatedCrossAttentionBlock(nnx.Module):
     """One GATED XATTN-DENSE block (trainable). Text width `dim`, visual width `media_dim`."""
 
     def __init__(self, dim: int, media_dim: int, *, num_heads: int, head_dim: int, ffw_hidden: int,
-                 activation: str, dtype, param_dtype, rngs: nnx.Rngs):
+                 activation: str, dtype, param_dtype, rngs: nnx.Rngs, attention_implementation: str = "xla"):
         kw = dict(variable_type=nnx.Param, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.dtype = dtype
+        self.attention_implementation = attention_implementation
         self.attention_norm = layers.LayerNorm(dim, axis_name="embed", variable_type=nnx.Param, rngs=rngs,
                                                param_dtype=param_dtype)
         self.query = layers.Dense(dim, (num_heads, head_dim), axes=("embed", "heads", "kv"), **kw)
@@ -61,8 +63,7 @@ class GatedCrossAttentionBlock(nnx.Module):
         tokens_per_media = keys.shape[1] // num_media
         mask = media_attention_mask(media_index, num_media, tokens_per_media)  # [B, T, M*R]
         q = self.query(self.attention_norm(y))
-        attended = jax.nn.dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[:, None], implementation="xla")
+        attended = attention(q, keys, values, mask=mask[:, None], implementation=self.attention_implementation)
         # A token that sees no media (index -1) gets no visual contribution at all.
         attended = jnp.where((media_index >= 0)[:, :, None, None], attended, 0)
         y = y + jnp.tanh(self.attention_gate[...]).astype(y.dtype) * self.out(attended)
