@@ -13,8 +13,10 @@ import os
 # Compiling for a topology needs no local accelerator; keep JAX off any.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from flamingo_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/80b.py.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v4-1536, v5p-128, v5e-256, v6e-256.")
@@ -26,10 +28,7 @@ def main(argv):
     del argv
     from flamingo_jax.pod import aot
 
-    try:
-        report = aot.compile_train_step(_CONFIG.value, _TOPOLOGY.value, _BATCH_MULTIPLIER.value)
-    except (ValueError, RuntimeError) as error:  # a config, topology or install the user can fix
-        raise SystemExit(f"error: {error}") from None
+    report = aot.compile_train_step(_CONFIG.value, _TOPOLOGY.value, _BATCH_MULTIPLIER.value)
     print(aot.summary(report))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
@@ -40,4 +39,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    cli.run(main)

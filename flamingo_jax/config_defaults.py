@@ -1,10 +1,12 @@
-"""Defaults that every config file in `configs/` starts from.
+"""What every config file in `configs/` starts from.
 
 A config file is an ml_collections file with `get_config()`; it calls `base()`
-and overrides what differs. `config.model` mirrors `models.config.FlamingoConfig`
-field for field (ConfigDict keeps the types: a typo or a wrong type fails at
-load time, and `FlamingoConfig.from_dict` validates the values). `config.data`
-is the input mixture (see `flamingo_jax.data.mixture`).
+(or `paper_config()`) and overrides what differs. Every section mirrors a
+dataclass of `flamingo_jax.core.config.RunConfig` field for field, defaults
+included, so a ConfigDict keeps the types (a wrong type on the command line
+fails at load time) and `RunConfig.from_config` validates names, types and
+ranges before anything is built. `config.data` is the input mixture
+(`flamingo_jax.data.mixture`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 
 import ml_collections
 
+from flamingo_jax.core.config import RunConfig, TrainConfig, defaults
 from flamingo_jax.models.config import FlamingoConfig
 
 
@@ -21,23 +24,8 @@ def model_defaults() -> ml_collections.ConfigDict:
 
 
 def train_defaults() -> ml_collections.ConfigDict:
-    """The paper's recipe (appendix B.1.2)."""
-    return ml_collections.ConfigDict(dict(
-        steps=500_000,
-        learning_rate=1e-4,
-        warmup_steps=5_000,
-        schedule="constant",  # after warm-up; 'cosine' also available
-        weight_decay=0.1,  # not on the Resampler
-        grad_clip_norm=1.0,
-        adam_b1=0.9,
-        adam_b2=0.999,
-        adam_eps=1e-8,
-        microbatches=1,  # each dataset's batch is split into this many sequential micro-batches
-        accumulation="all",  # 'all': every update sums all datasets' gradients; 'round_robin': the ablation
-        max_nonfinite_steps=10,  # consecutive skipped (non-finite) updates before the run saves and stops
-        log_every=10,
-        tensorboard=True,
-    ))
+    """The paper's recipe (appendix B.1.2); see `core.config.TrainConfig`."""
+    return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
 
 
 def paper_config(name: str) -> ml_collections.ConfigDict:
@@ -57,23 +45,7 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
 
 
 def base() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.name = "flamingo"
-    config.seed = 0
-    config.model = model_defaults()
-    config.train = train_defaults()
-    # Input mixture: tokenizer, image_size and one entry per dataset (flamingo_jax.data.mixture).
-    config.data = ml_collections.ConfigDict(dict(tokenizer="", image_size=320, datasets=[]))
-    # When out_dir is set, the project's synthetic corpus is generated there if absent.
-    config.synthetic = ml_collections.ConfigDict(dict(out_dir="", num_examples=2000, image_size=64, seed=0))
-    # Mesh axis sizes (-1: the rest of the devices) and overrides of the logical-axis rules
-    # (models/partitioning.py's DEFAULT_RULES: 'embed' over fsdp; 'heads', 'mlp', 'vocab' over tensor).
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.mesh_rules = ml_collections.ConfigDict()
-    # Optimizer state: 'params' (laid out as the trainable weights) or 'zero1' (ZeRO stage 1:
-    # also split over the 'data' axis, across which the weights are replicated).
-    config.optimizer_sharding = "params"
-    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-    # Orbax checkpoints of the pretrained frozen weights ('' = random init, tests only).
-    config.backbones = ml_collections.ConfigDict(dict(vision="", decoder=""))
+    """`RunConfig()`'s defaults as a ConfigDict (see flamingo_jax/core/config.py for each field)."""
+    config = ml_collections.ConfigDict(defaults())
+    assert set(config) == {f.name for f in dataclasses.fields(RunConfig)}
     return config

@@ -16,7 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from flamingo_jax import cli
 
 SYNTHETIC_TASKS = "synthetic_captioning,synthetic_vqa,synthetic_classification"
 
@@ -40,6 +42,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default
 def main(argv):
     del argv
     from flamingo_jax import runtime
+    from flamingo_jax.errors import UserError
     from flamingo_jax.evaluation import evaluator
     from flamingo_jax.evaluation.tasks import get_task
     from flamingo_jax.inference.engine import Engine
@@ -52,11 +55,14 @@ def main(argv):
         batch_size=_BATCH_SIZE.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
         ensemble=_ENSEMBLE.value, seed=_SEED.value)
     tasks = [get_task(name.strip()) for name in _TASKS.value.split(",") if name.strip()]  # unknown names fail here
+    if not tasks:
+        raise UserError(f"--tasks={_TASKS.value!r} names no task; give comma-separated names such as "
+                        f"{SYNTHETIC_TASKS}.")
     engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, tokenizer_path=_TOKENIZER.value)
     step = engine.step
     data_dir = _DATA_DIR.value or engine.run_config.synthetic.get("out_dir")
     if not data_dir:
-        raise app.UsageError("--data_dir is required: the run did not train on the synthetic corpus.")
+        raise UserError("--data_dir is required: the run did not train on the synthetic corpus.")
     logging.info("evaluating step %d of %s on %s", step, _WORKDIR.value, ", ".join(t.name for t in tasks))
     runner = evaluator.Evaluator(engine, settings)
     started = time.time()
@@ -73,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    cli.run(main)

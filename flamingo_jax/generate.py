@@ -15,7 +15,9 @@ images and answers. `:reset` starts over, `:quit` (or end of input) leaves.
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from flamingo_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -73,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    cli.run(main)

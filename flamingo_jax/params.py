@@ -5,8 +5,10 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from flamingo_jax import cli
 
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.summary import param_counts
@@ -29,4 +31,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -4,6 +4,7 @@ bad setups fail before compiling, and preemption + resume is exact."""
 import os
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,11 +93,11 @@ def test_accumulated_update_equals_update_of_the_weighted_sum(setup):
     optimizer = make_optimizer(config.train)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     expected = optax.apply_updates(params, updates)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected)
+    chex.assert_trees_all_close(state.params, expected, rtol=1e-5, atol=1e-6)
 
     # Splitting each dataset's batch into micro-batches changes nothing either.
     micro, _ = run_steps(config, parts, params, frozen, batches, 1, datasets, weights, microbatches=2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), micro.params, state.params)
+    chex.assert_trees_all_close(micro.params, state.params, rtol=1e-5, atol=1e-6)
 
 
 def test_no_weight_decay_on_the_resampler(setup):
@@ -174,8 +175,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_corpus, tmp_p
     for step in range(1, 11):
         losses = stopped.losses if step <= 5 else resumed.losses
         np.testing.assert_allclose(losses[step], uninterrupted.losses[step], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 final_params(second), final_params(straight))
+    chex.assert_trees_all_close(final_params(second), final_params(straight), rtol=1e-6, atol=1e-7)
 
 
 def test_backbones_restore_from_checkpoints(synthetic_corpus, tmp_path):

@@ -11,25 +11,27 @@ benchmarks: the run says so loudly.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 from absl import logging
 
 from flamingo_jax.core.checkpoint import abstract_with_shardings
+from flamingo_jax.errors import UserError
 
 COMPONENTS = {"vision": "vision_encoder", "decoder": "decoder"}
 
 
-class BackboneError(FileNotFoundError):
+class BackboneError(UserError, FileNotFoundError):
     """A backbone checkpoint named in the config that cannot be used."""
 
 
-def check_paths(backbones_config: Any) -> dict[str, str]:
-    """The configured backbone paths, checked to exist before anything compiles."""
+def check_paths(configured: Mapping[str, str] | None) -> dict[str, str]:
+    """The configured backbone paths ({'vision': ..., 'decoder': ...}, '' for none), checked
+    to exist before anything compiles."""
     paths = {}
     for name in COMPONENTS:
-        path = backbones_config.get(name, "") if backbones_config is not None else ""
+        path = (configured or {}).get(name, "")
         if not path:
             continue
         if not os.path.isdir(path):

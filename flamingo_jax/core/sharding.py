@@ -18,12 +18,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flamingo_jax.errors import UserError
 from flamingo_jax.models.partitioning import DEFAULT_RULES, MESH_AXES, logical_to_spec
 
 OPTIMIZER_SHARDINGS = ("params", "zero1")
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh or batch that cannot be laid out on the devices."""
 
 

@@ -12,24 +12,12 @@ Modules, each one idea:
   prepare      importers from MMC4/OBELICS, webdataset tars, video frame folders
   synthetic    a procedural corpus + held-out eval tasks, so nothing needs downloading
 
-Importing this package does not import TensorFlow; the pipelines do, on first
-use, hidden from every accelerator. Nothing here imports the model, training
-or evaluation code.
+Importing this package imports none of its modules (so `python -m
+flamingo_jax.data.<tool>` runs its module once) and not TensorFlow; the
+pipelines import it on first use, hidden from every accelerator. Nothing here
+imports the model, training or evaluation code.
 
 Batch contract (one dataset; B batch, L tokens, N media slots, T frames, S pixels):
   tokens int32 [B, L], targets int32 [B, L], loss_mask float32 [B, L],
   media float32 [B, N, T, S, S, 3], media_mask bool [B, N], media_index int32 [B, L].
 """
-
-from flamingo_jax.data.images import ImageConfig
-from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
-from flamingo_jax.data.mixture import DatasetSpec, Mixture, build_pipeline
-from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
-from flamingo_jax.data.pipeline import SKIP_REASONS, RecordPipeline
-from flamingo_jax.data.tokenizer import EOC_TEXT, IMAGE_TEXT, Tokenizer
-
-__all__ = [
-    "DatasetSpec", "EOC_TEXT", "IMAGE_TEXT", "ImageConfig", "ImageTextPipeline", "InterleavedConfig",
-    "InterleavedPipeline", "Mixture", "PairConfig", "RecordPipeline", "SKIP_REASONS", "Tokenizer",
-    "VideoTextPipeline", "build_pipeline",
-]

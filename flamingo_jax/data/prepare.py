@@ -43,6 +43,7 @@ from typing import Any
 
 from absl import logging
 
+from flamingo_jax import cli
 from flamingo_jax.data import formats
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -419,7 +420,7 @@ def _main(argv: list[str]) -> int:
     flags.DEFINE_string("frames_dir", None, "video_text: folder of per-video frame folders.", flag_values=fv)
     flags.DEFINE_float("frame_rate", None, "video_text: frames per second of the stored frames.", flag_values=fv)
     flags.DEFINE_bool("validate_images", True, "Decode every image once to reject corrupt ones.", flag_values=fv)
-    rest = fv(argv)
+    rest = cli.parse(fv, argv, __doc__)
     kinds = formats.KINDS
     if len(rest) != 2 or rest[1] not in kinds or not fv.input or not fv.output_dir:
         print(f"usage: python -m flamingo_jax.data.prepare {{{'|'.join(kinds)}}} --input=... --output_dir=... "
@@ -442,4 +443,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv))
+    sys.exit(cli.guard(lambda: _main(sys.argv)))

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flamingo_jax import cli
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
     "purple": (140, 60, 180), "orange": (240, 140, 30), "pink": (240, 120, 180), "cyan": (40, 200, 210),
@@ -488,7 +490,7 @@ def _main(argv: list[str]) -> int:
     flags.DEFINE_integer("vocab_size", 512, "SentencePiece vocabulary size.", flag_values=fv)
     flags.DEFINE_integer("num_shards", 4, "Shards per dataset (>= number of data-loading hosts).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Everything is a function of this seed.", flag_values=fv)
-    fv(argv)
+    cli.parse(fv, argv, __doc__)
     if not fv.out_dir:
         print("--out_dir is required.", file=sys.stderr)
         return 2
@@ -502,4 +504,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv))
+    sys.exit(cli.guard(lambda: _main(sys.argv)))

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from flamingo_jax import cli
+
 IMAGE_TEXT = "<image>"
 EOC_TEXT = "<EOC>"
 # How a literal "<image>" in document text is written before encoding (see module docstring).
@@ -215,7 +217,7 @@ def _main(argv: list[str]) -> int:
     flags.DEFINE_float("character_coverage", 1.0, "Share of characters covered.", flag_values=flag_values)
     flags.DEFINE_integer("num_threads", 0, "Training threads; 0 = all cores, 1 = deterministic.",
                          flag_values=flag_values)
-    rest = flag_values(argv)
+    rest = cli.parse(flag_values, argv, __doc__)
     if len(rest) != 2 or rest[1] != "train":
         print("usage: python -m flamingo_jax.data.tokenizer train --input=corpus.txt --vocab_size=N --out=prefix",
               file=sys.stderr)
@@ -231,4 +233,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv))
+    sys.exit(cli.guard(lambda: _main(sys.argv)))

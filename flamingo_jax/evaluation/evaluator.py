@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from flamingo_jax.errors import UserError
 from flamingo_jax.evaluation import support as support_lib
 from flamingo_jax.evaluation.rices import RicesIndex
 from flamingo_jax.evaluation.templates import build_prompt
@@ -181,7 +182,7 @@ def parse_ints(values: Sequence[str] | str) -> tuple[int, ...]:
     try:
         parsed = tuple(int(v) for v in values if str(v).strip())
     except ValueError as error:
-        raise ValueError(f"--shots takes comma-separated integers such as 0,4,32 (got {values!r}).") from error
+        raise UserError(f"--shots takes comma-separated integers such as 0,4,32 (got {values!r}).") from error
     if not parsed or min(parsed) < 0:
-        raise ValueError(f"--shots needs non-negative shot counts (got {values!r}).")
+        raise UserError(f"--shots needs non-negative shot counts (got {values!r}).")
     return parsed

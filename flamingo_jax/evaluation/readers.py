@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from flamingo_jax.errors import UserError
+
 PathLike = str | Path
 
 
@@ -69,7 +71,7 @@ class VideoQAExample:
     answer: str
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(UserError, ValueError):
     """An annotation file exists but does not have its public format."""
 
 

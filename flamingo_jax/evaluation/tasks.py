@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from flamingo_jax.errors import UserError
 from flamingo_jax.evaluation import metrics, readers
 from flamingo_jax.evaluation.templates import (
     YES_NO,
@@ -432,10 +433,14 @@ def _registry() -> dict[str, Task]:
 TASKS: dict[str, Task] = _registry()
 
 
+class UnknownTask(UserError, ValueError):
+    """A task name that is not registered."""
+
+
 def get_task(name: str) -> Task:
     """The registered task called `name`."""
     if name not in TASKS:
-        raise ValueError(f"Unknown evaluation task {name!r}; known tasks: {', '.join(TASKS)}.")
+        raise UnknownTask(f"unknown evaluation task {name!r}; known tasks: {', '.join(TASKS)}.")
     return TASKS[name]
 
 

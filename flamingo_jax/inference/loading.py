@@ -69,7 +69,7 @@ def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str |
         checkpointer.close()
 
     recorded = meta.get("backbones", {})
-    paths = backbones.check_paths(ml_collections.ConfigDict(recorded)) if recorded else {}
+    paths = backbones.check_paths(recorded)
     loaded = {backbones.COMPONENTS[name] for name in paths}
     if len(loaded) < len(backbones.COMPONENTS):
         logging.warning("the run used random frozen backbones; re-creating them from seed %d", config.seed)

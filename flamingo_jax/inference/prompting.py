@@ -23,12 +23,13 @@ import numpy as np
 from flamingo_jax.data import images as image_ops
 from flamingo_jax.data import sequence
 from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.errors import UserError
 from flamingo_jax.inference.items import END_OF_CHUNK, Media
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt the model cannot take; the message names the item and the fix."""
 
 

@@ -19,6 +19,7 @@ callers that can produce such rows zero them explicitly (xattn does).
 
 from __future__ import annotations
 
+import chex
 import jax
 
 Array = jax.Array
@@ -30,6 +31,11 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None, mask: 
               scale: float | None = None, implementation: str = "xla") -> Array:
     """q [B, T, N, H], k/v [B, S, K, H]; bias broadcastable to [B, N, T, S], mask (bool) too.
     Returns [B, T, N, H] in q's dtype; keys and values are cast to it."""
+    chex.assert_rank([q, k, v], 4)
+    chex.assert_equal_shape([k, v])
+    chex.assert_equal_shape_prefix([q, k], 1)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads.")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is unknown; use one of {IMPLEMENTATIONS}.")
     return jax.nn.dot_product_attention(

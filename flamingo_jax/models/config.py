@@ -17,13 +17,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flamingo_jax.errors import UserError
 from flamingo_jax.models import layers
 from flamingo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names field and fix."""
 
 
@@ -352,24 +353,28 @@ def build_config(cls, values: Any, path: str):
     if hasattr(values, "to_dict"):
         values = values.to_dict()
     if not isinstance(values, dict):
-        raise ConfigError(f"config field `{path}` must be a group of fields, got {values!r}.")
+        raise ConfigError(f"config field `{path or 'config'}` must be a group of fields, got {values!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], fields, n=1)
-        hint = f" (did you mean `{path}.{close[0]}`?)" if close else ""
-        raise ConfigError(f"config field `{path}.{unknown[0]}` is not a {cls.__name__} field{hint}; "
+        hint = f" (did you mean `{_join(path, close[0])}`?)" if close else ""
+        raise ConfigError(f"config field `{_join(path, unknown[0])}` is not a {cls.__name__} field{hint}; "
                           f"valid fields are {sorted(fields)}.")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        field_path = f"{path}.{name}"
+        field_path = _join(path, name)
         default = fields[name].default
         if dataclasses.is_dataclass(default):
             kwargs[name] = build_config(type(default), value, field_path)
         else:
             kwargs[name] = _checked(value, hints[name], field_path)
     return cls(**kwargs)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _checked(value: Any, annotation: Any, path: str) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -290,6 +291,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: Array, positions: Array | None = None, valid: Array | None = None) -> Array:
         """Bare LM: tokens [B, T] -> logits [B, T, vocab_size]."""
+        chex.assert_rank(tokens, 2)
         positions, valid = default_positions(tokens, positions, valid)
         slots = uncached_slots(positions, valid)
         x, _ = self.run_layers(self.embed(tokens), positions, slots,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -96,6 +97,8 @@ class Flamingo(nnx.Module):
 
         The encoder is frozen and sits before every trainable weight, so no
         gradient is taken through it."""
+        chex.assert_rank(media, 6)
+        chex.assert_axis_dimension(media, 5, 3)
         b, m, t, h, w, c = media.shape
         features = self.vision_encoder(media.reshape(b * m * t, h, w, c).astype(self.dtype))  # [BMT, S, Dv]
         features = jax.lax.stop_gradient(features)
@@ -216,6 +219,8 @@ class Flamingo(nnx.Module):
         """Runs new tokens [B, T] against the cache: returns their logits [B, T, V + new]
         and the cache with their keys/values written at `slots.start`. Prefill is this
         call with the whole prompt; each decoding step, with one token."""
+        chex.assert_rank(tokens, 2)
+        chex.assert_shape([media_index, positions], tokens.shape)
         x, cache = self._stack(self.embed(tokens), positions, slots, media_index, media_kv=media_kv, cache=cache,
                                position_keys=position_keys)
         return self.logits(self.decoder.final_norm(x)), cache
@@ -223,6 +228,9 @@ class Flamingo(nnx.Module):
     def __call__(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
                  valid: Array | None = None) -> Array:
         """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> logits [B, T, V + new]."""
+        chex.assert_rank(tokens, 2)
+        chex.assert_shape(media_index, tokens.shape)
+        chex.assert_axis_dimension(media, 0, tokens.shape[0])
         positions, valid = default_positions(tokens, positions, valid)
         x, _ = self._stack(self.embed(tokens), positions, uncached_slots(positions, valid), media_index,
                            visual=self.encode_media(media), position_keys=self.position_keys(tokens.shape[1]))

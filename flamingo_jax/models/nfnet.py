@@ -39,6 +39,7 @@ import dataclasses
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -236,6 +237,8 @@ class NFNet(nnx.Module):
 
     def features(self, images: Array) -> Array:
         """Stem and stages, before the final conv: [B, H, W, 3] -> [B, H/32, W/32, last width]."""
+        chex.assert_rank(images, 4)
+        chex.assert_axis_dimension(images, 3, 3)
         x = images.astype(self.dtype)
         x = scaled_gelu(self.stem_conv0(x))  # [B, H/2, W/2, s0]
         x = scaled_gelu(self.stem_conv1(x))

@@ -15,6 +15,7 @@ the paper's 194M parameters.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -88,6 +89,7 @@ class PerceiverResampler(nnx.Module):
 
     def __call__(self, features: Array) -> Array:
         """Frame features [B, M, T, S, Dv] -> visual tokens [B, M, R, D]."""
+        chex.assert_rank(features, 5)
         batch, num_media, num_frames, num_patches, _ = features.shape
         x = features.astype(self.dtype)
         if self.input_projection is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -122,6 +123,8 @@ class ViT(nnx.Module):
 
     def patchify(self, images: Array) -> Array:
         """[B, S, S, 3] -> non-overlapping patches [B, N, p, p, 3], row-major over the grid."""
+        chex.assert_rank(images, 4)
+        chex.assert_axis_dimension(images, 3, 3)
         batch, height, width, channels = images.shape
         if height != self.image_size or width != self.image_size:
             raise ValueError(f"ViT was built for {self.image_size}x{self.image_size} images (its positional "

@@ -15,6 +15,7 @@ prompt.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -59,6 +60,8 @@ class GatedCrossAttentionBlock(nnx.Module):
 
     def __call__(self, y: Array, media_kv: tuple[Array, Array], media_index: Array, num_media: int) -> Array:
         """y [B, T, D]; media_kv from `project_media`; media_index [B, T] -> [B, T, D]."""
+        chex.assert_rank(y, 3)
+        chex.assert_shape(media_index, y.shape[:2])
         keys, values = media_kv
         tokens_per_media = keys.shape[1] // num_media
         mask = media_attention_mask(media_index, num_media, tokens_per_media)  # [B, T, M*R]

@@ -15,7 +15,17 @@ from typing import Mapping
 
 import jax
 
+from flamingo_jax.errors import UserError
+
 GiB = 1 << 30
+
+
+class TopologyError(UserError, ValueError):
+    """A slice name this module does not know."""
+
+
+class LibtpuMissing(UserError, RuntimeError):
+    """Describing a TPU slice needs libtpu (no TPU)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,17 +93,17 @@ def parse_slice(name: str) -> Slice:
     generation_name, _, count = name.partition("-")
     generation = GENERATIONS.get(generation_name)
     if generation is None or not count.isdigit():
-        raise ValueError(f"--topology={name!r}: use <generation>-<size> with generation one of "
+        raise TopologyError(f"--topology={name!r}: use <generation>-<size> with generation one of "
                          f"{sorted(GENERATIONS)}, e.g. v4-32, v5p-128, v5e-256, v6e-256.")
     chips = int(count) // generation.cores_per_chip_in_name
     if chips not in generation.shapes or int(count) % generation.cores_per_chip_in_name:
         sizes = sorted(c * generation.cores_per_chip_in_name for c in generation.shapes)
-        raise ValueError(f"--topology={name!r}: no {generation_name} slice of that size here; "
+        raise TopologyError(f"--topology={name!r}: no {generation_name} slice of that size here; "
                          f"known sizes are {sizes}.")
     return Slice(name, generation, chips)
 
 
 def require_libtpu() -> None:
     if importlib.util.find_spec("libtpu") is None:
-        raise RuntimeError("compiling for a TPU topology needs libtpu, which is not installed: "
+        raise LibtpuMissing("compiling for a TPU topology needs libtpu, which is not installed: "
                            "pip install 'flamingo_jax[tpu]' (or pip install 'jax[tpu]==" f"{jax.__version__}').")

@@ -2,12 +2,14 @@
 
 Linear warm-up from 0 to the peak learning rate, then constant; global-norm
 clipping at 1.0; weight decay 0.1 on every trainable weight except the
-Perceiver Resampler's. The optimizer only ever sees trainable parameters.
+Perceiver Resampler's (`train.weight_decay_exempt`). The optimizer only ever
+sees trainable parameters; `train_config` is a `core.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import jax
 import optax
@@ -28,10 +30,11 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def weight_decay_mask(params: Any, exempt_roots: tuple[str, ...] = ("resampler",)) -> Any:
-    """True for every leaf that gets weight decay: all but those under `exempt_roots`."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[0], "key", None) not in exempt_roots, params)
+def weight_decay_mask(params: Any, exempt_roots: Sequence[str] = ("resampler",)) -> Any:
+    """True for every leaf that gets weight decay: all but those under `exempt_roots`
+    (top-level names of the trainable weights, `train.weight_decay_exempt`)."""
+    exempt = tuple(exempt_roots)
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None) not in exempt, params)
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -43,6 +46,6 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
             b2=train_config.adam_b2,
             eps=train_config.adam_eps,
             weight_decay=train_config.weight_decay,
-            mask=weight_decay_mask,
+            mask=functools.partial(weight_decay_mask, exempt_roots=train_config.weight_decay_exempt),
         ),
     )

@@ -22,11 +22,17 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from flamingo_jax.core import backbones, flops, sharding
-from flamingo_jax.core.checkpoint import (Checkpointer, absolute, abstract_with_shardings, gather_process_states,
-                                           this_process_state)
+from flamingo_jax.core.checkpoint import (
+    Checkpointer,
+    absolute,
+    abstract_with_shardings,
+    gather_process_states,
+    this_process_state,
+)
+from flamingo_jax.core.config import RunConfig
 from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.mixture import Mixture
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.errors import UserError
 from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -34,7 +40,7 @@ from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training gave up (e.g. too many non-finite steps); progress was saved first."""
 
 
@@ -73,11 +79,11 @@ class _PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def prepare_synthetic_data(config) -> None:
+def prepare_synthetic_data(run: RunConfig) -> None:
     """Generates the project's synthetic corpus if the config uses it and it is absent
     (process 0 writes it; on several hosts the others wait for it)."""
-    synthetic = config.get("synthetic")
-    if not synthetic or not synthetic.get("out_dir"):
+    synthetic = run.synthetic
+    if not synthetic.out_dir:
         return
     manifest = os.path.join(synthetic.out_dir, "manifest.json")
     if jax.process_index() == 0 and not os.path.exists(manifest):
@@ -86,7 +92,7 @@ def prepare_synthetic_data(config) -> None:
         logging.info("generating the synthetic corpus in %s ...", synthetic.out_dir)
         started = time.time()
         synthetic_data.generate(synthetic.out_dir, num_examples=synthetic.num_examples,
-                                image_size=synthetic.image_size, vocab_size=config.model.decoder.vocab_size,
+                                image_size=synthetic.image_size, vocab_size=run.model.decoder.vocab_size,
                                 seed=synthetic.seed)
         logging.info("synthetic corpus ready in %.1f s", time.time() - started)
     if jax.process_count() > 1:  # every process waits until process 0's corpus is complete
@@ -109,17 +115,15 @@ class Trainer:
     def __init__(self, config, workdir: str, *, devices=None):
         self.config = config
         self.workdir = absolute(workdir)
-        train = config.train
         # ---- checks that need no compile
-        self.model_config = FlamingoConfig.from_dict(config.model)
-        self.mesh = sharding.make_mesh(config.mesh, devices)
-        self.rules = sharding.rules_from_config(config.get("mesh_rules"))
-        self.backbone_paths = backbones.check_paths(config.get("backbones"))
-        if train.accumulation not in ("all", "round_robin"):
-            raise ValueError(f"config field `train.accumulation`: {train.accumulation!r} is unknown; use 'all' "
-                             "(gradients of every dataset in each update, the paper) or 'round_robin'.")
-        prepare_synthetic_data(config)
-        self.mixture = Mixture.from_config(config.data, seed=config.seed)
+        self.run_config = run = RunConfig.from_config(config)
+        train = run.train
+        self.model_config = run.model
+        self.mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), devices)
+        self.rules = sharding.rules_from_config(run.mesh_rules)
+        self.backbone_paths = backbones.check_paths(dataclasses.asdict(run.backbones))
+        prepare_synthetic_data(run)
+        self.mixture = Mixture.from_config(run.data, seed=run.seed)
         self.datasets = tuple(sorted(self.mixture.pipelines))
         self.batch_sizes = {name: spec.batch_size * jax.process_count() for name, spec in self.mixture.specs.items()}
         sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
@@ -133,23 +137,23 @@ class Trainer:
         self.param_shardings, self.frozen_shardings = sharding.weight_shardings(self.parts, self.mesh, self.rules)
         self.abstract_frozen = abstract_frozen
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        self.abstract_state = jax.eval_shape(lambda p: new_train_state(p, self.optimizer, config.seed),
+        self.abstract_state = jax.eval_shape(lambda p: new_train_state(p, self.optimizer, run.seed),
                                              abstract_params)
         self.state_shardings = sharding.state_shardings(self.abstract_state, self.param_shardings, self.optimizer,
-                                                        self.mesh, config.get("optimizer_sharding", "params"))
-        init_state = jax.jit(lambda p: new_train_state(p, self.optimizer, config.seed),
+                                                        self.mesh, run.optimizer_sharding)
+        init_state = jax.jit(lambda p: new_train_state(p, self.optimizer, run.seed),
                              in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)
         self._init_state = init_state.lower(abstract_with_shardings(abstract_params, self.param_shardings)).compile()
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                         every_steps=config.checkpoint.every_steps,
-                                         async_save=config.checkpoint.async_save)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=run.checkpoint.keep,
+                                         every_steps=run.checkpoint.every_steps,
+                                         async_save=run.checkpoint.async_save)
 
     def _check_vocab(self) -> None:
         tokenizer = self.mixture.tokenizer
         if tokenizer is not None and tokenizer.vocab_size != self.model_config.decoder.vocab_size:
             raise ValueError(
                 f"config field `model.decoder.vocab_size` = {self.model_config.decoder.vocab_size} but the "
-                f"tokenizer {self.config.data.tokenizer!r} has {tokenizer.vocab_size} pieces; they must match "
+                f"tokenizer {self.run_config.data.get('tokenizer')!r} has {tokenizer.vocab_size} pieces; they must match "
                 "(<EOC> is the id right after the frozen vocabulary).")
 
     # ------------------------------------------------------------------ state
@@ -169,7 +173,7 @@ class Trainer:
         frozen_shardings = {k: v for k, v in self.frozen_shardings.items() if k not in loaded}
         init = jax.jit(random_weights, static_argnums=0,
                        out_shardings=(None if resuming else self.param_shardings, frozen_shardings))
-        params, frozen = init(self.config.seed)
+        params, frozen = init(self.run_config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
         if not resuming:
             return self._init_state(params), frozen, {}
@@ -195,9 +199,10 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _compile_steps(self) -> dict[tuple[str, ...], Callable]:
         """One jitted step over all datasets, or one per dataset under round-robin."""
-        groups = [self.datasets] if self.config.train.accumulation == "all" else [(n,) for n in self.datasets]
+        train = self.run_config.train
+        groups = [self.datasets] if train.accumulation == "all" else [(n,) for n in self.datasets]
         return {group: jit_train_step(self.parts, self.optimizer, self.mixture.weights, group,
-                                      self.config.train.microbatches, self.state_shardings, self.frozen_shardings,
+                                      train.microbatches, self.state_shardings, self.frozen_shardings,
                                       self.batch_sharding)
                 for group in groups}
 
@@ -208,7 +213,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self, after_step: Callable[[int], None] | None = None) -> RunResult:
         """Trains to `train.steps`. `after_step(step)` is called after each step (tests use it)."""
-        train = self.config.train
+        train = self.run_config.train
         clock = time.time()
         state, frozen, meta = self.initial_state()
         start_step = int(state.step)

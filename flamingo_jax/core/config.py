@@ -1,0 +1,173 @@
+"""The typed run configuration: every section of a config file, validated at load time.
+
+Config files (`configs/*.py`) are ml_collections ConfigDicts built from
+`flamingo_jax.config_defaults.base()`, whose defaults are these dataclasses'.
+`RunConfig.from_config(config)` turns one into frozen dataclasses and rejects an
+unknown field (with the closest valid name), a value of the wrong type or one
+out of range, naming the field and the fix, before anything is built or
+compiled. The model section is `models.config.FlamingoConfig`; the data section
+is checked by `data.mixture.DatasetSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from flamingo_jax.data.mixture import DatasetSpec
+from flamingo_jax.models.config import ConfigError, FlamingoConfig, build_config
+
+SCHEDULES = ("constant", "cosine")
+ACCUMULATIONS = ("all", "round_robin")
+OPTIMIZER_SHARDINGS = ("params", "zero1")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field `{field}`: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe; the defaults are the paper's (appendix B.1.2)."""
+
+    steps: int = 500_000
+    learning_rate: float = 1e-4  # peak, after the linear warm-up
+    warmup_steps: int = 5_000
+    schedule: str = "constant"  # after warm-up: 'constant' (the paper) or 'cosine' (to 0 at `steps`)
+    weight_decay: float = 0.1
+    # Trainable weights without weight decay, by their top-level name (the paper: the Resampler).
+    weight_decay_exempt: tuple[str, ...] = ("resampler",)
+    grad_clip_norm: float = 1.0  # global norm
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    microbatches: int = 1  # each dataset's batch is split into this many sequential micro-batches
+    accumulation: str = "all"  # 'all': every update sums all datasets' gradients; 'round_robin': the ablation
+    max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates before the run saves and stops
+    log_every: int = 10
+    tensorboard: bool = True
+
+    def validate(self, path: str = "train") -> "TrainConfig":
+        _require(self.steps >= 1, f"{path}.steps", f"{self.steps} must be >= 1 (the step to train up to).")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, f"{path}.learning_rate",
+                 f"{self.learning_rate} must be a finite number > 0 (the paper's is 1e-4).")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"{self.warmup_steps} must be >= 0.")
+        _require(self.schedule in SCHEDULES, f"{path}.schedule", f"{self.schedule!r} is unknown; use one of {SCHEDULES}.")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay",
+                 f"{self.weight_decay} must be >= 0.")
+        _require(math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0, f"{path}.grad_clip_norm",
+                 f"{self.grad_clip_norm} must be > 0 (the paper clips at 1.0).")
+        for name in ("adam_b1", "adam_b2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"{path}.{name}", f"{value} must be in [0, 1).")
+        _require(self.adam_eps > 0, f"{path}.adam_eps", f"{self.adam_eps} must be > 0.")
+        _require(self.microbatches >= 1, f"{path}.microbatches", f"{self.microbatches} must be >= 1.")
+        _require(self.accumulation in ACCUMULATIONS, f"{path}.accumulation",
+                 f"{self.accumulation!r} is unknown; use 'all' (gradients of every dataset in each update, the "
+                 "paper) or 'round_robin'.")
+        _require(self.max_nonfinite_steps >= 1, f"{path}.max_nonfinite_steps",
+                 f"{self.max_nonfinite_steps} must be >= 1.")
+        _require(self.log_every >= 1, f"{path}.log_every", f"{self.log_every} must be >= 1.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3  # the newest `keep` checkpoints are kept
+    async_save: bool = True
+
+    def validate(self, path: str = "checkpoint") -> "CheckpointConfig":
+        _require(self.every_steps >= 1, f"{path}.every_steps", f"{self.every_steps} must be >= 1.")
+        _require(self.keep >= 1, f"{path}.keep", f"{self.keep} must be >= 1.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; -1 (at most one axis) takes the rest of the devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self, path: str = "mesh") -> "MeshConfig":
+        sizes = dataclasses.asdict(self)
+        for name, size in sizes.items():
+            _require(size == -1 or size >= 1, f"{path}.{name}", f"{size} must be -1 (the rest) or >= 1.")
+        _require(list(sizes.values()).count(-1) <= 1, path, f"{sizes}: at most one axis may be -1.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class BackbonesConfig:
+    """Orbax checkpoints of the pretrained frozen weights ('' = random init, tests only)."""
+
+    vision: str = ""
+    decoder: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """When `out_dir` is set, the project's synthetic corpus is generated there if absent."""
+
+    out_dir: str = ""
+    num_examples: int = 2000
+    image_size: int = 64
+    seed: int = 0
+
+    def validate(self, path: str = "synthetic") -> "SyntheticConfig":
+        _require(self.num_examples >= 1, f"{path}.num_examples", f"{self.num_examples} must be >= 1.")
+        _require(self.image_size >= 8, f"{path}.image_size", f"{self.image_size} must be >= 8.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "flamingo"
+    seed: int = 0
+    model: FlamingoConfig = FlamingoConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    # Overrides of the logical-axis rules (models/partitioning.py's DEFAULT_RULES).
+    mesh_rules: dict = dataclasses.field(default_factory=dict)
+    # Optimizer state: 'params' (laid out as the trainable weights) or 'zero1' (ZeRO stage 1:
+    # also split over the 'data' axis, across which the weights are replicated).
+    optimizer_sharding: str = "params"
+    backbones: BackbonesConfig = BackbonesConfig()
+    # Input mixture: tokenizer, image fields and one entry per dataset (data/mixture.py).
+    data: dict = dataclasses.field(default_factory=lambda: dict(tokenizer="", image_size=320, datasets=[]))
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RunConfig":
+        """Validates a whole config (ConfigDict or dict); the first problem raises `ConfigError`."""
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        run = build_config(cls, values, "")
+        run.model.validate()
+        run.train.validate()
+        run.checkpoint.validate()
+        run.mesh.validate()
+        run.synthetic.validate()
+        _require(run.optimizer_sharding in OPTIMIZER_SHARDINGS, "optimizer_sharding",
+                 f"{run.optimizer_sharding!r} is unknown; use one of {OPTIMIZER_SHARDINGS} ('zero1' splits "
+                 "optimizer state over the 'data' axis).")
+        for rule_name, rule in run.mesh_rules.items():
+            axes = rule if isinstance(rule, (list, tuple)) else [rule]
+            _require(all(a in (None, "data", "fsdp", "tensor") for a in axes), f"mesh_rules.{rule_name}",
+                     f"{rule!r}: a rule names mesh axes ('data', 'fsdp', 'tensor'), a tuple of them, or None.")
+        datasets = run.data.get("datasets") or []
+        try:
+            for position, dataset in enumerate(datasets):
+                DatasetSpec.from_dict(dataset, position)
+        except ValueError as error:
+            raise ConfigError(f"config field `data`: {error}") from None
+        return run
+
+
+def defaults() -> dict[str, Any]:
+    """`RunConfig()` as nested dicts: what `config_defaults.base()` starts from."""
+    return dataclasses.asdict(RunConfig())

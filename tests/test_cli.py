@@ -1,0 +1,68 @@
+"""Every command-line entry point answers `--help` with its usage, and a mistake with one line.
+
+Each case is a fresh `python -m` process (absl parses a process's flags once); none
+of them reaches a model, so each takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+# (module, extra arguments, a phrase of its usage text)
+CLIS = [
+    ("flamingo_jax.train", [], "python -m flamingo_jax.train --config="),
+    ("flamingo_jax.evaluate", [], "python -m flamingo_jax.evaluate --workdir="),
+    ("flamingo_jax.generate", [], "python -m flamingo_jax.generate --workdir="),
+    ("flamingo_jax.params", [], "python -m flamingo_jax.params --config="),
+    ("flamingo_jax.aot", [], "python -m flamingo_jax.aot --config="),
+    ("flamingo_jax.data.prepare", [], "python -m flamingo_jax.data.prepare interleaved"),
+    ("flamingo_jax.data.prepare", ["interleaved"], "python -m flamingo_jax.data.prepare interleaved"),
+    ("flamingo_jax.data.prepare", ["image_text"], "python -m flamingo_jax.data.prepare image_text"),
+    ("flamingo_jax.data.prepare", ["video_text"], "python -m flamingo_jax.data.prepare video_text"),
+    ("flamingo_jax.data.synthetic", [], "python -m flamingo_jax.data.synthetic"),
+    ("flamingo_jax.data.tokenizer", [], "python -m flamingo_jax.data.tokenizer train"),
+]
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
+def test_help_prints_the_usage(module, extra, usage):
+    result = run_cli(module, *extra, "--help")
+    assert usage in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.returncode in (0, 1)  # absl exits 1 after --help
+
+
+@pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
+def test_an_unknown_flag_is_one_line_and_the_usage(module, extra, usage):
+    result = run_cli(module, *extra, "--no_such_flag=1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    first, *rest = result.stderr.strip().splitlines()
+    assert first.startswith("error: ") and "no_such_flag" in first
+    assert usage in "\n".join(rest)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/tiny.py", "--config.train.learnig_rate=1"], 'Did you mean "learning_rate"'),
+    (["--config=configs/tiny.py", "--config.train.steps=-5"], "`train.steps`: -5 must be >= 1"),
+    (["--config=configs/no_such_config.py"], "No such file or directory: 'configs/no_such_config.py'"),
+])
+def test_a_config_mistake_is_one_line_before_anything_runs(args, message, tmp_path):
+    result = run_cli("flamingo_jax.train", *args, f"--workdir={tmp_path / 'run'}")
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "run").exists()  # nothing written
