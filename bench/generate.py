@@ -53,12 +53,12 @@ def run_ours(args) -> dict:
     import numpy as np
     from flax import nnx
 
+    from flamingo_jax.core.parts import ModelParts
     from flamingo_jax.inference import decoding
     from flamingo_jax.models.config import FlamingoConfig
-    from flamingo_jax.core.parts import ModelParts
 
     cfg = FlamingoConfig.from_dict(load_config("ref_cpu").model)
-    parts = ModelParts(cfg)
+    parts = ModelParts.flamingo(cfg)
     params, frozen = jax.jit(parts.init, static_argnums=0)(args.seed)
     model = parts.merge(params, frozen)
     model.xattn.attention_gate.set_value(jnp.full_like(model.xattn.attention_gate.get_value(), args.gate))

@@ -64,27 +64,28 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def run_ours(args) -> dict:
+    import flax
     import jax
     import numpy as np
-
-    import flax
     import optax
 
-    from flamingo_jax.models.config import FlamingoConfig
-    from flamingo_jax.training.optimizer import make_optimizer
     from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.models.config import FlamingoConfig
+    from flamingo_jax.training.objectives import FlamingoObjective
+    from flamingo_jax.training.optimizer import make_optimizer
     from flamingo_jax.training.state import new_train_state
     from flamingo_jax.training.step import make_train_step
 
     config = load_config("ref_cpu")
     config.train.update(warmup_steps=0, learning_rate=1e-4)
     cfg = FlamingoConfig.from_dict(config.model)
-    parts = ModelParts(cfg)
+    parts = ModelParts.flamingo(cfg)
     params, frozen = jax.jit(parts.init, static_argnums=0)(args.seed)
     optimizer = make_optimizer(config.train)
     state = new_train_state(params, optimizer, args.seed)
     batch = jax.device_put(synthetic_batch(cfg, args.batch, args.seq, args.images, args.seed))
-    step = jax.jit(make_train_step(parts, optimizer, {"bench": 1.0}, ("bench",)), donate_argnums=(0,))
+    objective = FlamingoObjective.for_model(parts.cfg)
+    step = jax.jit(make_train_step(objective, parts, optimizer, {"bench": 1.0}, ("bench",)), donate_argnums=(0,))
     started = time.perf_counter()
     compiled = step.lower(state, frozen, {"bench": batch}).compile()
     compile_s = time.perf_counter() - started

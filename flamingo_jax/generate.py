@@ -36,8 +36,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
     del argv
     from flamingo_jax import runtime
-    from flamingo_jax.inference.items import END_OF_CHUNK
     from flamingo_jax.inference.engine import DecodeOptions, Engine
+    from flamingo_jax.inference.items import END_OF_CHUNK
     from flamingo_jax.inference.prompting import PromptError, parse_prompt
 
     runtime.quiet_library_logs()

@@ -9,7 +9,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from flamingo_jax import cli
-
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.summary import param_counts
 

@@ -6,8 +6,8 @@ import importlib.util
 import pathlib
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from flamingo_jax.models.config import FlamingoConfig

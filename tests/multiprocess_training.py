@@ -71,9 +71,9 @@ def worker(process_id: int, port: int, corpus_dir: str, workdir: str) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)
     jax.distributed.initialize(f"localhost:{port}", num_processes=NUM_PROCESSES, process_id=process_id,
                                initialization_timeout=120)
-    from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.core import sharding
     from flamingo_jax.core.checkpoint import abstract_with_shardings, this_process_state
+    from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.training.trainer import Trainer
 
     assert (jax.process_index(), jax.process_count()) == (process_id, NUM_PROCESSES)
@@ -142,8 +142,8 @@ class _Concatenated:
 
 
 def reference(corpus_dir: str, workdir: str, two_process_workdir: str) -> dict:
-    from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.core.checkpoint import Checkpointer, abstract_with_shardings
+    from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.training.trainer import Trainer
 
     assert (jax.process_count(), jax.device_count()) == (1, 8), jax.devices()

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from flamingo_jax.evaluation import readers as R
-from flamingo_jax.evaluation import rices
+from flamingo_jax.evaluation import rices, templates
 from flamingo_jax.evaluation import support as selection
-from flamingo_jax.evaluation import templates
 from flamingo_jax.inference import items as prompt_items
 
 EOC = prompt_items.END_OF_CHUNK

@@ -7,15 +7,15 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import load_config, train_config
 
 from flamingo_jax.core import flops
-from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.training.objectives import FlamingoObjective
+from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
-
-from helpers import load_config, train_config
 
 
 def hand_config(remat_policy="none") -> FlamingoConfig:
@@ -75,11 +75,12 @@ def test_nfnet_matches_the_published_flops():
 
 
 def abstract_step(model_config, batches, num_microbatches):
-    parts = ModelParts(model_config)
+    parts = ModelParts.flamingo(model_config)
     optimizer = make_optimizer(load_config("tiny").train)
     params, frozen = parts.abstract()
     state = jax.eval_shape(lambda p: new_train_state(p, optimizer, 0), params)
-    step = make_train_step(parts, optimizer, {name: 1.0 for name in batches}, tuple(batches), num_microbatches)
+    step = make_train_step(FlamingoObjective.for_model(parts.cfg), parts, optimizer, {name: 1.0 for name in batches},
+                           tuple(batches), num_microbatches)
 
     def fields(b, length, media, frames, size):
         sds = jax.ShapeDtypeStruct

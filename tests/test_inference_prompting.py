@@ -7,8 +7,8 @@ import pytest
 
 from flamingo_jax.data.images import ImageConfig, encode_image
 from flamingo_jax.data.tokenizer import Tokenizer
-from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.inference import prompting
+from flamingo_jax.inference.items import END_OF_CHUNK, Media
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import train_config
 
-from flamingo_jax.data.mixture import Mixture
-from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.core import backbones
 from flamingo_jax.core.backbones import BackboneError
-from flamingo_jax.training.loss import nll_sum
-from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
-from flamingo_jax.core.sharding import ShardingError
 from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.core.sharding import ShardingError
+from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.training.loss import nll_sum
+from flamingo_jax.training.objectives import FlamingoObjective
+from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import train_config
-
 
 def fixed_batches(config, num_batches=2):
     """The model parts, its initial weights and a few fixed batches for `config`."""
-    parts = ModelParts(FlamingoConfig.from_dict(config.model))
+    parts = ModelParts.flamingo(FlamingoConfig.from_dict(config.model))
     params, frozen = jax.jit(parts.init, static_argnums=0)(0)
     mixture = Mixture.from_config(config.data, seed=0)
     batches = [next(mixture) for _ in range(num_batches)]
@@ -49,7 +49,8 @@ def tiny_setup(synthetic_corpus):
 
 def run_steps(config, parts, params, frozen, batches, num_steps, datasets, weights, microbatches=1):
     optimizer = make_optimizer(config.train)
-    step = jax.jit(make_train_step(parts, optimizer, weights, datasets, microbatches))
+    objective = FlamingoObjective.for_model(parts.cfg)
+    step = jax.jit(make_train_step(objective, parts, optimizer, weights, datasets, microbatches))
     state = new_train_state(params, optimizer, 0)
     losses = []
     for i in range(num_steps):
@@ -181,7 +182,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_corpus, tmp_p
 def test_backbones_restore_from_checkpoints(synthetic_corpus, tmp_path):
     """Frozen weights come from the named checkpoints, not from the random init."""
     config = train_config(synthetic_corpus, steps=1)
-    parts = ModelParts(FlamingoConfig.from_dict(config.model))
+    parts = ModelParts.flamingo(FlamingoConfig.from_dict(config.model))
     _, frozen = jax.jit(parts.init, static_argnums=0)(7)  # another seed: differs from the run's init
     backbones.save(str(tmp_path / "vision"), frozen["vision_encoder"])
     backbones.save(str(tmp_path / "decoder"), frozen["decoder"])

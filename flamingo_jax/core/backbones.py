@@ -51,9 +51,10 @@ def check_paths(configured: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def save(path: str, weights: Any) -> None:
-    """Writes one component's frozen weights (a pure dict) as an orbax checkpoint."""
+    """Writes one component's frozen weights (a pure dict) as an orbax checkpoint, replacing
+    one already there (orbax writes to a temporary directory and renames it when complete)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), weights)
+        checkpointer.save(os.path.abspath(path), weights, force=True)
         checkpointer.wait_until_finished()
 
 

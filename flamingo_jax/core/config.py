@@ -16,9 +16,10 @@ import math
 from typing import Any
 
 from flamingo_jax.data.mixture import DatasetSpec
-from flamingo_jax.models.config import ConfigError, FlamingoConfig, build_config
+from flamingo_jax.models.config import ConfigError, FlamingoConfig, TextEncoderConfig, build_config
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
+OBJECTIVES = ("flamingo", "contrastive", "lm")
 ACCUMULATIONS = ("all", "round_robin")
 OPTIMIZER_SHARDINGS = ("params", "zero1")
 
@@ -35,7 +36,9 @@ class TrainConfig:
     steps: int = 500_000
     learning_rate: float = 1e-4  # peak, after the linear warm-up
     warmup_steps: int = 5_000
-    schedule: str = "constant"  # after warm-up: 'constant' (the paper) or 'cosine' (to 0 at `steps`)
+    # After warm-up: 'constant' (the paper's Flamingo), 'linear' (to 0 at `steps`: the paper's contrastive
+    # pretraining) or 'cosine' (to 0 at `steps`).
+    schedule: str = "constant"
     weight_decay: float = 0.1
     # Trainable weights without weight decay, by their top-level name (the paper: the Resampler).
     weight_decay_exempt: tuple[str, ...] = ("resampler",)
@@ -125,9 +128,32 @@ class SyntheticConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    """The vision encoder's contrastive pretraining (appendix B.1.3); used when objective='contrastive'.
+    The vision encoder is `model.vision`'s, so its weights load into a Flamingo with that config."""
+
+    text: TextEncoderConfig = TextEncoderConfig()
+    label_smoothing: float = 0.1
+    initial_inverse_temperature: float = 10.0  # learnable (its log is a weight)
+    vision_agc: float = 0.01  # adaptive gradient clipping (unit-wise, relative to the weights) on the vision encoder
+    text_clip_norm: float = 10.0  # global-norm clipping of the text side's gradients
+
+    def validate(self, path: str = "contrastive") -> "ContrastiveConfig":
+        self.text.validate(f"{path}.text")
+        _require(0 <= self.label_smoothing < 1, f"{path}.label_smoothing", f"{self.label_smoothing} must be in [0, 1).")
+        _require(self.initial_inverse_temperature > 0, f"{path}.initial_inverse_temperature", "must be > 0.")
+        _require(self.vision_agc > 0, f"{path}.vision_agc", f"{self.vision_agc} must be > 0.")
+        _require(self.text_clip_norm > 0, f"{path}.text_clip_norm", f"{self.text_clip_norm} must be > 0.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "flamingo"
     seed: int = 0
+    # What the run trains: 'flamingo', or one of its backbones: 'contrastive' (the vision
+    # encoder, appendix B.1.3) or 'lm' (the decoder, on text).
+    objective: str = "flamingo"
     model: FlamingoConfig = FlamingoConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -141,14 +167,21 @@ class RunConfig:
     # Input mixture: tokenizer, image fields and one entry per dataset (data/mixture.py).
     data: dict = dataclasses.field(default_factory=lambda: dict(tokenizer="", image_size=320, datasets=[]))
     synthetic: SyntheticConfig = SyntheticConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
 
     @classmethod
     def from_config(cls, config: Any) -> "RunConfig":
         """Validates a whole config (ConfigDict or dict); the first problem raises `ConfigError`."""
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         run = build_config(cls, values, "")
+        _require(run.objective in OBJECTIVES, "objective", f"{run.objective!r} is unknown; use one of {OBJECTIVES}.")
         run.model.validate()
         run.train.validate()
+        if run.objective == "contrastive":
+            run.contrastive.validate()
+        if run.objective != "flamingo" and (run.backbones.vision or run.backbones.decoder):
+            raise ConfigError(f"config field `backbones`: objective {run.objective!r} pretrains a backbone from "
+                              "scratch and reads none; set backbones.vision and backbones.decoder to ''.")
         run.checkpoint.validate()
         run.mesh.validate()
         run.synthetic.validate()

@@ -39,7 +39,6 @@ from typing import Any, Mapping
 
 from flamingo_jax.models.config import FlamingoConfig
 
-
 # ------------------------------------------------------------------ chips
 
 

@@ -1,15 +1,17 @@
-"""The model's split into structure, trainable and frozen weights, as pure dicts.
+"""A model held as three things: its structure, the weights that train, the weights that don't.
 
-Training, inference and pod tooling all hold a Flamingo as three things: its
-graph (no arrays), the trainable weights (fp32 by the paper's policy) and the
-frozen backbone weights (bf16). The weights are plain nested dicts of arrays
-("pure dicts") so optax and orbax see ordinary pytrees; `ModelParts.merge`
-turns them back into a `Flamingo` module inside jitted functions.
+Training, inference and pod tooling all hold a model as its graph (no arrays),
+the trainable weights (fp32 by the paper's policy) and the frozen ones (bf16),
+both plain nested dicts of arrays ("pure dicts") so optax and orbax see
+ordinary pytrees; `ModelParts.merge` turns them back into the module inside
+jitted functions. Which weights train is a variable-type filter: Flamingo
+trains its `nnx.Param`s and keeps its `layers.Frozen` backbones fixed; the
+backbones' own pretraining objectives train everything.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -18,17 +20,32 @@ from flamingo_jax.models import layers
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
 
+ALL_WEIGHTS = (nnx.Param, layers.Frozen)  # a `trainable` filter that trains every weight
+
 
 class ModelParts:
-    """The model's structure (no arrays): merges pure dicts into a Flamingo and
-    knows every weight's logical axes."""
+    """The model's structure (no arrays): merges pure dicts into the module and knows every
+    weight's logical axes. `build(rngs)` makes the module; `trainable` filters its variables."""
 
-    def __init__(self, cfg: FlamingoConfig):
-        self.cfg = cfg
-        abstract = nnx.eval_shape(lambda: Flamingo(cfg, rngs=nnx.Rngs(0)))
-        self.graphdef, self._trainable, self._frozen = layers.split_trainable(abstract)
+    def __init__(self, build: Callable[[nnx.Rngs], nnx.Module], *, trainable: Any = nnx.Param):
+        self.build = build
+        self.trainable = trainable
+        self.graphdef, self._trainable, self._frozen = self._split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
 
-    def merge(self, params: Any, frozen: Any) -> Flamingo:
+    @classmethod
+    def flamingo(cls, cfg: FlamingoConfig, *, trainable: Any = nnx.Param) -> "ModelParts":
+        parts = cls(lambda rngs: Flamingo(cfg, rngs=rngs), trainable=trainable)
+        parts.cfg = cfg
+        return parts
+
+    def _split(self, model: nnx.Module):
+        graphdef, trainable, frozen, rest = nnx.split(model, self.trainable, layers.Frozen, ...)
+        if jax.tree_util.tree_leaves(rest):
+            raise ValueError(f"model holds variables that are neither trainable nor Frozen: {rest}. "
+                             "Declare every weight as nnx.Param or layers.Frozen.")
+        return graphdef, trainable, frozen
+
+    def merge(self, params: Any, frozen: Any) -> nnx.Module:
         trainable_state = jax.tree.map(lambda x: x, self._trainable)  # a fresh copy to fill
         frozen_state = jax.tree.map(lambda x: x, self._frozen)
         nnx.replace_by_pure_dict(trainable_state, params)
@@ -51,6 +68,5 @@ class ModelParts:
         compiled program instead of one per weight shape. The RBG generator
         compiles several times faster than threefry on XLA:CPU; statistical
         quality is irrelevant for an initialisation."""
-        model = Flamingo(self.cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
-        _, trainable, frozen = layers.split_trainable(model)
+        _, trainable, frozen = self._split(self.build(nnx.Rngs(jax.random.key(seed, impl="rbg"))))
         return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)

@@ -25,8 +25,8 @@ import numpy as np
 from flamingo_jax.errors import UserError
 from flamingo_jax.evaluation import support as support_lib
 from flamingo_jax.evaluation.rices import RicesIndex
-from flamingo_jax.evaluation.templates import build_prompt
 from flamingo_jax.evaluation.tasks import Task
+from flamingo_jax.evaluation.templates import build_prompt
 from flamingo_jax.inference import prompting
 from flamingo_jax.inference.engine import DecodeOptions, Engine
 

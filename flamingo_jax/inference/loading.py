@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
 import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
+from flamingo_jax.core import backbones, sharding
+from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
+from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.mixture import image_config_from
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
-from flamingo_jax.core import backbones, sharding
-from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
-from flamingo_jax.core.parts import ModelParts
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -57,7 +58,7 @@ def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str |
         meta = checkpointer.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
         model_config = FlamingoConfig.from_dict(config.model)
-        parts = ModelParts(model_config)
+        parts = ModelParts.flamingo(model_config)
         mesh = sharding.make_mesh(config.mesh, devices)
         rules = sharding.rules_from_config(config.get("mesh_rules"))
         abstract_params, abstract_frozen = parts.abstract()

@@ -217,6 +217,26 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """The BERT-style text tower of the vision encoder's contrastive pretraining (appendix B.1.3):
+    mean-pooled over the text and projected to `embed_dim` (the paper's 1376) [size unconfirmed:
+    BERT-base's by default]."""
+
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    max_len: int = 64
+    embed_dim: int = 1376
+
+    def validate(self, path: str = "contrastive.text") -> "TextEncoderConfig":
+        for name in ("dim", "num_layers", "num_heads", "head_dim", "mlp_ratio", "max_len", "embed_dim"):
+            _require(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class FlamingoConfig:
     vision: VisionConfig = VisionConfig()
     resampler: ResamplerConfig = ResamplerConfig()

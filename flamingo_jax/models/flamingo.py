@@ -25,8 +25,7 @@ from flax import nnx
 
 from flamingo_jax.models import layers
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.models.decoder import (HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions,
-                                         uncached_slots)
+from flamingo_jax.models.decoder import HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions, uncached_slots
 from flamingo_jax.models.partitioning import constrain
 from flamingo_jax.models.resampler import PerceiverResampler
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock

@@ -46,6 +46,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "conv_out": None,
     "se_hidden": None,
     "vit_positions": None,
+    "joint_embed": None,  # the contrastive image-text embedding space
 }
 
 

@@ -29,14 +29,12 @@ import jax.numpy as jnp
 
 from flamingo_jax.core import flops, sharding
 from flamingo_jax.core.checkpoint import abstract_with_shardings
-from flamingo_jax.core.parts import ModelParts
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.core.config import RunConfig
 from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.pod.topology import GiB, parse_slice
-from flamingo_jax.training.optimizer import make_optimizer
+from flamingo_jax.training.objectives import make_objective
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.trainer import jit_train_step
-
 
 # ------------------------------------------------------------------ batches
 
@@ -101,7 +99,8 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
     paper's) for `topology`; returns the report (JSON-able), with `fits` False where it does not."""
     target = parse_slice(topology)
     devices = target.devices()
-    model_config = FlamingoConfig.from_dict(config.model)
+    run = RunConfig.from_config(config)
+    model_config = run.model
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.get("mesh_rules"))
     microbatches = config.train.microbatches
@@ -113,8 +112,9 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
                                      "--batch_multiplier scales every batch, --config.train.microbatches "
                                      "and --config.mesh.* change the split)") from error
 
-    parts = ModelParts(model_config)
-    optimizer = make_optimizer(config.train)
+    objective = make_objective(run)
+    parts = objective.parts()
+    optimizer = objective.optimizer()
     abstract_params, abstract_frozen = parts.abstract()
     param_shardings, frozen_shardings = sharding.weight_shardings(parts, mesh, rules)
     abstract_state = jax.eval_shape(lambda p: new_train_state(p, optimizer, config.seed), abstract_params)
@@ -122,7 +122,7 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
     state_shardings = sharding.state_shardings(abstract_state, param_shardings, optimizer, mesh, optimizer_sharding)
     batch_sharding = sharding.batch_sharding(mesh)
     group = tuple(sorted(shapes))
-    step = jit_train_step(parts, optimizer, weights, group, microbatches, state_shardings, frozen_shardings,
+    step = jit_train_step(objective, parts, optimizer, weights, group, microbatches, state_shardings, frozen_shardings,
                           batch_sharding)
     batches = {name: abstract_batch(shapes[name], batch_sharding) for name in group}
 

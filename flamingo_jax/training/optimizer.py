@@ -16,15 +16,19 @@ import optax
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate`, then constant, linear to 0 or cosine to 0 at `steps`."""
     peak = train_config.learning_rate
     warmup = train_config.warmup_steps
+    decay_steps = max(train_config.steps - warmup, 1)
     if train_config.schedule == "constant":
         after = optax.constant_schedule(peak)
+    elif train_config.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
     elif train_config.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, max(train_config.steps - warmup, 1))
+        after = optax.cosine_decay_schedule(peak, decay_steps)
     else:
         raise ValueError(f"config field `train.schedule`: {train_config.schedule!r} is unknown; "
-                         "use 'constant' (the paper) or 'cosine'.")
+                         "use 'constant' (the paper), 'linear' or 'cosine'.")
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -37,15 +41,14 @@ def weight_decay_mask(params: Any, exempt_roots: Sequence[str] = ("resampler",))
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None) not in exempt, params)
 
 
+def adamw(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with the config's moments, epsilon and weight decay (off under `weight_decay_exempt`)."""
+    return optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps,
+                       weight_decay=train_config.weight_decay,
+                       mask=functools.partial(weight_decay_mask, exempt_roots=train_config.weight_decay_exempt))
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train_config.grad_clip_norm),
-        optax.adamw(
-            learning_rate_schedule(train_config),
-            b1=train_config.adam_b1,
-            b2=train_config.adam_b2,
-            eps=train_config.adam_eps,
-            weight_decay=train_config.weight_decay,
-            mask=functools.partial(weight_decay_mask, exempt_roots=train_config.weight_decay_exempt),
-        ),
-    )
+    """The paper's Flamingo optimizer: global-norm clipping, then AdamW."""
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm),
+                       adamw(train_config, learning_rate_schedule(train_config)))

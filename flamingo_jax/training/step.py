@@ -1,5 +1,5 @@
 """The jitted train step: gradients accumulated over every dataset (weighted by
-λ) and over micro-batches, one AdamW update, non-finite updates skipped."""
+λ) and over micro-batches, one optimizer update, non-finite updates skipped."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flamingo_jax.training.loss import nll_sum
 from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.training.objectives import Objective
 from flamingo_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -21,26 +21,33 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]), batch)
 
 
-def dataset_loss_and_grads(parts: ModelParts, params: Any, frozen: Any, batch: Batch,
-                           num_microbatches: int) -> tuple[jax.Array, Any]:
-    """Mean NLL over the dataset's text tokens and its gradient, accumulated over micro-batches."""
-    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+def dataset_loss_and_grads(objective: Objective, parts: ModelParts, params: Any, frozen: Any, batch: Batch,
+                           num_microbatches: int) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """A dataset's mean loss, its gradient and its metrics, accumulated over micro-batches.
+
+    Each micro-batch contributes its loss *sum* and what it sums over; both are added up and
+    divided once at the end, so the result is exactly the full batch's mean and gradient."""
 
     def microbatch_loss(p, mb):
-        logits = parts.merge(p, frozen)(mb["tokens"], mb["media"], mb["media_index"])
-        return nll_sum(logits, mb["targets"], mb["loss_mask"]) / num_tokens
+        terms = objective.batch_loss(parts.merge(p, frozen), mb)
+        return terms.total, (terms.count, terms.metrics)
 
     def accumulate(carry, mb):
-        loss, grads = jax.value_and_grad(microbatch_loss)(params, mb)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        (total, (count, metrics)), grads = jax.value_and_grad(microbatch_loss, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, carry, (total, count, metrics, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, num_microbatches))
-    return loss, grads
+    microbatches = split_microbatches(batch, num_microbatches)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    _, (_, metric_shapes) = jax.eval_shape(microbatch_loss, params, first)
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes), jax.tree.map(jnp.zeros_like, params))
+    (total, count, metrics, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+    count = jnp.maximum(count, 1.0)
+    return total / count, jax.tree.map(lambda g: g / count, grads), jax.tree.map(lambda m: m / count, metrics)
 
 
-def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, weights: Mapping[str, float],
-                    datasets: Sequence[str], num_microbatches: int = 1):
+def make_train_step(objective: Objective, parts: ModelParts, optimizer: optax.GradientTransformation,
+                    weights: Mapping[str, float], datasets: Sequence[str], num_microbatches: int = 1):
     """A step over `datasets` (all of them, or one under round-robin):
     minimises sum_m λ_m L_m with one update."""
     datasets = tuple(datasets)
@@ -50,10 +57,12 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         total_loss = jnp.zeros((), jnp.float32)
         total_grads = jax.tree.map(jnp.zeros_like, state.params)
         for name in datasets:
-            loss, grads = dataset_loss_and_grads(parts, state.params, frozen, batches[name], num_microbatches)
+            loss, grads, batch_metrics = dataset_loss_and_grads(objective, parts, state.params, frozen,
+                                                                batches[name], num_microbatches)
             total_loss = total_loss + weights[name] * loss
             total_grads = jax.tree.map(lambda t, g: t + weights[name] * g, total_grads, grads)
             metrics[f"loss/{name}"] = loss
+            metrics.update({f"{key}/{name}": value for key, value in batch_metrics.items()})
         grad_norm = optax.tree.norm(total_grads)
         finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(total_grads, state.opt_state, state.params)
@@ -63,14 +72,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state),
                                rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]))
-        xattn = state.params["xattn"]
-        metrics.update({
-            "loss": total_loss,
-            "grad_norm": grad_norm,
-            "finite": finite,
-            "gates/attention": jnp.tanh(xattn["attention_gate"]),
-            "gates/ffw": jnp.tanh(xattn["ffw_gate"]),
-        })
+        metrics.update(loss=total_loss, grad_norm=grad_norm, finite=finite, **objective.weight_metrics(state.params))
         return new_state, metrics
 
     return train_step

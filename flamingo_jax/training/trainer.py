@@ -35,7 +35,8 @@ from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.errors import UserError
 from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.training.metrics import MetricsWriter
-from flamingo_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from flamingo_jax.training.objectives import Objective, make_objective
+from flamingo_jax.training.optimizer import learning_rate_schedule
 from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
 
@@ -99,11 +100,11 @@ def prepare_synthetic_data(run: RunConfig) -> None:
         multihost_utils.sync_global_devices("flamingo_jax: synthetic corpus ready")
 
 
-def jit_train_step(parts: ModelParts, optimizer, weights, group: tuple[str, ...], num_microbatches: int,
-                   state_shardings, frozen_shardings, batch_sharding) -> Callable:
+def jit_train_step(objective: Objective, parts: ModelParts, optimizer, weights, group: tuple[str, ...],
+                   num_microbatches: int, state_shardings, frozen_shardings, batch_sharding) -> Callable:
     """The jitted step over the datasets in `group`, state donated (also what `flamingo_jax.aot` compiles).
     Trace it inside `activation_sharding(mesh, rules)`."""
-    fn = make_train_step(parts, optimizer, weights, group, num_microbatches)
+    fn = make_train_step(objective, parts, optimizer, weights, group, num_microbatches)
     batch_shardings = {name: batch_sharding for name in group}
     return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
@@ -121,17 +122,21 @@ class Trainer:
         self.model_config = run.model
         self.mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), devices)
         self.rules = sharding.rules_from_config(run.mesh_rules)
-        self.backbone_paths = backbones.check_paths(dataclasses.asdict(run.backbones))
+        # Flamingo reads its frozen backbones; a backbone's pretraining starts from scratch.
+        self.backbone_paths = (backbones.check_paths(dataclasses.asdict(run.backbones))
+                               if run.objective == "flamingo" else {})
         prepare_synthetic_data(run)
         self.mixture = Mixture.from_config(run.data, seed=run.seed)
         self.datasets = tuple(sorted(self.mixture.pipelines))
         self.batch_sizes = {name: spec.batch_size * jax.process_count() for name, spec in self.mixture.specs.items()}
         sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
         self._check_vocab()
+        self.objective = make_objective(run, self.mixture.tokenizer)
+        self.objective.check({name: spec.kind for name, spec in self.mixture.specs.items()})
 
         # ---- model, optimizer and shardings (abstract: nothing allocated yet)
-        self.parts = ModelParts(self.model_config)
-        self.optimizer = make_optimizer(train)
+        self.parts = self.objective.parts()
+        self.optimizer = self.objective.optimizer()
         self.schedule = learning_rate_schedule(train)
         abstract_params, abstract_frozen = self.parts.abstract()
         self.param_shardings, self.frozen_shardings = sharding.weight_shardings(self.parts, self.mesh, self.rules)
@@ -201,7 +206,7 @@ class Trainer:
         """One jitted step over all datasets, or one per dataset under round-robin."""
         train = self.run_config.train
         groups = [self.datasets] if train.accumulation == "all" else [(n,) for n in self.datasets]
-        return {group: jit_train_step(self.parts, self.optimizer, self.mixture.weights, group,
+        return {group: jit_train_step(self.objective, self.parts, self.optimizer, self.mixture.weights, group,
                                       train.microbatches, self.state_shardings, self.frozen_shardings,
                                       self.batch_sharding)
                 for group in groups}
@@ -258,7 +263,7 @@ class Trainer:
                 if pending is not None:
                     finish(*pending)
                 tokens = sum(batch["tokens"].size for batch in batches.values())
-                if chip is not None and group not in model_flops:
+                if chip is not None and group not in model_flops and self.objective.name == "flamingo":
                     shapes = {name: flops.BatchShape.of(batch) for name, batch in batches.items()}
                     model_flops[group] = flops.step_flops(self.model_config, shapes, train.microbatches).model
                 pending = (step_metrics, step, time.time() - step_started, tokens, group)
@@ -292,8 +297,21 @@ class Trainer:
         skipped = {name: counts for name, counts in skipped.items() if counts}
         if skipped:
             logging.info("records skipped so far, by dataset and reason: %s", skipped)
+        if not preempted:
+            self.exported = self.export(state, frozen)
         self.last_state = state
         return RunResult(step=step, preempted=preempted, losses=losses)
+
+    def export(self, state: TrainState, frozen: Any) -> dict[str, str]:
+        """Writes the backbones a pretraining objective produces, as the checkpoints that
+        `config.backbones` reads: `<workdir>/backbones/<component>`. Returns {component: path}."""
+        paths = {}
+        for component, weights in self.objective.export(state.params, frozen).items():
+            path = os.path.join(self.workdir, "backbones", component)
+            backbones.save(path, weights)
+            paths[component] = path
+            logging.info("exported the pretrained %s to %s (config.backbones.%s)", component, path, component)
+        return paths
 
     def close(self) -> None:
         self.checkpointer.close()
