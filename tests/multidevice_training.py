@@ -10,9 +10,10 @@ import numpy as np
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import conftest  # noqa: E402,F401  (same JAX settings and compilation cache as the tests)
-from helpers import train_config  # noqa: E402
 
 from flamingo_jax.training.trainer import Trainer  # noqa: E402
+
+from helpers import train_config  # noqa: E402
 
 
 def main(corpus_dir: str, workdir: str) -> None:

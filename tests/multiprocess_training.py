@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import conftest  # noqa: E402,F401  (same JAX settings and compilation cache as the tests)
+
 from helpers import train_config  # noqa: E402
 
 NUM_PROCESSES = 2

@@ -6,12 +6,13 @@ import types
 
 import ml_collections
 import pytest
-from helpers import load_config
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.core import flops, sharding
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.pod import aot, topology
+
+from helpers import load_config
 
 requires_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                      reason="libtpu is not installed (pip install 'flamingo_jax[tpu]')")

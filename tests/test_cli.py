@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import ROOT
 
 # (module, extra arguments, a phrase of its usage text)

@@ -3,10 +3,11 @@
 import dataclasses
 
 import pytest
-from helpers import load_config
 
 from flamingo_jax.models.config import ConfigError, FlamingoConfig
 from flamingo_jax.models.summary import param_counts
+
+from helpers import load_config
 
 # Paper Table 5 (billions).
 TABLE5 = {

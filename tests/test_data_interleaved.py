@@ -3,9 +3,10 @@ media_index in both association modes, windows with the first N images, loss mas
 
 import numpy as np
 import pytest
-from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 from flamingo_jax.data import formats, images, interleaved
+
+from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16)
 

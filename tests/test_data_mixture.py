@@ -7,10 +7,11 @@ import os
 import ml_collections
 import numpy as np
 import pytest
-from test_data_utils import check_contract
 
 from flamingo_jax.data import mixture, synthetic
 from flamingo_jax.data.tokenizer import Tokenizer
+
+from test_data_utils import check_contract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = dict(num_examples=24, num_documents=12, num_videos=4, num_eval=6, image_size=32, video_seconds=4,

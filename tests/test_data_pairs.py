@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 from flamingo_jax.data import formats, images, pairs
+
+from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
 

@@ -5,10 +5,11 @@ import logging
 
 import numpy as np
 import pytest
-from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 from flamingo_jax.data import formats, images, interleaved, pairs
 from flamingo_jax.data._tf import tf
+
+from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16)  # flips and jitter on: randomness must be reproducible too
 

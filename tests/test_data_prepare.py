@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_utils import collect, make_tokenizer, red_value, rows, solid_png
 
 from flamingo_jax.data import images, interleaved, pairs, prepare
+
+from test_data_utils import collect, make_tokenizer, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
 

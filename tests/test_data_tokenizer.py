@@ -6,9 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_utils import WORDS, make_tokenizer
 
 from flamingo_jax.data import sequence, tokenizer
+
+from test_data_utils import WORDS, make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import jit_forward, random_media, set_gates, tiny_model_config
 
 from flamingo_jax.models import layers
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock, media_attention_mask
+
+from helpers import jit_forward, random_media, set_gates, tiny_model_config
 
 B, T, M = 2, 12, 3
 

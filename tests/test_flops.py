@@ -7,7 +7,6 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import load_config, train_config
 
 from flamingo_jax.core import flops
 from flamingo_jax.core.parts import ModelParts
@@ -16,6 +15,8 @@ from flamingo_jax.training.objectives import FlamingoObjective
 from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
+
+from helpers import load_config, train_config
 
 
 def hand_config(remat_policy="none") -> FlamingoConfig:

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_media, set_gates, tiny_model_config
 
 from flamingo_jax.inference import decoding
 from flamingo_jax.models.flamingo import Flamingo
+
+from helpers import random_media, set_gates, tiny_model_config
 
 P, NEW = 10, 6  # prompt slots, new tokens
 LENGTHS = (10, 7)  # row 1 is left-padded by 3

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT, set_gates, train_config
 from test_inference_decoding import fast_config
 
 from flamingo_jax.data.images import ImageConfig
@@ -16,6 +15,8 @@ from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.inference.engine import DecodeOptions, Engine
 from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.models.flamingo import Flamingo
+
+from helpers import ROOT, set_gates, train_config
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import train_config
 
 from flamingo_jax.models.config import ConfigError
 from flamingo_jax.training.objectives import ObjectiveError
 from flamingo_jax.training.trainer import Trainer
+
+from helpers import train_config
 
 TINY_TEXT_ENCODER = dict(dim=32, num_layers=1, num_heads=2, head_dim=16, mlp_ratio=2, max_len=32, embed_dim=24)
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import train_config
 
 from flamingo_jax.core import backbones
 from flamingo_jax.core.backbones import BackboneError
@@ -24,6 +23,8 @@ from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
+
+from helpers import train_config
 
 
 def fixed_batches(config, num_batches=2):
