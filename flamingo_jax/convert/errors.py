@@ -1,0 +1,6 @@
+"""The one error a conversion raises for anything a user can cause."""
+
+
+class ConversionError(ValueError):
+    """A source that cannot be converted as asked; the message names the tensors or
+    files involved and what to do. Nothing is left at the output path."""
