@@ -81,10 +81,10 @@ def restore(path, tree):
     return backbones.restore(path, abstract(tree), jax.tree.map(lambda _: device, tree))
 
 
-@pytest.mark.parametrize("buffer_bytes, saves", [(0, 4), (1 << 20, 1)])
+@pytest.mark.parametrize("buffer_bytes, saves", [(0, 4), (60, 2), (1 << 20, 1)])
 def test_writer_round_trips_through_backbone_restore_in_bounded_groups(tmp_path, monkeypatch, buffer_bytes, saves):
-    """Weights are saved in groups of at most `buffer_bytes` (one weight when a weight is larger),
-    and the result is what core/backbones.py restores, record beside it."""
+    """A group is saved once it holds `buffer_bytes` (so 0 saves each weight alone, before the
+    next is read), and the result is what core/backbones.py restores, record beside it."""
     from orbax.checkpoint.experimental.v1 import partial
 
     calls = []

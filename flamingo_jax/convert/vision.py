@@ -100,7 +100,8 @@ def config_overrides(arch: Architecture, out: str) -> list[str]:
 
 
 def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Options(), dtype: str = "source",
-                   overwrite: bool = False, buffer_bytes: int = writer.DEFAULT_BUFFER_BYTES) -> dict[str, Any]:
+                   overwrite: bool = False, buffer_bytes: int = writer.DEFAULT_BUFFER_BYTES,
+                   compress: bool = False) -> dict[str, Any]:
     """Converts a vision encoder checkpoint to our backbone checkpoint `out`; returns the record written beside it."""
     module = family(fmt)
     if dtype not in DTYPES:
@@ -127,7 +128,7 @@ def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Opt
 
         cast = None if dtype == "source" else np.dtype(dtype if dtype != "bfloat16" else _bfloat16())
         writer.write_backbone(out, mapping.produce(steps, source, cast), target, record, overwrite=overwrite,
-                              buffer_bytes=buffer_bytes)
+                              buffer_bytes=buffer_bytes, compress=compress)
     return record
 
 

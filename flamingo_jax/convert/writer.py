@@ -5,11 +5,12 @@ checkpoint of the component's pure dict), so `config.backbones.vision=<out>`
 takes it as it is. Orbax's `StandardCheckpointer.save` needs the whole tree in
 memory at once; orbax 0.12's partial saving (`orbax.checkpoint.experimental.v1.
 partial`: each `save` adds new leaves to a staged checkpoint, `finalize` merges
-them into one OCDBT database) does not. Weights are gathered into groups of at
-most `buffer_bytes` (or one weight, when a weight is larger) and each group is
-saved before the next is read, so the peak is about max(buffer, largest
-stacked weight) plus what orbax buffers while writing (`bench/convert_memory.py`
-measures it).
+them into one OCDBT database) does not. Weights are gathered until a group
+holds `buffer_bytes`, and each group is saved before the next weight is read.
+While it writes a group, orbax holds one more copy of it (tensorstore's write
+buffer; and the compressed chunks too with `compress`), so the peak is about
+twice max(buffer, the largest stacked weight), whatever the model's size
+(`bench/convert_memory.py` measures it; BENCHMARKS.md has the figures).
 
 Atomicity: everything is written under a hidden temporary sibling of the
 output; only a finished, verified checkpoint is renamed into place. On any
@@ -33,7 +34,7 @@ from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.mapping import Keys, flatten_target, target_path
 
 RECORD_FILE = "flamingo_conversion.json"  # beside the arrays: what was converted and the config it needs
-DEFAULT_BUFFER_BYTES = 1 << 30
+DEFAULT_BUFFER_BYTES = 64 << 20  # small weights share an orbax save; large ones go one at a time
 
 
 def check_output(out: str, overwrite: bool) -> str:
@@ -77,13 +78,22 @@ def _verify(directory: str, expected: Mapping[Any, Any]) -> None:
                               "this is a bug in flamingo_jax/convert.")
 
 
+def _array_options(compress: bool):
+    from orbax.checkpoint.experimental import v1 as ocp_v1
+
+    options = ocp_v1.options.ArrayOptions
+    return ocp_v1.Context(array_options=options(saving=options.Saving(use_compression=compress)))
+
+
 def write_backbone(out: str, weights: Iterator[tuple[Keys, np.ndarray]], expected: Mapping[Any, Any],
-                   record: dict[str, Any], *, overwrite: bool = False,
-                   buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:
+                   record: dict[str, Any], *, overwrite: bool = False, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                   compress: bool = False) -> str:
     """Saves `weights` (keys into the pure dict, array) as the backbone checkpoint `out`; returns its path.
 
     `expected` is the pure dict of abstract arrays the checkpoint must hold;
-    `record` is written beside the arrays as RECORD_FILE."""
+    `record` is written beside the arrays as RECORD_FILE. `compress=True` has
+    orbax zstd-compress the chunks: about 8% smaller files, for one more buffer
+    while writing and 2.5x the write time."""
     from orbax.checkpoint.experimental.v1 import partial
 
     out = check_output(out, overwrite)
@@ -93,15 +103,16 @@ def write_backbone(out: str, weights: Iterator[tuple[Keys, np.ndarray]], expecte
         checkpoint = os.path.join(staging, "checkpoint")
         group: dict = {}
         group_bytes = saves = 0
-        for keys, array in weights:
-            if group and group_bytes + array.nbytes > buffer_bytes:
+        with _array_options(compress):
+            for keys, array in weights:
+                _set(group, keys, array)
+                group_bytes += array.nbytes
+                if group_bytes >= buffer_bytes:  # saved before the next weight is read
+                    partial.save(checkpoint, group)
+                    group, group_bytes, saves = {}, 0, saves + 1
+            if group:
                 partial.save(checkpoint, group)
-                group, group_bytes, saves = {}, 0, saves + 1
-            _set(group, keys, array)
-            group_bytes += array.nbytes
-        if group:
-            partial.save(checkpoint, group)
-            saves += 1
+                saves += 1
         if not saves:
             raise ConversionError("no weights to write; this is a bug in flamingo_jax/convert.")
         partial.finalize(checkpoint)
