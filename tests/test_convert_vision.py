@@ -206,15 +206,26 @@ def parse_config(overrides: list[str], monkeypatch) -> object:
     return values.config
 
 
-@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
-def test_converted_checkpoint_is_accepted_by_a_flamingo_config(hf_clip, frozen_dtype, monkeypatch):
-    """The printed overrides make configs/tiny.py build this encoder; `config.backbones.vision`
-    then restores the checkpoint into ModelParts' frozen weights (cast to the config's dtype)."""
+def spot_checks(family: str, state: dict) -> list[tuple[tuple, np.ndarray]]:
+    """(path in our encoder's weights, the source tensor in our layout) for a few weights."""
+    if family == "hf_clip":
+        return [(("positional_embedding",), state["vision_model.embeddings.position_embedding.weight"].numpy()),
+                (("blocks", "query", "kernel", 1),
+                 state["vision_model.encoder.layers.1.self_attn.q_proj.weight"].numpy().T.reshape(32, 4, 8))]
+    return [(("stem_conv0", "kernel"), state["stem.conv1.weight"].numpy().transpose(2, 3, 1, 0)),
+            (("stages", 2, "blocks", "conv1", "kernel", 1), state["stages.2.2.conv2.weight"].numpy().transpose(2, 3, 1, 0))]
+
+
+@pytest.mark.parametrize("family, frozen_dtype", [("hf_clip", "float32"), ("hf_clip", "bfloat16"),
+                                                  ("timm_nfnet", "float32")])
+def test_converted_checkpoint_is_accepted_by_a_flamingo_config(family, frozen_dtype, request, monkeypatch):
+    """The printed overrides (tuples included, for a custom NFNet) make configs/tiny.py build this
+    encoder; `config.backbones.vision` then restores the checkpoint into ModelParts' frozen
+    weights, cast to the config's frozen dtype."""
     from flamingo_jax.core import sharding
     from flamingo_jax.core.parts import ModelParts
-    from safetensors import safe_open
 
-    model, root, out = hf_clip
+    model, _, out = request.getfixturevalue(family)
     overrides = writer.read_record(out)["overrides"] + [f"--config.model.frozen_param_dtype={frozen_dtype}"]
     config = parse_config(overrides, monkeypatch)
     assert config.backbones.vision == out
@@ -228,12 +239,12 @@ def test_converted_checkpoint_is_accepted_by_a_flamingo_config(hf_clip, frozen_d
     vision = frozen["vision_encoder"]
     assert jax.tree.structure(vision) == jax.tree.structure(abstract_frozen["vision_encoder"])
     assert {leaf.dtype for leaf in jax.tree.leaves(vision)} == {jnp.dtype(frozen_dtype)}
-    state = model.state_dict()
-    positions = state["vision_model.embeddings.position_embedding.weight"].numpy()
-    query_1 = state["vision_model.encoder.layers.1.self_attn.q_proj.weight"].numpy().T.reshape(32, 4, 8)
     cast = lambda a: np.asarray(jnp.asarray(a, frozen_dtype), np.float32)  # noqa: E731
-    np.testing.assert_array_equal(np.asarray(vision["positional_embedding"], np.float32), cast(positions))
-    np.testing.assert_array_equal(np.asarray(vision["blocks"]["query"]["kernel"][1], np.float32), cast(query_1))
+    for path, want in spot_checks(family, model.state_dict()):
+        got = vision
+        for key in path:
+            got = got[key]
+        np.testing.assert_array_equal(np.asarray(got, np.float32), cast(want))
 
 
 # ---------------------------------------------------------------- bad input: a clear error, nothing written
