@@ -18,7 +18,9 @@ import sys
 import numpy as np
 import pytest
 
-import torchvision_cpu  # noqa: F401  (before transformers / open_clip / timm import torchvision)
+# transformers would otherwise import TensorFlow (installed for tf.data) for its TF models: 5 s.
+os.environ.setdefault("USE_TF", "0")
+import torchvision_cpu  # noqa: E402, F401  (before transformers / open_clip / timm import torchvision)
 import jax
 import jax.numpy as jnp
 import torch
@@ -71,16 +73,20 @@ def vision_config(record: dict, image_size: int | None = None) -> FlamingoConfig
     return FlamingoConfig.from_dict({"vision": vision})
 
 
-def restored_encoder(out: str, image_size: int | None = None) -> nnx.Module:
+def restored_encoder(out: str, image_size: int | None = None, *, dtype=jnp.float32) -> nnx.Module:
     """Our encoder for the converted checkpoint, its weights read by core/backbones.restore."""
     cfg = vision_config(writer.read_record(out), image_size)
-    abstract = nnx.eval_shape(lambda: build_vision_encoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
+    abstract = nnx.eval_shape(lambda: build_vision_encoder(cfg, dtype=jnp.float32, param_dtype=dtype,
                                                            rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     nnx.replace_by_pure_dict(state, backbones.restore(out, pure, jax.tree.map(lambda _: device, pure)))
     return nnx.merge(graphdef, state)
+
+
+def weights(encoder: nnx.Module) -> dict:
+    return nnx.to_pure_dict(nnx.state(encoder))
 
 
 def run(encoder: nnx.Module, x: np.ndarray) -> np.ndarray:
@@ -175,6 +181,48 @@ def test_open_clip_patch_tokens_match_the_reference(open_clip_model):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE)
 
 
+def test_open_clip_tower_saved_alone_converts_to_the_same_weights(open_clip_model, tmp_path):
+    """The `visual.` tower's own state dict (no prefix, no text tower) gives the same checkpoint."""
+    model, _, out = open_clip_model
+    torch.save(model.visual.state_dict(), tmp_path / "visual.pt")
+    alone = str(tmp_path / "converted")
+    assert convert(f"--from={tmp_path / 'visual.pt'}", "--format=open_clip", f"--out={alone}", "--num_heads=4",
+                   "--activation=gelu_exact") == 0
+    jax.tree.map(np.testing.assert_array_equal, weights(restored_encoder(alone)), weights(restored_encoder(out)))
+
+
+def test_hf_clip_model_with_its_text_tower_converts_the_vision_tower(tmp_path):
+    """A whole CLIPModel: config.json's nested vision_config, text tower and projections ignored."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),  # hidden_act: CLIP's default quick_gelu, not written
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=8), projection_dim=8)
+    model = randomise_(CLIPModel(config), seed=4)
+    model.save_pretrained(tmp_path / "src")
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={tmp_path / 'src'}", "--format=hf_clip", f"--out={out}") == 0
+    record = writer.read_record(out)
+    assert any(name.startswith("text_model.") for name in record["ignored_tensors"])
+    x = images(32, seed=3)
+    with torch.no_grad():
+        reference = model.vision_model(pixel_values=nchw(x)).last_hidden_state[:, 1:].numpy()
+    np.testing.assert_allclose(run(restored_encoder(out), x), reference, rtol=0, atol=TOLERANCE)
+
+
+def test_dtype_flag_writes_bfloat16(hf_clip, tmp_path):
+    model, root, _ = hf_clip
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={root / 'src'}", "--format=hf_clip", f"--out={out}", "--dtype=bfloat16") == 0
+    stored = weights(restored_encoder(out, dtype=jnp.bfloat16))
+    assert {leaf.dtype for leaf in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
+    want = model.state_dict()["vision_model.pre_layrnorm.weight"].to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(stored["ln_pre"]["scale"], np.float32), want)
+
+
 def test_timm_nfnet_final_grid_matches_the_reference(timm_nfnet):
     model, _, out = timm_nfnet
     record = writer.read_record(out)
@@ -212,8 +260,9 @@ def spot_checks(family: str, state: dict) -> list[tuple[tuple, np.ndarray]]:
         return [(("positional_embedding",), state["vision_model.embeddings.position_embedding.weight"].numpy()),
                 (("blocks", "query", "kernel", 1),
                  state["vision_model.encoder.layers.1.self_attn.q_proj.weight"].numpy().T.reshape(32, 4, 8))]
-    return [(("stem_conv0", "kernel"), state["stem.conv1.weight"].numpy().transpose(2, 3, 1, 0)),
-            (("stages", 2, "blocks", "conv1", "kernel", 1), state["stages.2.2.conv2.weight"].numpy().transpose(2, 3, 1, 0))]
+    hwio = lambda name: state[name].numpy().transpose(2, 3, 1, 0)  # noqa: E731
+    return [(("stem_conv0", "kernel"), hwio("stem.conv1.weight")),
+            (("stages", 2, "blocks", "conv1", "kernel", 1), hwio("stages.2.2.conv2.weight"))]
 
 
 @pytest.mark.parametrize("family, frozen_dtype", [("hf_clip", "float32"), ("hf_clip", "bfloat16"),

@@ -68,7 +68,7 @@ def _run_vision(fv: flags.FlagValues) -> int:
                                    overwrite=fv.overwrite, buffer_bytes=max(fv.buffer_mb, 0) << 20,
                                    compress=fv.compress)
     print(vision.summary(record))
-    print(json.dumps({"out": record["overrides"][-1].split("=", 1)[1], "overrides": record["overrides"]}))
+    print(json.dumps({"out": record["out"], "overrides": record["overrides"]}))
     return 0
 
 

@@ -18,14 +18,20 @@ import os
 import shlex
 from typing import Any
 
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
 from flamingo_jax.convert import hf_clip, mapping, open_clip_vit, timm_nfnet, writer
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.families import Architecture, Options
 from flamingo_jax.convert.sources import TensorSource, open_source
 from flamingo_jax.models.config import ConfigError, FlamingoConfig, NFNetConfig, VisionConfig
+from flamingo_jax.models.flamingo import build_vision_encoder
 
 FAMILIES = {module.FORMAT: module for module in (hf_clip, open_clip_vit, timm_nfnet)}
-DTYPES = ("source", "float32", "bfloat16")
+DTYPES = {"source": None, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}  # None: each tensor's own
 # NFNetConfig fields that only a 'custom' variant reads.
 _CUSTOM_NFNET_FIELDS = ("widths", "depths", "stem_widths", "group_width")
 
@@ -55,11 +61,6 @@ def read_architecture(source: TensorSource, fmt: str, options: Options) -> Archi
 
 def encoder_weights(vision: VisionConfig) -> dict[str, Any]:
     """Our encoder's weights for `vision` as a pure dict of abstract arrays (nothing allocated)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flamingo_jax.models.flamingo import build_vision_encoder
-
     try:
         cfg = FlamingoConfig(vision=vision).validate()
     except ConfigError as error:
@@ -105,7 +106,7 @@ def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Opt
     """Converts a vision encoder checkpoint to our backbone checkpoint `out`; returns the record written beside it."""
     module = family(fmt)
     if dtype not in DTYPES:
-        raise ConversionError(f"--dtype={dtype!r} is unknown; use one of {DTYPES}.")
+        raise ConversionError(f"--dtype={dtype!r} is unknown; use one of {sorted(DTYPES)}.")
     out = writer.check_output(out, overwrite)  # before reading anything
     with open_source(from_path) as source:
         arch = read_architecture(source, module.FORMAT, options)
@@ -115,6 +116,7 @@ def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Opt
             "component": "vision",
             "format": fmt,
             "source": os.path.abspath(source.path),
+            "out": out,  # where it was written (the overrides name this path)
             "architecture": arch.table.description,
             "source_tensors": len(source.names()),
             "ignored_tensors": sorted(n for n in source.names() if arch.table.is_ignored(n)),
@@ -124,30 +126,21 @@ def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Opt
             "preprocessing": arch.preprocessing,
             "assumptions": list(arch.assumptions),
         }
-        import numpy as np
-
-        cast = None if dtype == "source" else np.dtype(dtype if dtype != "bfloat16" else _bfloat16())
-        writer.write_backbone(out, mapping.produce(steps, source, cast), target, record, overwrite=overwrite,
-                              buffer_bytes=buffer_bytes, compress=compress)
+        weights = mapping.produce(steps, source, DTYPES[dtype])
+        writer.write_backbone(out, weights, target, record, overwrite=overwrite, buffer_bytes=buffer_bytes,
+                              compress=compress)
     return record
-
-
-def _bfloat16():
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16
 
 
 def summary(record: dict[str, Any]) -> str:
     """What a user reads after a conversion: the config flags to use it, shell-quoted."""
     lines = [f"converted {record['source']} ({record['format']}: {record['architecture']})",
-             f"  -> {record['overrides'][-1].split('=', 1)[1]}"]
+             f"  -> {record['out']}"]
     for assumption in record["assumptions"]:
         lines.append(f"  assumed: {assumption}")
     prep = record["preprocessing"]
     lines.append(f"  images: normalise with mean {prep['mean']} and std {prep['std']} "
                  "(config.data.image_mean / image_std)")
-    lines.append("Use it with these flags (also in the record, "
-                 f"{writer.RECORD_FILE}):")
+    lines.append(f"Use it with these flags (also in {os.path.join(record['out'], writer.RECORD_FILE)}):")
     lines.append("  " + " \\\n  ".join(shlex.quote(flag) for flag in record["overrides"]))
     return "\n".join(lines)

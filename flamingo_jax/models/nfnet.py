@@ -193,10 +193,10 @@ class WSConv2D(nnx.Module):
 
     kernel_used = gain * (w - mean(w)) / sqrt(fan_in * var(w)), mean and var over
     the fan-in (kh, kw, in/groups) of each output channel; var * fan_in is floored
-    at `eps` (eps_mode 'max', DeepMind's code), or `eps` is added to var (eps_mode
-    'add', timm's ScaledStdConv2d). The raw kernel is what is stored (as in the checkpoint, so loading
-    is a copy) and standardised in fp32 on every call, which is cheap next to
-    the convolution itself.
+    at `eps` (eps_mode 'max', DeepMind's code), or `eps` is added to var
+    (eps_mode 'add', timm's ScaledStdConv2d). The raw kernel is what is stored
+    (as in the checkpoint, so loading is a copy) and standardised in fp32 on
+    every call, which is cheap next to the convolution itself.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
