@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import torch
 from flax import nnx
 
-from flamingo_jax.convert import cli, writer
+from flamingo_jax.convert import cli, mapping, vision, writer
+from flamingo_jax.convert.families import Options
+from flamingo_jax.convert.sources import TensorSource
 from flamingo_jax.core import backbones
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import build_vision_encoder
@@ -234,6 +236,64 @@ def test_timm_nfnet_final_grid_matches_the_reference(timm_nfnet):
     ours = run(restored_encoder(out), x)
     assert ours.shape == reference.shape == (2, 4, 128)
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE)
+
+
+# ---------------------------------------------------------------- published sizes, shapes only
+
+
+class ShapeSource(TensorSource):
+    """A source of names and shapes only (from a model built on torch's meta device): plan() needs no data."""
+
+    def __init__(self, module: torch.nn.Module, config: dict | None = None):
+        super().__init__("meta", config)
+        self._shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+    def names(self):
+        return sorted(self._shapes)
+
+    def shape(self, name):
+        return self._shapes[name]
+
+    def read(self, name):
+        raise AssertionError("plan() must not read data")
+
+
+def published(name: str) -> tuple[str, ShapeSource]:
+    """(format, the published architecture's tensor shapes), without allocating it."""
+    with torch.device("meta"):
+        if name.startswith("dm_nfnet"):
+            import timm
+
+            return "timm_nfnet", ShapeSource(timm.create_model(name, pretrained=False))
+        if name == "open_clip ViT-L-14":  # heads and activation from open_clip_config.json, as on the hub
+            import open_clip
+
+            model_cfg = {**open_clip.get_model_config("ViT-L-14"), "quick_gelu": True}
+            source = ShapeSource(open_clip.model.CLIP(**model_cfg), {"open_clip_config.json": {"model_cfg": model_cfg}})
+            return "open_clip", source
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=224, patch_size=14))
+        return "hf_clip", ShapeSource(model, {"config.json": model.config.to_diff_dict()})
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("dm_nfnet_f0", "NFNet-F0: "), ("dm_nfnet_f6", "NFNet-F6: "),
+    ("open_clip ViT-L-14", "ViT width 1024, 24 layers, 16 heads, patch 14, 224 px, MLP 4096 (quick_gelu)"),
+    ("hf_clip ViT-L/14", "ViT width 1024, 24 layers, 16 heads, patch 14, 224 px, MLP 4096 (quick_gelu)"),
+])
+def test_published_architectures_map_completely(name, expected):
+    """Full-size checkpoints' names and shapes (built on the meta device: no memory) are read as the
+    published variant and map onto our encoder with nothing missing, unexpected or misshaped."""
+    fmt, source = published(name)
+    arch = vision.read_architecture(source, fmt, Options())
+    target = vision.encoder_weights(arch.vision)
+    steps = mapping.plan(arch.table, source, target, fmt=fmt)  # raises on any mismatch
+    assert arch.table.description.startswith(expected)
+    assert len(steps) == len(mapping.flatten_target(target))
+    if fmt == "timm_nfnet":
+        assert arch.vision.nfnet.variant == name[-2:].upper()  # a published variant, by name
 
 
 # ---------------------------------------------------------------- the converted checkpoint in a Flamingo config
