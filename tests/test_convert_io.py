@@ -146,3 +146,14 @@ def test_fused_qkv_split_and_head_reshapes_invert_torch_layouts():
     per_head = x.reshape(5, heads, width // heads)
     np.testing.assert_allclose(np.einsum("thd,hdw->tw", per_head, transforms.heads_in(heads)(out_proj)),
                                x @ out_proj.T, rtol=1e-6, atol=1e-6)
+
+
+def test_compress_switches_orbax_zstd_chunks(tmp_path):
+    tree = {"zeros": np.zeros((256, 1024), np.float32)}  # 1 MiB that zstd shrinks to almost nothing
+
+    def written(compress: bool) -> int:
+        out = writer.write_backbone(str(tmp_path / f"c{compress}"), iter(leaves(tree)), abstract(tree), {},
+                                    compress=compress)
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
+
+    assert written(False) > 1 << 20 > 10 * written(True)

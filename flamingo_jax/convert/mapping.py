@@ -17,6 +17,7 @@ conversion holds about one (stacked) weight in memory, never the model twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -99,9 +100,10 @@ def flatten_target(tree: Mapping[Any, Any]) -> dict[str, tuple[Keys, Any]]:
     return flat
 
 
-def _shape_after(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape `rule.transform` makes of a source tensor of `shape` (abstractly: nothing is allocated)."""
-    return tuple(jax.eval_shape(rule.transform, jax.ShapeDtypeStruct(shape, np.float32)).shape)
+@functools.lru_cache(maxsize=None)  # the layers of a stacked weight share one transform and shape
+def _shape_after(transform: transforms.Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `transform` makes of a source tensor of `shape` (abstractly: nothing is allocated)."""
+    return tuple(jax.eval_shape(transform, jax.ShapeDtypeStruct(shape, np.float32)).shape)
 
 
 def _listing(items: list[str]) -> str:
@@ -145,7 +147,7 @@ def plan(table: Table, source: TensorSource, target: Mapping[Any, Any], *, fmt: 
                 continue
             got = source.shape(name)
             try:
-                mapped = _shape_after(rule, got)
+                mapped = _shape_after(rule.transform, got)
             except Exception as error:  # a reshape that cannot apply to this shape
                 misshaped.append(f"{name} has shape {got}, which {rule.transform.__name__} cannot turn into our "
                                  f"{path}{layer} of shape {want} ({type(error).__name__}: {error})")

@@ -78,11 +78,12 @@ def _verify(directory: str, expected: Mapping[Any, Any]) -> None:
                               "this is a bug in flamingo_jax/convert.")
 
 
-def _array_options(compress: bool):
+def _orbax_context(compress: bool):
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
-    options = ocp_v1.options.ArrayOptions
-    return ocp_v1.Context(array_options=options(saving=options.Saving(use_compression=compress)))
+    context = ocp_v1.Context()
+    context.array.saving.use_compression = compress
+    return context
 
 
 def write_backbone(out: str, weights: Iterator[tuple[Keys, np.ndarray]], expected: Mapping[Any, Any],
@@ -103,7 +104,7 @@ def write_backbone(out: str, weights: Iterator[tuple[Keys, np.ndarray]], expecte
         checkpoint = os.path.join(staging, "checkpoint")
         group: dict = {}
         group_bytes = saves = 0
-        with _array_options(compress):
+        with _orbax_context(compress):
             for keys, array in weights:
                 _set(group, keys, array)
                 group_bytes += array.nbytes
@@ -126,9 +127,12 @@ def write_backbone(out: str, weights: Iterator[tuple[Keys, np.ndarray]], expecte
             os.rename(out, replaced)
         try:
             os.rename(pytree, out)
-        except OSError:
+        except OSError as error:
             if replaced:
                 os.rename(replaced, out)
+            elif os.path.lexists(out):
+                raise ConversionError(f"--out={out} appeared while converting (another conversion?); nothing of "
+                                      "this one was kept.") from error
             raise
         logging.info("wrote %s in %d orbax save(s)", out, saves)
         return out
