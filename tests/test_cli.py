@@ -27,6 +27,7 @@ CLIS = [
     ("flamingo_jax.data.prepare", ["video_text"], "python -m flamingo_jax.data.prepare video_text"),
     ("flamingo_jax.data.synthetic", [], "python -m flamingo_jax.data.synthetic"),
     ("flamingo_jax.data.tokenizer", [], "python -m flamingo_jax.data.tokenizer train"),
+    ("flamingo_jax.convert", ["vision"], "python -m flamingo_jax.convert"),
 ]
 
 

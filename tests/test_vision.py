@@ -11,7 +11,8 @@ from flax import nnx
 
 from flamingo_jax.models import layers
 from flamingo_jax.models.config import NFNetConfig, ViTConfig
-from flamingo_jax.models.nfnet import NFNET_VARIANTS, NFNet, NFStage, WSConv2D
+from flamingo_jax.models.config import NFNET_VARIANTS
+from flamingo_jax.models.nfnet import NFNet, NFStage, WSConv2D
 from flamingo_jax.models.vit import ViT
 
 TINY = NFNET_VARIANTS["tiny"]

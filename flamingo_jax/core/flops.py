@@ -37,7 +37,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.models.config import NFNET_VARIANTS, FlamingoConfig, nfnet_spec
 
 # ------------------------------------------------------------------ chips
 
@@ -178,11 +178,11 @@ class StepFlops:
 # ------------------------------------------------------------------ per component (forward FLOPs)
 
 
-def nfnet_forward_flops(variant: str, image_size: int, final_conv: bool = True) -> float:
-    """Convolution (and squeeze-excite) FLOPs of one NFNet image, 'SAME' padding."""
-    from flamingo_jax.models.nfnet import NFNET_VARIANTS
+def nfnet_forward_flops(variant: Any, image_size: int, final_conv: bool = True) -> float:
+    """Convolution (and squeeze-excite) FLOPs of one NFNet image, 'SAME' padding;
+    `variant` is a published variant's name or an `nfnet.NFNetSpec`."""
 
-    spec = NFNET_VARIANTS[variant]
+    spec = NFNET_VARIANTS[variant] if isinstance(variant, str) else variant
     total, size = 0.0, image_size
 
     def conv(size_in, cin, cout, kernel, stride=1, groups=1):
@@ -234,9 +234,7 @@ def vision_tokens(cfg: FlamingoConfig, image_size: int) -> tuple[int, int]:
     """(tokens per frame, feature width) that the encoder hands to the Resampler."""
     if cfg.vision.encoder == "vit":
         return (image_size // cfg.vision.vit.patch_size) ** 2, cfg.vision.vit.width
-    from flamingo_jax.models.nfnet import NFNET_VARIANTS
-
-    spec = NFNET_VARIANTS[cfg.vision.nfnet.variant]
+    spec = nfnet_spec(cfg.vision.nfnet)
     grid = image_size
     for stride in (2, 2, *spec.strides):
         grid = -(-grid // stride)
@@ -257,7 +255,7 @@ def _batch_flops(cfg: FlamingoConfig, shape: BatchShape, num_microbatches: int) 
 
     # Vision encoder: frozen, forward only, outside any remat.
     if cfg.vision.encoder == "nfnet":
-        per_frame = nfnet_forward_flops(cfg.vision.nfnet.variant, image_size, cfg.vision.nfnet.final_conv)
+        per_frame = nfnet_forward_flops(nfnet_spec(cfg.vision.nfnet), image_size, cfg.vision.nfnet.final_conv)
         vit_attention = 0.0
     else:
         per_frame, vit_attention = vit_forward_flops(cfg, image_size)

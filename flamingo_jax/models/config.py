@@ -43,6 +43,36 @@ def _divides(field: str, value: int, divisor_field: str, divisor: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class NFNetConfig:
+    """Normalizer-free ResNet (Brock et al. 2021). `variant` picks the published
+    F0-F7 widths/depths, 'tiny' for tests and the CPU config, or 'custom' for the
+    architecture that the fields below spell out (e.g. a converted checkpoint
+    outside F0-F7; `python -m flamingo_jax.convert` prints them)."""
+
+    variant: str = "F6"
+    # Keep NFNet's final 1x1 conv (1536 -> 3072 channels for F-variants).
+    # With it the encoder has NFNet-F6's published 435M parameters (no classifier).
+    final_conv: bool = True
+    # variant='custom' only: channels and blocks per stage, the four stem convs' widths,
+    # channels per group of the grouped 3x3 convs.
+    widths: tuple[int, ...] = ()
+    depths: tuple[int, ...] = ()
+    stem_widths: tuple[int, ...] = ()
+    group_width: int = 128
+    # Numerics. The defaults are DeepMind's reference code (the paper's network); timm's
+    # `dm_nfnet_*` ports of the same weights use the erf GELU and add epsilon to the
+    # kernel variance: activation='gelu_exact', ws_epsilon=1e-5, ws_epsilon_mode='add'.
+    activation: str = "gelu"  # 'gelu' (tanh approximation) or 'gelu_exact' (erf), times NFNet's gamma
+    ws_epsilon: float = 1e-4
+    ws_epsilon_mode: str = "max"  # 'max': rsqrt(max(fan_in*var, eps)); 'add': rsqrt(fan_in*(var + eps))
+
+    def __post_init__(self):
+        # Configs read back from JSON (checkpoint records) hold lists; the dataclass stays hashable.
+        for name in ("widths", "depths", "stem_widths"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclasses.dataclass(frozen=True)
 class NFNetSpec:
     """Architecture of one NFNet variant."""
 
@@ -56,6 +86,10 @@ class NFNetSpec:
     alpha: float = 0.2  # residual branch scale: variance grows by alpha^2 per block
     final_conv_mult: int = 2  # final 1x1 conv widens the last stage by this factor
     train_resolution: int = 0  # image size used in NFNet's ImageNet training (informational)
+    # Numerics (see the module docstring): GELU flavour and weight standardisation's epsilon.
+    activation: str = "gelu"  # 'gelu' (tanh approximation) or 'gelu_exact' (erf)
+    ws_epsilon: float = 1e-4
+    ws_epsilon_mode: str = "max"  # 'max' or 'add'
 
     def __post_init__(self):
         if not (len(self.widths) == len(self.depths) == len(self.strides)):
@@ -63,10 +97,22 @@ class NFNetSpec:
                              f"{self.strides} must have one entry per stage.")
         if min(self.depths) < 1:
             raise ValueError(f"NFNetSpec: every stage needs at least one block, got depths {self.depths}.")
+        if len(self.stem_widths) != 4:
+            raise ValueError(f"NFNetSpec: stem_widths {self.stem_widths} must list the 4 stem convs' widths.")
+        if min(self.widths) < 1 or min(self.stem_widths) < 1 or self.group_width < 1:
+            raise ValueError(f"NFNetSpec: widths {self.widths}, stem_widths {self.stem_widths} and group_width "
+                             f"{self.group_width} must be positive.")
         for width in self.widths:
             if int(width * self.bottleneck_ratio) < self.group_width:
                 raise ValueError(f"NFNetSpec: bottleneck width {int(width * self.bottleneck_ratio)} of stage "
                                  f"width {width} is smaller than group_width={self.group_width}.")
+        if self.activation not in ("gelu", "gelu_exact") or self.ws_epsilon_mode not in ("max", "add"):
+            raise ValueError(f"NFNetSpec: activation {self.activation!r} must be 'gelu' or 'gelu_exact' and "
+                             f"ws_epsilon_mode {self.ws_epsilon_mode!r} 'max' or 'add'.")
+
+    @property
+    def approximate_gelu(self) -> bool:
+        return self.activation == "gelu"
 
     @property
     def total_stride(self) -> int:
@@ -110,15 +156,22 @@ NFNET_VARIANTS: dict[str, NFNetSpec] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class NFNetConfig:
-    """Normalizer-free ResNet (Brock et al. 2021). `variant` picks the published
-    F0-F7 widths/depths, or 'tiny' for tests and the CPU config."""
+def nfnet_spec(cfg: NFNetConfig) -> NFNetSpec:
+    """The architecture a config names: a published variant, or 'custom' spelled out
+    field by field; with the config's numerics either way."""
+    numerics = dict(activation=cfg.activation, ws_epsilon=cfg.ws_epsilon, ws_epsilon_mode=cfg.ws_epsilon_mode)
+    if cfg.variant == "custom":
+        if not cfg.widths or not cfg.depths or not cfg.stem_widths:
+            raise ValueError("variant 'custom' needs widths, depths and stem_widths (one width and depth per "
+                             f"stage, 4 stem widths); got widths={cfg.widths}, depths={cfg.depths}, "
+                             f"stem_widths={cfg.stem_widths}.")
+        strides = (1,) + (2,) * (len(cfg.widths) - 1)  # the stem already downsamples by 4
+        return NFNetSpec(widths=tuple(cfg.widths), depths=tuple(cfg.depths), stem_widths=tuple(cfg.stem_widths),
+                         strides=strides, group_width=cfg.group_width, **numerics)
+    if cfg.variant not in NFNET_VARIANTS:
+        raise ValueError(f"unknown NFNet variant {cfg.variant!r}; use one of {sorted(NFNET_VARIANTS)} or 'custom'.")
+    return dataclasses.replace(NFNET_VARIANTS[cfg.variant], **numerics)
 
-    variant: str = "F6"
-    # Keep NFNet's final 1x1 conv (1536 -> 3072 channels for F-variants).
-    # With it the encoder has NFNet-F6's published 435M parameters (no classifier).
-    final_conv: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +183,13 @@ class ViTConfig:
     num_heads: int = 16
     patch_size: int = 14
     mlp_ratio: float = 4.0
-    activation: str = "gelu"  # CLIP uses quick_gelu; 'gelu' is the open_clip default
+    activation: str = "gelu"  # OpenAI CLIP: 'quick_gelu'; torch's nn.GELU (open_clip, HF 'gelu'): 'gelu_exact'
     include_class_token: bool = True  # returned tokens are patch tokens (class token dropped)
+    norm_eps: float = 1e-5  # of every LayerNorm
+    # ln_post on the returned patch tokens, as open_clip's `output_tokens` (OpenFlamingo).
+    # False returns the last block's output as HF CLIP's `last_hidden_state` does (HF's
+    # post_layernorm only normalises the pooled class token); the encoder then has no ln_post.
+    norm_output: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,12 +343,24 @@ class FlamingoConfig:
         _require(v.image_size > 0, "model.vision.image_size", "must be positive.")
         _require(v.num_frames >= 1, "model.vision.num_frames", "must be >= 1.")
         if v.encoder == "nfnet":
-            _require(v.nfnet.variant in NFNET_VARIANTS, "model.vision.nfnet.variant",
-                     f"unknown variant {v.nfnet.variant!r}; use one of {sorted(NFNET_VARIANTS)}.")
-            _divides("model.vision.image_size", v.image_size, "NFNet total stride", 32)
+            n = v.nfnet
+            _require(n.variant in NFNET_VARIANTS or n.variant == "custom", "model.vision.nfnet.variant",
+                     f"unknown variant {n.variant!r}; use one of {sorted(NFNET_VARIANTS)} or 'custom' "
+                     "(with model.vision.nfnet.widths, depths, stem_widths and group_width).")
+            _require(n.activation in ("gelu", "gelu_exact"), "model.vision.nfnet.activation",
+                     f"{n.activation!r} is unknown; use 'gelu' (tanh approximation) or 'gelu_exact' (erf).")
+            _require(n.ws_epsilon_mode in ("max", "add"), "model.vision.nfnet.ws_epsilon_mode",
+                     f"{n.ws_epsilon_mode!r} is unknown; use 'max' (DeepMind) or 'add' (timm).")
+            _require(n.ws_epsilon > 0, "model.vision.nfnet.ws_epsilon", "must be positive.")
+            try:
+                spec = nfnet_spec(n)
+            except ValueError as error:
+                raise ConfigError(f"config field `model.vision.nfnet`: {error}") from error
+            _divides("model.vision.image_size", v.image_size, "NFNet total stride", spec.total_stride)
         else:
             _divides("model.vision.vit.width", v.vit.width, "model.vision.vit.num_heads", v.vit.num_heads)
             _divides("model.vision.image_size", v.image_size, "model.vision.vit.patch_size", v.vit.patch_size)
+            _require(v.vit.norm_eps > 0, "model.vision.vit.norm_eps", "must be positive.")
 
         r = self.resampler
         for name in ("num_layers", "dim", "num_heads", "head_dim", "num_latents", "ffw_mult"):

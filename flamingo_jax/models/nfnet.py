@@ -30,12 +30,19 @@ with `layers.scan_stack`; their betas differ only as numbers, fed in as scan xs.
 Variable names follow the DeepMind haiku code (stem_conv0..3, conv0, conv1,
 conv1b, conv2, conv_shortcut, se fc0/fc1, skip_gain, final_conv; WSConv2D
 `kernel` = haiku `w` [kh, kw, in/groups, out], `gain`, `bias`), so a converter is
-a renaming plus stacking the non-transition blocks of each stage.
+a renaming plus stacking the non-transition blocks of each stage
+(`flamingo_jax/convert/timm_nfnet.py` maps timm's `dm_nfnet_*`).
+
+Two numerical details differ between DeepMind's code (the defaults here) and
+timm's port of its weights, and are switches of `NFNetConfig`: the GELU (tanh
+approximation vs erf) and where weight standardisation's epsilon goes
+(`max(fan_in * var, eps)` vs `fan_in * (var + eps)`). Padding is 'SAME' in both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -45,7 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
-from flamingo_jax.models.config import NFNET_VARIANTS, NFNetConfig, NFNetSpec
+from flamingo_jax.models.config import NFNetConfig, NFNetSpec, nfnet_spec
 
 Array = jax.Array
 
@@ -54,9 +61,10 @@ GELU_GAMMA = 1.7015043497085571
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
-def scaled_gelu(x: Array) -> Array:
-    """NFNet's activation: GELU (tanh approximation, as the reference) times gamma."""
-    return jax.nn.gelu(x) * GELU_GAMMA
+def scaled_gelu(x: Array, approximate: bool = True) -> Array:
+    """NFNet's activation: GELU times gamma; the tanh approximation as DeepMind's
+    reference, or the erf GELU (`approximate=False`) as timm's port."""
+    return jax.nn.gelu(x, approximate=approximate) * GELU_GAMMA
 
 
 def bucketed_fan_in_init(fan_in: int):
@@ -85,16 +93,19 @@ class WSConv2D(nnx.Module):
 
     kernel_used = gain * (w - mean(w)) / sqrt(fan_in * var(w)), mean and var over
     the fan-in (kh, kw, in/groups) of each output channel; var * fan_in is floored
-    at `eps`. The raw kernel is what is stored (as in the checkpoint, so loading
-    is a copy) and standardised in fp32 on every call, which is cheap next to
-    the convolution itself.
+    at `eps` (eps_mode 'max', DeepMind's code), or `eps` is added to var
+    (eps_mode 'add', timm's ScaledStdConv2d). The raw kernel is what is stored
+    (as in the checkpoint, so loading is a copy) and standardised in fp32 on
+    every call, which is cheap next to the convolution itself.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
-                 eps: float = 1e-4, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 eps: float = 1e-4, eps_mode: str = "max", dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         if in_ch % groups or out_ch % groups:
             raise ValueError(f"WSConv2D: channels {in_ch}->{out_ch} are not divisible by groups={groups}")
-        self.stride, self.groups, self.eps, self.dtype = stride, groups, eps, dtype
+        if eps_mode not in ("max", "add"):
+            raise ValueError(f"WSConv2D: eps_mode {eps_mode!r} must be 'max' or 'add'")
+        self.stride, self.groups, self.eps, self.eps_mode, self.dtype = stride, groups, eps, eps_mode, dtype
         shape = (kernel_size, kernel_size, in_ch // groups, out_ch)
         self.kernel = layers.make_variable(
             layers.Frozen, bucketed_fan_in_init(math.prod(shape[:-1])), rngs.params(), shape, param_dtype, CONV_AXES)
@@ -110,7 +121,11 @@ class WSConv2D(nnx.Module):
         fan_in = math.prod(w.shape[:-1])
         mean = w.mean(axis=(0, 1, 2), keepdims=True)
         var = w.var(axis=(0, 1, 2), keepdims=True)
-        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, self.eps)) * self.gain[...].astype(jnp.float32)
+        if self.eps_mode == "max":
+            inv_std = jax.lax.rsqrt(jnp.maximum(var * fan_in, self.eps))
+        else:
+            inv_std = jax.lax.rsqrt((var + self.eps) * fan_in)
+        scale = inv_std * self.gain[...].astype(jnp.float32)
         return (w - mean) * scale
 
     def __call__(self, x: Array) -> Array:
@@ -150,20 +165,23 @@ class NFBlock(nnx.Module):
         width = int(out_ch * spec.bottleneck_ratio)
         groups = width // spec.group_width
         width = groups * spec.group_width  # round down to whole groups, as the reference
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stride, self.alpha = stride, spec.alpha
+        kw = dict(eps=spec.ws_epsilon, eps_mode=spec.ws_epsilon_mode, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs)
+        se_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stride, self.alpha, self.approximate_gelu = stride, spec.alpha, spec.approximate_gelu
         self.conv0 = WSConv2D(in_ch, width, 1, **kw)
         self.conv1 = WSConv2D(width, width, 3, stride=stride, groups=groups, **kw)
         self.conv1b = WSConv2D(width, width, 3, groups=groups, **kw)
         self.conv2 = WSConv2D(width, out_ch, 1, **kw)
         # A 1x1 shortcut conv whenever the shape changes (every transition block of an F-variant).
         self.conv_shortcut = WSConv2D(in_ch, out_ch, 1, **kw) if stride > 1 or in_ch != out_ch else None
-        self.se = SqueezeExcite(out_ch, max(1, int(out_ch * spec.se_ratio)), **kw)
+        self.se = SqueezeExcite(out_ch, max(1, int(out_ch * spec.se_ratio)), **se_kw)
         self.skip_gain = layers.make_variable(layers.Frozen, nnx.initializers.zeros, None, (), param_dtype, ())
 
     def __call__(self, x: Array, beta: Array | float) -> Array:
         """x [B, H, W, in] -> [B, H/stride, W/stride, out]."""
-        out = scaled_gelu(x) * jnp.asarray(beta, x.dtype)  # ~unit variance
+        act = functools.partial(scaled_gelu, approximate=self.approximate_gelu)
+        out = act(x) * jnp.asarray(beta, x.dtype)  # ~unit variance
         if self.stride > 1:
             shortcut = nnx.avg_pool(out, (self.stride, self.stride), strides=(self.stride, self.stride),
                                     padding="SAME", count_include_pad=False)
@@ -174,9 +192,9 @@ class NFBlock(nnx.Module):
         else:
             shortcut = x
         out = self.conv0(out)
-        out = self.conv1(scaled_gelu(out))
-        out = self.conv1b(scaled_gelu(out))
-        out = self.conv2(scaled_gelu(out))
+        out = self.conv1(act(out))
+        out = self.conv1b(act(out))
+        out = self.conv2(act(out))
         out = 2.0 * self.se(out) * out  # x2 undoes the ~0.5 gate SE gives at init
         return shortcut + out * (self.alpha * self.skip_gain[...].astype(out.dtype))
 
@@ -211,17 +229,16 @@ class NFNet(nnx.Module):
     `final_conv_mult` x its width and the activation (3072 channels for the
     F-variants), as the network feeds its pooled classifier; without it the
     tokens are the last stage's residual stream (`out_dim` = last width).
-    `spec` overrides the architecture that `cfg.variant` names (tests use it).
+    `spec` overrides the architecture that `cfg` names (tests use it).
     """
 
     def __init__(self, cfg: NFNetConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, spec: NFNetSpec | None = None):
-        if spec is None:
-            if cfg.variant not in NFNET_VARIANTS:
-                raise ValueError(f"unknown NFNet variant {cfg.variant!r}; use one of {sorted(NFNET_VARIANTS)}.")
-            spec = NFNET_VARIANTS[cfg.variant]
+        spec = nfnet_spec(cfg) if spec is None else spec
         self.spec, self.dtype = spec, dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(eps=spec.ws_epsilon, eps_mode=spec.ws_epsilon_mode, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs)
+        stage_kw = dict(spec=spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         s0, s1, s2, s3 = spec.stem_widths
         self.stem_conv0 = WSConv2D(3, s0, 3, stride=2, **kw)
         self.stem_conv1 = WSConv2D(s0, s1, 3, **kw)
@@ -229,7 +246,7 @@ class NFNet(nnx.Module):
         self.stem_conv3 = WSConv2D(s2, s3, 3, stride=2, **kw)
         stages, in_ch = [], s3
         for width, depth, stride, betas in zip(spec.widths, spec.depths, spec.strides, spec.stage_betas()):
-            stages.append(NFStage(in_ch, width, depth=depth, stride=stride, betas=betas, spec=spec, **kw))
+            stages.append(NFStage(in_ch, width, depth=depth, stride=stride, betas=betas, **stage_kw))
             in_ch = width
         self.stages = nnx.List(stages)
         self.final_conv = WSConv2D(in_ch, in_ch * spec.final_conv_mult, 1, **kw) if cfg.final_conv else None
@@ -239,10 +256,11 @@ class NFNet(nnx.Module):
         """Stem and stages, before the final conv: [B, H, W, 3] -> [B, H/32, W/32, last width]."""
         chex.assert_rank(images, 4)
         chex.assert_axis_dimension(images, 3, 3)
+        act = functools.partial(scaled_gelu, approximate=self.spec.approximate_gelu)
         x = images.astype(self.dtype)
-        x = scaled_gelu(self.stem_conv0(x))  # [B, H/2, W/2, s0]
-        x = scaled_gelu(self.stem_conv1(x))
-        x = scaled_gelu(self.stem_conv2(x))
+        x = act(self.stem_conv0(x))  # [B, H/2, W/2, s0]
+        x = act(self.stem_conv1(x))
+        x = act(self.stem_conv2(x))
         x = self.stem_conv3(x)  # [B, H/4, W/4, s3]; each block applies its own activation
         for stage in self.stages:
             x = stage(x)
@@ -252,6 +270,6 @@ class NFNet(nnx.Module):
         """images [B, H, W, 3] -> tokens [B, (H/32)*(W/32), out_dim]."""
         x = self.features(images)  # [B, h, w, C]
         if self.final_conv is not None:
-            x = scaled_gelu(self.final_conv(x))  # [B, h, w, out_dim]
+            x = scaled_gelu(self.final_conv(x), self.spec.approximate_gelu)  # [B, h, w, out_dim]
         batch, h, w, channels = x.shape
         return x.reshape(batch, h * w, channels)

@@ -9,7 +9,9 @@ CLIP's (Radford et al. 2021, open_clip `VisionTransformer`):
 and the class token is dropped from the output: Flamingo's Resampler reads the
 patch grid, [B, (image_size/patch)^2, width]. CLIP's final projection `proj`
 maps only the pooled class token into the joint text-image space; it is not
-part of this encoder.
+part of this encoder. HF CLIP's `last_hidden_state` is the same grid without
+ln_post (its post_layernorm normalises the pooled class token only):
+`ViTConfig.norm_output=False` returns that, and the encoder has no ln_post.
 
 Every weight is `layers.Frozen`. The blocks are stacked on a leading 'layers'
 axis and run with `layers.scan_stack`, so depth does not grow the program.
@@ -31,11 +33,12 @@ the L per-block tensors are stacked on axis 0:
     blocks.ln_2.{scale,bias}            ln_2 | layer_norm2
     blocks.mlp.wi.{kernel,bias}         mlp.c_fc | mlp.fc1
     blocks.mlp.wo.{kernel,bias}         mlp.c_proj | mlp.fc2
-    ln_post.{scale,bias}                ln_post | post_layernorm
+    ln_post.{scale,bias}                ln_post | post_layernorm (only with norm_output)
 
 OpenAI CLIP checkpoints use `activation='quick_gelu'`; open_clip models trained
 with torch's erf GELU match `activation='gelu_exact'` exactly ('gelu' is the tanh
-approximation).
+approximation). The two tables live in `flamingo_jax/convert/` (open_clip_vit.py,
+hf_clip.py).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class ViTBlock(nnx.Module):
         width, heads = cfg.width, cfg.num_heads
         head_shape = (heads, width // heads)
         kw = dict(variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=True)
-        norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype)
+        norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype,
+                       eps=cfg.norm_eps)
         self.ln_1 = layers.LayerNorm(width, **norm_kw)
         self.query = layers.Dense(width, head_shape, axes=("embed", "heads", "kv"), **kw)
         self.key = layers.Dense(width, head_shape, axes=("embed", "heads", "kv"), **kw)
@@ -86,7 +90,7 @@ class ViT(nnx.Module):
 
     With `cfg.include_class_token` a learned class token is prepended (as CLIP,
     so its checkpoints load) and dropped from the output; without it the
-    encoder sees only patch tokens.
+    encoder sees only patch tokens. `cfg.norm_output` applies ln_post to them.
     """
 
     def __init__(self, cfg: ViTConfig, image_size: int, *, dtype: Any = jnp.float32,
@@ -113,13 +117,14 @@ class ViT(nnx.Module):
         self.positional_embedding = layers.make_variable(
             layers.Frozen, embed_init, rngs.params(), (self.num_prefix + self.num_patches, width), param_dtype,
             ("vit_positions", "embed"))
-        norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype)
+        norm_kw = dict(axis_name="embed", variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype,
+                       eps=cfg.norm_eps)
         self.ln_pre = layers.LayerNorm(width, **norm_kw)
         self.blocks = layers.stack_modules(
             lambda r: ViTBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
                                attention_implementation=attention_implementation),
             cfg.num_layers, rngs)
-        self.ln_post = layers.LayerNorm(width, **norm_kw)
+        self.ln_post = layers.LayerNorm(width, **norm_kw) if cfg.norm_output else None
 
     def patchify(self, images: Array) -> Array:
         """[B, S, S, 3] -> non-overlapping patches [B, N, p, p, 3], row-major over the grid."""
@@ -143,4 +148,5 @@ class ViT(nnx.Module):
 
         graphdef, state = nnx.split(self.blocks)
         x, _ = layers.scan_stack(graphdef, state, lambda block, h, _: (block(h), None), x)
-        return self.ln_post(x[:, self.num_prefix:])  # [B, N, W]: class token dropped
+        x = x[:, self.num_prefix:]  # [B, N, W]: class token dropped
+        return x if self.ln_post is None else self.ln_post(x)

@@ -1,0 +1,96 @@
+"""The converter's command line: one subcommand per component.
+
+    python -m flamingo_jax.convert vision --from=<file or dir> --format={hf_clip,open_clip,timm_nfnet} --out=<dir>
+    python -m flamingo_jax.convert vision --help
+
+Each subcommand has its own absl flags (`decoder` and `openflamingo` join as
+more entries of SUBCOMMANDS). Errors a user can cause print one message naming
+the problem and its fix, exit with status 1 (`flamingo_jax.cli`), and leave no
+output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable
+
+from absl import flags
+
+from flamingo_jax import cli
+from flamingo_jax.convert.errors import ConversionError
+
+USAGE = """usage: python -m flamingo_jax.convert <subcommand> [flags]
+
+subcommands:
+  vision   a vision encoder checkpoint (timm dm_nfnet_*, open_clip ViT, HF CLIP) -> an orbax backbone
+           checkpoint for config.backbones.vision
+
+`python -m flamingo_jax.convert <subcommand> --help` lists its flags."""
+
+
+def _vision_flags(fv: flags.FlagValues) -> None:
+    from flamingo_jax.convert import vision, writer
+
+    flags.DEFINE_string("from", None, "The source: a weights file (.safetensors, .bin, .pt, .pth), a shard index "
+                        "(*.index.json), or a directory holding one (and its config.json).", flag_values=fv)
+    flags.DEFINE_enum("format", None, sorted(vision.FAMILIES), "The source's family.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The orbax backbone checkpoint to write (a directory; refused if it exists).",
+                        flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (only once the new one is complete).",
+                      flag_values=fv)
+    flags.DEFINE_enum("dtype", "source", list(vision.DTYPES), "Dtype of the written weights ('source' keeps each "
+                      "tensor's; restoring casts to config.model.frozen_param_dtype either way).", flag_values=fv)
+    flags.DEFINE_integer("num_heads", None, "ViT attention heads, when the source does not record them.",
+                         flag_values=fv)
+    flags.DEFINE_enum("activation", None, ["quick_gelu", "gelu_exact", "gelu"], "ViT MLP activation, when the "
+                      "source does not record it (quick_gelu: OpenAI CLIP; gelu_exact: torch's nn.GELU).",
+                      flag_values=fv)
+    flags.DEFINE_bool("norm_output", None, "ViT: apply ln_post to the patch tokens (default: as the source "
+                      "family returns them: open_clip yes, HF CLIP's last_hidden_state no).", flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "NFNet: the image size to configure (its weights fit any multiple of "
+                         "32); ViT: checked against the positional embedding.", flag_values=fv)
+    flags.DEFINE_integer("buffer_mb", writer.DEFAULT_BUFFER_BYTES >> 20, "Weights gathered per orbax write, in "
+                         "MiB. Peak memory is about 2x max(this, the largest stacked weight): the group and "
+                         "orbax's buffer while it writes (3x with --compress).", flag_values=fv)
+    flags.DEFINE_bool("compress", False, "zstd-compress the written chunks: about 8% smaller files, for one more "
+                      "buffer of the group while writing and slower writes.", flag_values=fv)
+
+
+def _run_vision(fv: flags.FlagValues) -> int:
+    from flamingo_jax.convert import vision
+    from flamingo_jax.convert.families import Options
+
+    missing = [f"--{name}" for name in ("from", "format", "out") if fv[name].value is None]
+    if missing:
+        raise ConversionError(f"vision: {', '.join(missing)} required; see --help.")
+    options = Options(num_heads=fv.num_heads, activation=fv.activation, norm_output=fv.norm_output,
+                      image_size=fv.image_size)
+    record = vision.convert_vision(fv["from"].value, fv.format, fv.out, options=options, dtype=fv.dtype,
+                                   overwrite=fv.overwrite, buffer_bytes=max(fv.buffer_mb, 0) << 20,
+                                   compress=fv.compress)
+    print(vision.summary(record))
+    print(json.dumps({"out": record["out"], "overrides": record["overrides"]}))
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+    "vision": (_vision_flags, _run_vision),
+}
+
+
+def main(argv: list[str]) -> int:
+    """Runs `argv` ([program, subcommand, flags...]); returns the exit status."""
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if len(argv) >= 2 else 2
+    if argv[1] not in SUBCOMMANDS:
+        cli.fail(f"unknown subcommand {argv[1]!r}", USAGE, cli.USAGE_EXIT)
+    name = argv[1]
+    define, run = SUBCOMMANDS[name]
+    fv = flags.FlagValues()
+    define(fv)
+    rest = cli.parse(fv, [f"{argv[0]} {name}"] + list(argv[2:]), USAGE.replace("<subcommand>", name, 1))
+    if len(rest) > 1:
+        cli.fail(f"unexpected arguments {rest[1:]}; flags take the form --name=value.", USAGE, cli.USAGE_EXIT)
+    return run(fv)

@@ -1,0 +1,83 @@
+"""What every family module provides, and the helpers their architecture readers share.
+
+A family module (`timm_nfnet.py`, `open_clip_vit.py`, `hf_clip.py`; a decoder
+family the same way) defines
+
+    FORMAT              its --format name;
+    SIGNATURE           what identifies its checkpoints, in words (error messages);
+    looks_like(names)   whether a list of tensor names has that signature;
+    read_architecture(source, options) -> Architecture
+                        our config read from the source, and the table for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from flamingo_jax.convert.errors import ConversionError
+from flamingo_jax.convert.mapping import Table
+from flamingo_jax.models.config import VisionConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ACTIVATIONS = ("quick_gelu", "gelu_exact", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a user tells a converter that a source may not record (None: read it from the source)."""
+
+    num_heads: int | None = None  # ViT attention heads (a fused QKV weight does not show them)
+    activation: str | None = None  # ViT MLP activation: one of ACTIVATIONS
+    norm_output: bool | None = None  # ViT: ln_post on the patch tokens (default: the family's own output)
+    image_size: int | None = None  # NFNet: the resolution to configure (its weights fit any)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    vision: VisionConfig  # our encoder's config
+    table: Table
+    preprocessing: dict[str, Any]  # the image normalisation the weights were trained with
+    image_size: int | None  # the resolution the weights fix (ViT positions) or the user chose; None: any
+    assumptions: tuple[str, ...] = ()  # values not in the source, taken from defaults or options
+
+
+def layer_indices(names: list[str], pattern: str, what: str, path: str) -> list[int]:
+    """The sorted indices captured by `pattern`'s one group, checked to run 0..n-1 without gaps."""
+    indices = sorted({int(match.group(1)) for name in names if (match := re.fullmatch(pattern, name))})
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+        raise ConversionError(f"{path}: {what} {missing} are missing (found {indices}); the checkpoint is incomplete.")
+    return indices
+
+
+def choose(name: str, from_option: Any, from_source: Any, path: str, how_to: str) -> Any:
+    """A value the user passed, or else the one the source records; an error naming the flag if neither."""
+    if from_option is not None and from_source is not None and from_option != from_source:
+        raise ConversionError(f"--{name}={from_option} contradicts {path}, which records {from_source}; drop the flag.")
+    value = from_option if from_option is not None else from_source
+    if value is None:
+        raise ConversionError(f"{path} does not record the {name.replace('_', ' ')}; {how_to}")
+    return value
+
+
+def square_grid(positions: int, has_class_token: bool, path: str) -> int:
+    """The side of the patch grid a positional embedding with `positions` rows covers."""
+    patches = positions - (1 if has_class_token else 0)
+    side = int(round(patches**0.5))
+    if side * side != patches or side < 1:
+        raise ConversionError(f"{path}: the positional embedding has {positions} rows, not a square grid of patches "
+                              "(plus the class token); only square images are supported.")
+    return side
+
+
+def mlp_ratio(hidden: int, width: int, path: str) -> float:
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise ConversionError(f"{path}: MLP width {hidden} is not int({width} * ratio) for any float ratio our "
+                              "ViT config can hold.")
+    return ratio
