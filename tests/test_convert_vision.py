@@ -20,10 +20,10 @@ import pytest
 
 # transformers would otherwise import TensorFlow (installed for tf.data) for its TF models: 5 s.
 os.environ.setdefault("USE_TF", "0")
-import torchvision_cpu  # noqa: E402, F401  (before transformers / open_clip / timm import torchvision)
 import jax
 import jax.numpy as jnp
 import torch
+import torchvision_cpu  # noqa: E402, F401  (before transformers / open_clip / timm import torchvision)
 from flax import nnx
 
 from flamingo_jax import cli as flamingo_cli

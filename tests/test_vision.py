@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 from flamingo_jax.models import layers
-from flamingo_jax.models.config import NFNetConfig, ViTConfig
-from flamingo_jax.models.config import NFNET_VARIANTS
+from flamingo_jax.models.config import NFNET_VARIANTS, NFNetConfig, ViTConfig
 from flamingo_jax.models.nfnet import NFNet, NFStage, WSConv2D
 from flamingo_jax.models.vit import ViT
 

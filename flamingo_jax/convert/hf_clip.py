@@ -23,11 +23,20 @@ from __future__ import annotations
 
 from flamingo_jax.convert import transforms as t
 from flamingo_jax.convert.errors import ConversionError
-from flamingo_jax.convert.families import (ACTIVATIONS, CLIP_MEAN, CLIP_STD, Architecture, Options, choose,
-                                           layer_indices, mlp_ratio, square_grid)
+from flamingo_jax.convert.families import (
+    ACTIVATIONS,
+    CLIP_MEAN,
+    CLIP_STD,
+    Architecture,
+    Options,
+    choose,
+    layer_indices,
+    mlp_ratio,
+    square_grid,
+)
 from flamingo_jax.convert.mapping import Rule, Table, torch_dense, torch_layer_norm
 from flamingo_jax.convert.sources import TensorSource
-from flamingo_jax.models.config import ViTConfig, VisionConfig
+from flamingo_jax.models.config import VisionConfig, ViTConfig
 
 FORMAT = "hf_clip"
 SIGNATURE = "HF CLIP vision towers have vision_model.embeddings.patch_embedding.weight"

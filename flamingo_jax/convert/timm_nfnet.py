@@ -28,8 +28,7 @@ from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.families import IMAGENET_MEAN, IMAGENET_STD, Architecture, Options, layer_indices
 from flamingo_jax.convert.mapping import Rule, Table, torch_dense
 from flamingo_jax.convert.sources import TensorSource
-from flamingo_jax.models.config import NFNetConfig, VisionConfig
-from flamingo_jax.models.config import NFNET_VARIANTS
+from flamingo_jax.models.config import NFNET_VARIANTS, NFNetConfig, VisionConfig
 
 FORMAT = "timm_nfnet"
 SIGNATURE = "timm NFNets have stem.conv1.weight and stages.<s>.<b>.conv1.weight tensors"

@@ -30,6 +30,26 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpikeGuardConfig:
+    """Loss-spike rollback (training/spike_guard.py): off by default, on in the paper configs."""
+
+    enabled: bool = False
+    factor: float = 2.0  # a step whose loss exceeds factor x the median of the last `window` losses spikes
+    window: int = 100
+    patience: int = 3  # spiking steps in a row that trigger a rollback
+    max_rollbacks: int = 5  # per run; one more stops the run with a message
+    lr_scale: float = 1.0  # the learning rate is multiplied by this at each rollback
+
+    def validate(self, path: str = "train.spike_guard") -> "SpikeGuardConfig":
+        _require(self.factor > 1, f"{path}.factor", f"{self.factor} must be > 1.")
+        _require(self.window >= 2, f"{path}.window", f"{self.window} must be >= 2.")
+        _require(self.patience >= 1, f"{path}.patience", f"{self.patience} must be >= 1.")
+        _require(self.max_rollbacks >= 0, f"{path}.max_rollbacks", f"{self.max_rollbacks} must be >= 0.")
+        _require(0 < self.lr_scale <= 1, f"{path}.lr_scale", f"{self.lr_scale} must be in (0, 1].")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The optimisation recipe; the defaults are the paper's (appendix B.1.2)."""
 
@@ -51,8 +71,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates before the run saves and stops
     log_every: int = 10
     tensorboard: bool = True
+    spike_guard: SpikeGuardConfig = SpikeGuardConfig()
 
     def validate(self, path: str = "train") -> "TrainConfig":
+        self.spike_guard.validate(f"{path}.spike_guard")
         _require(self.steps >= 1, f"{path}.steps", f"{self.steps} must be >= 1 (the step to train up to).")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, f"{path}.learning_rate",
                  f"{self.learning_rate} must be a finite number > 0 (the paper's is 1e-4).")
@@ -204,3 +226,49 @@ class RunConfig:
 def defaults() -> dict[str, Any]:
     """`RunConfig()` as nested dicts: what `config_defaults.base()` starts from."""
     return dataclasses.asdict(RunConfig())
+
+
+# A resumed run must have been trained as the same model from the same seed; these fields
+# may not change on resume (everything else may: steps, mesh, batch sizes, learning rate, ...).
+MUST_MATCH_ON_RESUME = ("objective", "seed", "model.", "contrastive.text.")
+# Model fields that only change how the same weights are computed.
+COMPUTE_ONLY = ("model.remat_policy", "model.attention", "model.dtype")
+
+
+class ResumeMismatch(ConfigError):
+    """A checkpoint whose model or seed differs from the run that would resume it."""
+
+
+def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dataclass as {dotted field name: value}."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        name = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(flat_fields(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_changes(saved: Any, run: RunConfig, step: int) -> list[str]:
+    """The fields in which `run` differs from the `saved` config of the checkpoint at `step`
+    ('field: old -> new'), when resuming may change them; raises `ResumeMismatch` naming the
+    fields that may not change, before anything is restored."""
+    try:
+        before = RunConfig.from_config(saved)
+    except ConfigError as error:
+        raise ResumeMismatch(f"the checkpoint at step {step} was written with a config this version cannot read "
+                             f"({error}); resume it with the version that wrote it, or start a new --workdir.") from None
+    old, new = flat_fields(before), flat_fields(run)
+    changed = [name for name in new if old.get(name) != new[name]]
+    describe = lambda name: f"{name}: {old.get(name)!r} -> {new[name]!r}"
+    blocking = [name for name in changed if name.startswith(MUST_MATCH_ON_RESUME) and name not in COMPUTE_ONLY]
+    if blocking:
+        raise ResumeMismatch(
+            f"cannot resume the checkpoint at step {step}: it was trained with a different model or seed "
+            f"({'; '.join(describe(n) for n in blocking)}). Resume with the checkpoint's values, or start a new "
+            "--workdir; on resume only other fields may change (train.steps, the mesh, batch sizes, the "
+            "learning rate, ...).")
+    return [describe(name) for name in changed]

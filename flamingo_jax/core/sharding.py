@@ -115,7 +115,8 @@ def state_shardings(abstract_state: Any, param_shardings: Any, optimizer, mesh: 
 
     opt_state = optax.tree_map_params(optimizer, like_param, abstract_state.opt_state, param_shardings,
                                       transform_non_params=lambda _: replicated)
-    return abstract_state.replace(step=replicated, params=param_shardings, opt_state=opt_state, rng=replicated)
+    return abstract_state.replace(step=replicated, params=param_shardings, opt_state=opt_state, rng=replicated,
+                                  lr_scale=replicated)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

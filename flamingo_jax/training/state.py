@@ -21,8 +21,9 @@ class TrainState:
     params: Any  # trainable weights, pure dict
     opt_state: Any
     rng: jax.Array
+    lr_scale: jax.Array  # float32 []: multiplies every update (lowered by loss-spike rollbacks)
 
 
 def new_train_state(params: Any, optimizer, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)), lr_scale=jnp.ones((), jnp.float32))

@@ -66,12 +66,14 @@ def make_train_step(objective: Objective, parts: ModelParts, optimizer: optax.Gr
         grad_norm = optax.tree.norm(total_grads)
         finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(total_grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)  # = a scaled learning rate
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves parameters and optimizer state untouched.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state),
-                               rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]))
+                               rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+                               lr_scale=state.lr_scale)
         metrics.update(loss=total_loss, grad_norm=grad_norm, finite=finite, **objective.weight_metrics(state.params))
         return new_state, metrics
 

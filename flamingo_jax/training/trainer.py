@@ -29,7 +29,7 @@ from flamingo_jax.core.checkpoint import (
     gather_process_states,
     this_process_state,
 )
-from flamingo_jax.core.config import RunConfig
+from flamingo_jax.core.config import RunConfig, resume_changes
 from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.errors import UserError
@@ -37,8 +37,10 @@ from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.objectives import Objective, make_objective
 from flamingo_jax.training.optimizer import learning_rate_schedule
+from flamingo_jax.training.spike_guard import Spike, SpikeGuard
 from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
+from flamingo_jax.training.workdir_lock import WorkdirLock
 
 
 class TrainingStopped(UserError, RuntimeError):
@@ -149,9 +151,18 @@ class Trainer:
         init_state = jax.jit(lambda p: new_train_state(p, self.optimizer, run.seed),
                              in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)
         self._init_state = init_state.lower(abstract_with_shardings(abstract_params, self.param_shardings)).compile()
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=run.checkpoint.keep,
-                                         every_steps=run.checkpoint.every_steps,
-                                         async_save=run.checkpoint.async_save)
+        self.guard = SpikeGuard(train.spike_guard)
+        # ---- the workdir: one trainer at a time (process 0 holds the lock for the run)
+        self.lock = None
+        if jax.process_index() == 0 and "://" not in self.workdir:
+            self.lock = WorkdirLock(self.workdir).acquire()
+        try:
+            self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=run.checkpoint.keep,
+                                             every_steps=run.checkpoint.every_steps,
+                                             async_save=run.checkpoint.async_save)
+        except BaseException:
+            self._release_lock()
+            raise
 
     def _check_vocab(self) -> None:
         tokenizer = self.mixture.tokenizer
@@ -182,7 +193,9 @@ class Trainer:
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
         if not resuming:
             return self._init_state(params), frozen, {}
-        state, meta = self.checkpointer.restore(abstract_with_shardings(self.abstract_state, self.state_shardings))
+        state, meta = self.checkpointer.restore_usable(
+            abstract_with_shardings(self.abstract_state, self.state_shardings), check_meta=self._check_resumable)
+        self.guard.rollbacks = int(meta.get("rollbacks", 0))
         recorded = meta.get("backbones", {})
         if recorded != self.backbone_paths:
             logging.warning("resuming with backbones %s but the checkpoint was trained with %s",
@@ -191,8 +204,16 @@ class Trainer:
         logging.info("resumed from step %d in %s", int(state.step), self.checkpointer.directory)
         return state, frozen, meta
 
+    def _check_resumable(self, step: int, meta: dict[str, Any]) -> None:
+        """Before a checkpoint's arrays are read: its model and seed must be the run's (else a
+        clear error naming the fields); other changed settings are reported."""
+        changes = resume_changes(meta.get("config", {}), self.run_config, step)
+        if changes:
+            logging.warning("resuming step %d with changed settings: %s", step, "; ".join(changes))
+
     def _meta(self, state: TrainState, nonfinite_in_row: int) -> dict[str, Any]:
         return {
+            "rollbacks": self.guard.rollbacks,
             "step": int(state.step),
             "data": gather_process_states(self.mixture.get_state()),  # one per process (each reads its shard)
             "config": json.loads(self.config.to_json_best_effort()),
@@ -249,19 +270,27 @@ class Trainer:
             writer.write(step, scalars)
             if step % train.log_every == 0 or step == train.steps:
                 writer.progress(step, scalars, step_time, started, start_step)
+            return self.guard.observe(step, losses[step])
 
         with _PreemptionFlag() as preemption, activation_sharding(self.mesh, self.rules):
             step = start_step
-            while step < train.steps:
-                group = groups[step % len(groups)]
-                batches = self._next_batches(group)
-                step_started = time.time()
-                state, step_metrics = steps[group](state, frozen, batches)
-                if step == start_step:
-                    logging.info("first step (compile + run) took %.1f s", time.time() - step_started)
-                step += 1
-                if pending is not None:
-                    finish(*pending)
+            while True:
+                stepping = step < train.steps and not preempted
+                if stepping:
+                    group = groups[step % len(groups)]
+                    batches = self._next_batches(group)
+                    step_started = time.time()
+                    state, step_metrics = steps[group](state, frozen, batches)
+                    if step == start_step:
+                        logging.info("first step (compile + run) took %.1f s", time.time() - step_started)
+                    step += 1
+                spike = finish(*pending) if pending is not None else None  # the previous step's metrics
+                pending = None
+                if spike is not None:  # the step just dispatched, if any, is dropped with the spike
+                    state, step = self._roll_back(spike, writer)
+                    continue
+                if not stepping:
+                    break
                 tokens = sum(batch["tokens"].size for batch in batches.values())
                 if chip is not None and group not in model_flops and self.objective.name == "flamingo":
                     shapes = {name: flops.BatchShape.of(batch) for name, batch in batches.items()}
@@ -279,12 +308,9 @@ class Trainer:
                         f"skipped); saved step {step} in {self.checkpointer.directory}. Lower "
                         "train.learning_rate or check the data, then rerun to resume.")
                 if preemption.raised_anywhere():
-                    preempted = True
-                    break
-                if self.checkpointer.manager.should_save(step):
+                    preempted = True  # the next pass reads this step's metrics, then the loop ends
+                elif self.checkpointer.manager.should_save(step):
                     self.checkpointer.save(step, state, self._meta(state, nonfinite_in_row))
-            if pending is not None:
-                finish(*pending)
         if self.checkpointer.latest_step() != step:
             self.checkpointer.save(step, state, self._meta(state, nonfinite_in_row), force=True)
         self.checkpointer.wait()
@@ -302,6 +328,37 @@ class Trainer:
         self.last_state = state
         return RunResult(step=step, preempted=preempted, losses=losses)
 
+    def _roll_back(self, spike: Spike, writer: MetricsWriter) -> tuple[TrainState, int]:
+        """Restores the newest checkpoint from before `spike` began; the data stream stays where it
+        is, so the batches that caused the spike are skipped. Checkpoints written during the spike
+        are set aside. Returns the restored state and its step."""
+        guard = self.run_config.train.spike_guard
+        self.checkpointer.wait()
+        before = [s for s in self.checkpointer.manager.all_steps() if s < spike.first_step]
+        what = (f"loss spike at steps {spike.first_step}-{spike.last_step} (losses "
+                f"{', '.join(f'{v:.3f}' for v in spike.losses)} > {guard.factor} x the running median "
+                f"{spike.median:.3f})")
+        if self.guard.rollbacks >= guard.max_rollbacks or not before:
+            reason = (f"{self.guard.rollbacks} rollbacks already (train.spike_guard.max_rollbacks)" if before else
+                      "no checkpoint from before it to roll back to (lower checkpoint.every_steps)")
+            raise TrainingStopped(f"{what}; stopping: {reason}. The checkpoints in {self.checkpointer.directory} "
+                                  "are intact; check the data or lower train.learning_rate, then rerun to resume.")
+        target = max(before)
+        for later in sorted(s for s in self.checkpointer.manager.all_steps() if s > target):
+            self.checkpointer.set_aside(later)
+        state, _ = self.checkpointer.restore(abstract_with_shardings(self.abstract_state, self.state_shardings),
+                                             target)
+        state = state.replace(lr_scale=state.lr_scale * guard.lr_scale)
+        self.guard.rollbacks += 1
+        self.guard.reset_run()
+        writer.write(spike.last_step, {"rollback/to_step": target, "rollback/count": self.guard.rollbacks,
+                                       "rollback/median_loss": spike.median, "rollback/spike_loss": max(spike.losses),
+                                       "rollback/lr_scale": float(state.lr_scale)})
+        logging.warning("%s: rolled back to step %d (rollback %d of at most %d), skipping the batches since; "
+                        "learning rate x%.3g.", what, target, self.guard.rollbacks, guard.max_rollbacks,
+                        float(state.lr_scale))
+        return state, target
+
     def export(self, state: TrainState, frozen: Any) -> dict[str, str]:
         """Writes the backbones a pretraining objective produces, as the checkpoints that
         `config.backbones` reads: `<workdir>/backbones/<component>`. Returns {component: path}."""
@@ -313,6 +370,14 @@ class Trainer:
             logging.info("exported the pretrained %s to %s (config.backbones.%s)", component, path, component)
         return paths
 
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def close(self) -> None:
-        self.checkpointer.close()
-        self.mixture.close()
+        try:
+            self.checkpointer.close()
+            self.mixture.close()
+        finally:
+            self._release_lock()
