@@ -259,17 +259,16 @@ def test_damaged_shards_are_skipped_counted_logged_and_restored_exactly(tmp_path
         return Mixture({"pairs": make_pairs(pattern, tok)}, {"pairs": 1.0})
 
     reference = mixture()
-    batches = [next(reference)["pairs"] for _ in range(12)]  # 48 records: into the second epoch
-    for k in (3, 8):
-        run = mixture()
-        for _ in range(k):
-            next(run)
-        state = json.dumps(run.get_state())
-        restored = mixture()
-        restored.set_state(json.loads(state))
-        assert restored.skip_counts() == run.skip_counts()
-        assert_same([next(restored)["pairs"] for _ in range(12 - k)], batches[k:])
-        assert restored.skip_counts() == reference.skip_counts()
+    batches = [next(reference)["pairs"] for _ in range(14)]  # 56 records: well into the second epoch
+    run = mixture()
+    for _ in range(9):  # 36 records: past the first epoch's 34
+        next(run)
+    state = json.dumps(run.get_state())
+    restored = mixture()
+    restored.set_state(json.loads(state))
+    assert restored.skip_counts() == run.skip_counts()
+    assert_same([next(restored)["pairs"] for _ in range(5)], batches[9:])
+    assert restored.skip_counts() == reference.skip_counts()
     counts = reference.skip_counts()["pairs"]
     assert counts["corrupt_record"] >= 1 and counts["truncated_shard"] >= 1
 
