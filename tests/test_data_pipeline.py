@@ -293,3 +293,13 @@ def test_a_folder_with_two_shard_sets_of_one_name_is_refused(tmp_path, tok):
         shutil.copy(path, tmp_path / "a")
     with pytest.raises(ValueError, match=r"x-00000-of-00002\.tfrecord beside x-00000-of-00004\.tfrecord"):
         make_pairs(str(tmp_path / "a" / "x-*"), tok)
+
+
+def test_a_shard_that_vanishes_after_listing_is_skipped_and_counted(tmp_path, tok, caplog):
+    files = write_pairs(tmp_path, "pairs", 2, 8)  # shard 0: pairs 0, 2, 4, 6; shard 1: 1, 3, 5, 7
+    pipeline = make_pairs(str(tmp_path / "pairs-*"), tok, num_epochs=1, drop_remainder=False)
+    os.remove(files[1])
+    caplog.set_level(logging.WARNING)
+    seen = sorted(red_value(e["media"][0], PLAIN) - 10 for e in rows(collect(pipeline)))
+    assert seen == [0, 2, 4, 6] and nonzero(pipeline.skip_counts()) == {"unreadable_file": 1}
+    assert any(f"damaged data at byte 0 of {files[1]}: unreadable_file" in r.getMessage() for r in caplog.records)
