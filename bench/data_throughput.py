@@ -6,7 +6,9 @@ Without --data_dir it first writes a synthetic corpus to a temporary folder
 (`flamingo_jax.data.synthetic`). Each repeat builds a fresh pipeline, takes
 `--warmup` batches (graph tracing, buffer filling), then times `--batches`
 batches. Prints one JSON object: per pipeline median/min/max examples/s over
-the repeats, plus the machine, library versions and configuration.
+the repeats, CPU milliseconds per example (all the process's threads; steadier
+than wall time on a shared machine), plus the machine, library versions and
+configuration.
 """
 
 from __future__ import annotations
@@ -33,18 +35,26 @@ def _versions() -> dict:
 
 
 def measure(make_pipeline, batch_size: int, batches: int, warmup: int, repeats: int) -> dict:
-    rates = []
+    """Examples per second of wall time, and CPU milliseconds (all threads of this process) per
+    example: the second is the cost, and varies far less on a machine shared with other work."""
+    rates, cpu_ms = [], []
     for _ in range(repeats):
         pipeline = make_pipeline()
         for _ in range(warmup):
             next(pipeline)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(pipeline)
         rates.append(batches * batch_size / (time.perf_counter() - start))
+        cpu_ms.append((time.process_time() - cpu_start) * 1e3 / (batches * batch_size))
         pipeline.close()
-    return {"examples_per_s": {"median": round(statistics.median(rates), 1), "min": round(min(rates), 1),
-                               "max": round(max(rates), 1)}, "repeats": repeats, "batches_timed": batches}
+
+    def summary(values, digits):
+        return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+                "max": round(max(values), digits)}
+
+    return {"examples_per_s": summary(rates, 1), "cpu_ms_per_example": summary(cpu_ms, 2), "repeats": repeats,
+            "batches_timed": batches}
 
 
 def run(argv: list[str]) -> dict:

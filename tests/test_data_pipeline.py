@@ -1,12 +1,17 @@
-"""Shared pipeline machinery: determinism, save/restore, host sharding, counted skipping."""
+"""Shared pipeline machinery: determinism, save/restore, host sharding, counted skipping of bad
+records and of damaged files."""
 
 import json
 import logging
+import os
+import shutil
+import struct
 
 import numpy as np
 import pytest
 
 from flamingo_jax.data import formats, images, interleaved, pairs
+from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.data._tf import tf
 
 from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
@@ -44,6 +49,10 @@ def assert_same(batches_a, batches_b):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def nonzero(counts):
+    return {reason: count for reason, count in counts.items() if count}
 
 
 def take(pipeline, count):
@@ -149,7 +158,7 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, tok, caplog):
         assert tok.decode(example["tokens"][example["tokens"] != tok.pad_id]) == (
             f"good document {i}<EOC><image> fine<EOC>")
         assert red_value(example["media"][0], IMAGE_CONFIG) == 10 * i + 20
-    assert pipeline.skip_counts() == {"malformed": 1, "empty_text": 1, "no_image": 1, "too_many_images": 1,
+    assert nonzero(pipeline.skip_counts()) == {"malformed": 1, "empty_text": 1, "no_image": 1, "too_many_images": 1,
                                       "corrupt_image": 2}
     shard = str(tmp_path / "docs-00000-of-00001.tfrecord")
     messages = [r.getMessage() for r in caplog.records]
@@ -169,8 +178,7 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, tok, caplog):
         training=False, num_epochs=1, drop_remainder=False, process_index=0, process_count=1)
     pair_examples = rows(collect(pair_pipeline))
     assert [red_value(e["media"][0], IMAGE_CONFIG) for e in pair_examples] == [60, 62]
-    assert pair_pipeline.skip_counts() == {"malformed": 0, "empty_text": 1, "no_image": 1, "too_many_images": 0,
-                                           "corrupt_image": 1}
+    assert nonzero(pair_pipeline.skip_counts()) == {"empty_text": 1, "no_image": 1, "corrupt_image": 1}
 
 
 def test_a_stream_with_no_valid_record_raises_instead_of_hanging(tmp_path, tok):
@@ -188,3 +196,111 @@ def test_state_from_another_host_layout_is_refused(docs_pattern, tok):
     state = make(docs_pattern, tok, seed=1, process_index=0, process_count=2).get_state()
     with pytest.raises(ValueError, match="process_count=2 but this pipeline has process_count=1"):
         make(docs_pattern, tok, seed=1).set_state(state)
+
+
+# ---------------------------------------------------------------- damaged files
+PLAIN = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
+
+
+def write_pairs(directory, name, num_shards, count):
+    """`count` pairs over `num_shards` shards; pair i's image has red value i + 10, and sits in shard i % num_shards."""
+    with formats.ImageTextWriter(str(directory), name, num_shards) as writer:
+        for i in range(count):
+            writer.write(solid_png(i + 10), f"record {i}")
+    return sorted(str(p) for p in directory.glob(f"{name}-*.tfrecord"))
+
+
+def record_spans(path):
+    """(offset, data length) of every record of an intact shard, from the framing (12-byte header, 4-byte footer)."""
+    data, spans, at = open(path, "rb").read(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        spans.append((at, length))
+        at += 16 + length
+    return spans
+
+
+def flip_data_bytes(path, spans, count=48):
+    raw = bytearray(open(path, "rb").read())
+    for at, length in spans:
+        for i in range(at + 12 + 8, at + 12 + min(length, 8 + count)):
+            raw[i] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def make_pairs(pattern, tok, **kwargs):
+    return pairs.ImageTextPipeline(pattern, 4, tok, config=pairs.PairConfig(max_len=16, p_leading_space=0.0),
+                                   image_config=PLAIN, training=False, shuffle=True, shuffle_buffer=8, seed=5,
+                                   process_index=0, process_count=1, **kwargs)
+
+
+def test_damaged_shards_are_skipped_counted_logged_and_restored_exactly(tmp_path, tok, caplog):
+    files = write_pairs(tmp_path, "pairs", 4, 40)
+    crc_shard, cut_shard = files[1], files[2]
+    crc_offset, crc_length = record_spans(crc_shard)[3]  # the shard's 4th record: pair 1 + 4 * 3 = 13
+    flip_data_bytes(crc_shard, [(crc_offset, crc_length)])
+    spans, half = record_spans(cut_shard), os.path.getsize(cut_shard) // 2
+    whole = sum(at + 16 + length <= half for at, length in spans)  # records of the cut shard that survive
+    with open(cut_shard, "r+b") as f:
+        f.truncate(half)
+    lost = {13} | {2 + 4 * k for k in range(whole, len(spans))}
+    pattern = str(tmp_path / "pairs-*")
+
+    caplog.set_level(logging.WARNING)
+    one_epoch = make_pairs(pattern, tok, num_epochs=1, drop_remainder=False)
+    seen = [red_value(e["media"][0], PLAIN) - 10 for e in rows(collect(one_epoch))]
+    assert sorted(seen) == sorted(set(range(40)) - lost)  # every readable record, once, to the end
+    assert nonzero(one_epoch.skip_counts()) == {"corrupt_record": 1, "truncated_shard": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"damaged data at byte {crc_offset} of {crc_shard}: corrupt_record" in m for m in messages)
+    assert any(f"damaged data at byte {spans[whole][0]} of {cut_shard}: truncated_shard" in m for m in messages)
+
+    # An endless stream through the mixture: a restore mid-stream continues exactly, counts included.
+    def mixture():
+        return Mixture({"pairs": make_pairs(pattern, tok)}, {"pairs": 1.0})
+
+    reference = mixture()
+    batches = [next(reference)["pairs"] for _ in range(14)]  # 56 records: well into the second epoch
+    run = mixture()
+    for _ in range(9):  # 36 records: past the first epoch's 34
+        next(run)
+    state = json.dumps(run.get_state())
+    restored = mixture()
+    restored.set_state(json.loads(state))
+    assert restored.skip_counts() == run.skip_counts()
+    assert_same([next(restored)["pairs"] for _ in range(5)], batches[9:])
+    assert restored.skip_counts() == reference.skip_counts()
+    counts = reference.skip_counts()["pairs"]
+    assert counts["corrupt_record"] >= 1 and counts["truncated_shard"] >= 1
+
+
+def test_a_mostly_damaged_dataset_stops_with_a_message_naming_it(tmp_path, tok):
+    [shard] = write_pairs(tmp_path, "pairs", 1, 30)
+    flip_data_bytes(shard, [span for i, span in enumerate(record_spans(shard)) if i % 3])  # 20 of 30 damaged
+    strict = make_pairs(str(tmp_path / "pairs-*"), tok, max_skip_fraction=0.25, skip_check_min_records=8)
+    with pytest.raises(RuntimeError, match=r"dataset 'image_text': \d+ of \d+ records read were skipped \(\d+% > "
+                                           r"max_skip_fraction=0.25\): \{'corrupt_record': \d+\}") as error:
+        for _ in range(10):
+            next(strict)
+    assert shard in str(error.value) and len(str(error.value).splitlines()) <= 3
+    lenient = make_pairs(str(tmp_path / "pairs-*"), tok, num_epochs=1, drop_remainder=False, max_skip_fraction=1.0)
+    assert len(rows(collect(lenient))) == 10 and lenient.skip_counts()["corrupt_record"] == 20
+
+
+def test_a_folder_with_two_shard_sets_of_one_name_is_refused(tmp_path, tok):
+    write_pairs(tmp_path / "a", "x", 2, 4)
+    write_pairs(tmp_path / "b", "x", 4, 4)
+    for path in (tmp_path / "b").iterdir():
+        shutil.copy(path, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"x-00000-of-00002\.tfrecord beside x-00000-of-00004\.tfrecord"):
+        make_pairs(str(tmp_path / "a" / "x-*"), tok)
+
+
+def test_a_shard_that_vanishes_after_listing_is_skipped_and_counted(tmp_path, tok, caplog):
+    files = write_pairs(tmp_path, "pairs", 2, 8)  # shard 0: pairs 0, 2, 4, 6; shard 1: 1, 3, 5, 7
+    pipeline = make_pairs(str(tmp_path / "pairs-*"), tok, num_epochs=1, drop_remainder=False)
+    os.remove(files[1])
+    caplog.set_level(logging.WARNING)
+    seen = sorted(red_value(e["media"][0], PLAIN) - 10 for e in rows(collect(pipeline)))
+    assert seen == [0, 2, 4, 6] and nonzero(pipeline.skip_counts()) == {"unreadable_file": 1}
+    assert any(f"damaged data at byte 0 of {files[1]}: unreadable_file" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flamingo_jax.data import images, interleaved, pairs, prepare
+from flamingo_jax.data import images, interleaved, pairs, prepare, records
 
 from test_data_utils import collect, make_tokenizer, red_value, rows, solid_png
 
@@ -171,3 +172,151 @@ def test_command_line_prints_counts(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["written"] == 1 and stats["skipped"] == {}
     assert sorted(os.listdir(tmp_path / "out")) == [f"mine-0000{i}-of-00003.tfrecord" for i in range(3)]
+
+
+# ---------------------------------------------------------------- bad input: skipped and named, never fatal or silent
+def _doc(text="a red cat", value=30):
+    uri = "data:image/png;base64," + base64.b64encode(solid_png(value)).decode()
+    return {"texts": [text, None], "images": [None, uri]}
+
+
+def _jsonl(*rows):
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+
+
+# case -> (files to write, documents written, skip counts, a log line that names the file and place)
+INTERLEAVED_CASES = {
+    "a JSON line that is a bare number": (
+        {"d.jsonl": _jsonl(_doc(), b"5", _doc("two"))}, 2, {"malformed": 1}, "line 2 of {d.jsonl}: malformed"),
+    "a line that is not UTF-8": (
+        {"d.jsonl": _jsonl(_doc(), '{"texts": ["caf\xe9", null], "images": [null, "x.png"]}'.encode("latin-1"),
+                           _doc("two"))}, 2, {"bad_encoding": 1}, "line 2 of {d.jsonl}: bad_encoding"),
+    "fields of the wrong type": (
+        {"d.jsonl": _jsonl({"texts": 5, "images": None}, {"texts": [{"a": 1}, None], "images": [None, "x"]},
+                           _doc())}, 1, {"malformed": 2}, "line 1 of {d.jsonl}: malformed"),
+    "a .parquet file that is not parquet": (
+        {"a.jsonl": _jsonl(_doc()), "b.parquet": b"PAR1 this is not parquet"}, 1, {"unreadable_file": 1},
+        "skipping file {b.parquet}: unreadable_file"),
+    "a pretty-printed single-document .json": ({"d.json": json.dumps(_doc(), indent=2).encode()}, 1, {}, None),
+    "a pretty-printed list in a .jsonl": ({"d.jsonl": json.dumps([_doc(), _doc("b")], indent=1).encode()}, 2, {},
+                                          None),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERLEAVED_CASES))
+def test_interleaved_inputs_with_bad_rows_or_files(tmp_path, caplog, case):
+    files, written, skipped, logged = INTERLEAVED_CASES[case]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    caplog.set_level(logging.WARNING)
+    stats = prepare.import_interleaved(str(tmp_path / "*.json*") + "," + str(tmp_path / "*.parquet"),
+                                       str(tmp_path / "out"), 1)
+    assert (stats.written, stats.skipped) == (written, skipped)
+    if logged:
+        expected = logged
+        for name in files:
+            expected = expected.replace("{" + name + "}", str(tmp_path / name))
+        assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    [shard] = (tmp_path / "out").glob("interleaved-*")
+    assert sum(not r.damage for r in records.read_records(str(shard))) == written
+
+
+def _captions_csv(path, rows, header=("video_id", "caption", "frame_rate")):
+    with open(path, "wb") as f:
+        f.write(",".join(header).encode() + b"\n")
+        for row in rows:
+            f.write(row + b"\n")
+
+
+VIDEO_CASES = {
+    "frame_rate=fast": (b"v2,a dog,fast", {"bad_number": 1}, "line 3 of {csv}: bad_number (frame_rate='fast'"),
+    "frame_rate=-2": (b"v2,a dog,-2", {"bad_number": 1}, "line 3 of {csv}: bad_number (frame_rate='-2' must be"),
+    "a row that is not UTF-8": (b"v2,caf\xe9,1", {"bad_encoding": 1}, "line 3 of {csv}: bad_encoding"),
+    "a row with a missing column": (b"v2,a dog", {"malformed": 1}, "line 3 of {csv}: malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(VIDEO_CASES))
+def test_video_captions_with_bad_rows(tmp_path, caplog, case):
+    row, skipped, logged = VIDEO_CASES[case]
+    _frames(tmp_path / "v1", 2)
+    _frames(tmp_path / "v2", 2)
+    _captions_csv(tmp_path / "captions.csv", [b"v1,a cat,2", row])
+    caplog.set_level(logging.WARNING)
+    stats = prepare.import_video_frames(str(tmp_path / "captions.csv"), str(tmp_path / "out"), 1)
+    assert (stats.written, stats.skipped) == (1, skipped)
+    expected = logged.format(csv=tmp_path / "captions.csv")
+    assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_webdataset_with_a_file_that_is_not_a_tar_and_a_caption_that_is_not_utf8(tmp_path, caplog):
+    with tarfile.open(tmp_path / "a.tar", "w") as archive:
+        _add(archive, "s/000.png", solid_png(40))
+        _add(archive, "s/000.txt", b"a red square")
+        _add(archive, "s/001.png", solid_png(50))
+        _add(archive, "s/001.txt", b"caf\xe9")
+    (tmp_path / "b.tar").write_bytes(b"not a tar archive at all" * 40)
+    caplog.set_level(logging.WARNING)
+    stats = prepare.import_webdataset(str(tmp_path / "*.tar"), str(tmp_path / "out"), 1)
+    assert (stats.written, stats.skipped) == (1, {"bad_encoding": 1, "unreadable_file": 1})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"sample s/001 of {tmp_path / 'a.tar'}: bad_encoding" in m for m in messages)
+    assert any(f"skipping file {tmp_path / 'b.tar'}: unreadable_file" in m for m in messages)
+
+
+def _cli(capsys, kind, *flags):
+    code = prepare._main(["prepare", kind, *flags])
+    return code, capsys.readouterr().err.strip()
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_failed_import_never_touches_the_existing_dataset(tmp_path, capsys, monkeypatch):
+    (tmp_path / "d.jsonl").write_bytes(_jsonl(_doc(), _doc("b"), _doc("c"), _doc("d")))
+    out = tmp_path / "out"
+    assert _cli(capsys, "interleaved", f"--input={tmp_path / 'd.jsonl'}", f"--output_dir={out}",
+                "--num_shards=4")[0] == 0
+    before = _snapshot(out)
+    assert len(before) == 4
+
+    code, err = _cli(capsys, "interleaved", "--input=typo/*.jsonl", f"--output_dir={out}", "--num_shards=4")
+    assert code == 1 and "--input='typo/*.jsonl' matches no files" in err and len(err.splitlines()) <= 3
+    assert _snapshot(out) == before
+
+    (tmp_path / "bad.jsonl").write_bytes(_jsonl(b"1", b"[2]", b"not json"))
+    code, err = _cli(capsys, "interleaved", f"--input={tmp_path / 'bad.jsonl'}", f"--output_dir={out}",
+                     "--num_shards=4")
+    assert code == 1 and "no record of" in err and "bad.jsonl" in err and len(err.splitlines()) <= 3
+    assert _snapshot(out) == before
+
+    code, err = _cli(capsys, "interleaved", f"--input={tmp_path / 'd.jsonl'}", f"--output_dir={out}",
+                     "--num_shards=2")
+    assert code == 1 and "already holds dataset 'interleaved' as 4 shard(s)" in err and "--overwrite" in err
+    assert len(err.splitlines()) <= 3 and _snapshot(out) == before
+
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of an import
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return solid_png(30)
+
+    monkeypatch.setattr(prepare, "load_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.import_interleaved(str(tmp_path / "d.jsonl"), str(out), 4)
+    monkeypatch.undo()
+    assert _snapshot(out) == before  # no staging folder left either
+
+    assert _cli(capsys, "interleaved", f"--input={tmp_path / 'd.jsonl'}", f"--output_dir={out}", "--num_shards=2",
+                "--overwrite")[0] == 0
+    assert sorted(_snapshot(out)) == [f"interleaved-0000{i}-of-00002.tfrecord" for i in range(2)]
+
+
+def test_a_captions_file_without_the_needed_columns_is_refused_with_what_is_expected(tmp_path, capsys):
+    _captions_csv(tmp_path / "captions.csv", [b"v1,a cat"], header=("id", "description"))
+    code, err = _cli(capsys, "video_text", f"--input={tmp_path / 'captions.csv'}", f"--output_dir={tmp_path / 'o'}")
+    assert code == 1 and "columns ['id', 'description']" in err and "video_id, caption" in err
+    assert len(err.splitlines()) <= 3 and not (tmp_path / "o").exists()

@@ -74,3 +74,15 @@ def test_model_without_image_symbol_uses_plain_text_marker(tmp_path):
     # Text before the first marker sees nothing; text after marker i sees image i.
     assert (example.media_index[:starts[0]] == -1).all()
     assert (example.media_index[starts[0]:starts[1]] == 0).all()
+
+
+def test_training_on_an_empty_or_blank_corpus_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n\t\n")
+    for name in ("empty.txt", "blank.txt"):
+        with pytest.raises(ValueError, match=f"{name} holds no text"):
+            tokenizer.train([str(tmp_path / name)], str(tmp_path / "m"), 300, num_threads=1)
+    code = tokenizer._main(["tokenizer", "train", f"--input={tmp_path / 'empty.txt'}", f"--out={tmp_path / 'm'}"])
+    assert code == 1 and not (tmp_path / "m.model").exists()
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "empty.txt holds no text" in line

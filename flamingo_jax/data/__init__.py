@@ -3,7 +3,8 @@
 Modules, each one idea:
   tokenizer    SentencePiece + `<EOC>` (id vocab_size) + the `<image>` marker; `train` CLI
   formats      TFRecord schemas (interleaved docs, image-text, video-text) and their writers
-  images       decode, fit, mean-pad, normalise, augment (tf.data)
+  records      the TFRecord reader: checksum errors, cut-off and unreadable files become counted skips
+  images       one decoder (training and inference), fit, mean-pad, normalise, augment
   sequence     token roles, `<EOC>` placement, windows, media_index, loss_mask (numpy)
   pipeline     host sharding, deterministic order, resumable state, counted skipping
   interleaved  M3W-style documents -> batches

@@ -5,10 +5,16 @@ and count). Writers deal records round-robin over the shards, so record r is
 record r // num_shards of shard r % num_shards; hosts read whole shards, so
 write at least as many shards as there will be data-loading hosts.
 
+A folder holds one coherent shard set per dataset name: writers stage their
+shards in a hidden folder and move them into place only once every record is
+written, refusing (unless told to overwrite) a folder that already holds the
+name with another shard count; readers refuse a pattern that matches two
+shard sets of one name (`check_shard_sets`).
+
 Text is stored raw (UTF-8) and tokenised when read, so one set of records
-serves any vocabulary. Images are stored encoded (JPEG/PNG/GIF/BMP/WebP, as
-`tf.io.decode_image` reads them) and decoded when read, at the resolution the
-run asks for.
+serves any vocabulary. Images are stored encoded (JPEG/PNG/GIF/BMP/WebP; the
+importers re-encode other formats as PNG) and decoded when read
+(`images.decode_pixels`), at the resolution the run asks for.
 
 Schema `interleaved` (MMC4/OBELICS-style web documents; paper's M3W):
   segment_text      bytes list [S]  one entry per segment, in document order;
@@ -37,6 +43,8 @@ importers in `prepare.py` validate before writing).
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +64,40 @@ def shard_name(name: str, index: int, num_shards: int) -> str:
 def shard_pattern(directory: str, name: str) -> str:
     """The glob that matches every shard of dataset `name` in `directory`."""
     return os.path.join(directory, f"{name}-*-of-*.tfrecord")
+
+
+_SHARD_NAME = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+def parse_shard_name(path: str) -> tuple[str, int, int] | None:
+    """(dataset name, index, shard count) of a `shard_name` file, or None for other names."""
+    match = _SHARD_NAME.match(os.path.basename(path))
+    return (match["name"], int(match["index"]), int(match["count"])) if match else None
+
+
+def check_shard_sets(files: Sequence[str], what: str) -> list[str]:
+    """Raises if `files` hold one dataset name (in one folder) with two shard counts; returns
+    warnings for sets with shards missing. Files not named by `shard_name` are not checked."""
+    sets: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for path in files:
+        parsed = parse_shard_name(path)
+        if parsed:
+            sets.setdefault((os.path.dirname(path), parsed[0]), {}).setdefault(parsed[2], []).append(path)
+    warnings = []
+    for (directory, name), by_count in sorted(sets.items()):
+        if len(by_count) > 1:
+            first, second = (sorted(paths)[0] for _, paths in sorted(by_count.items())[:2])
+            counts = " and ".join(str(count) for count in sorted(by_count))
+            raise ValueError(
+                f"{what}: {directory} mixes shard sets of dataset {name!r} with {counts} shards "
+                f"({os.path.basename(first)} beside {os.path.basename(second)}), e.g. left by an import with "
+                "another --num_shards.\nKeep one set: delete the other's files, or import again with --overwrite."
+            )
+        [(count, paths)] = by_count.items()
+        if len(paths) < count:
+            warnings.append(f"{what}: {directory} holds {len(paths)} of the {count} shards of dataset {name!r}; "
+                            "an incomplete copy? Reading what is there.")
+    return warnings
 
 
 def list_files(pattern: str | Sequence[str]) -> list[str]:
@@ -191,25 +233,68 @@ def feature_spec(kind: str) -> dict[str, Any]:
 class ShardedWriter:
     """Writes serialised records round-robin into `num_shards` TFRecord shards.
 
-    Use as a context manager (or call `close`); shards are written under their
-    final names, so consumers should only start once the writer has closed.
+    Use as a context manager: the shards are written into a hidden staging
+    folder inside `output_dir` and moved into place when the block ends without
+    an error (or on `commit()`); an error, or an interrupted run, leaves
+    `output_dir` as it was (`discard()` removes the staging folder). Shards of
+    dataset `name` that `output_dir` already holds under another shard count
+    are refused before anything is written, unless `overwrite`, in which case
+    they are deleted once the new set is in place. Shards of the same count are
+    replaced.
     """
 
-    def __init__(self, output_dir: str, name: str, num_shards: int):
+    def __init__(self, output_dir: str, name: str, num_shards: int, *, overwrite: bool = False):
         if num_shards < 1:
             raise ValueError(f"num_shards={num_shards}: write at least one shard.")
         if not name or "/" in name:
             raise ValueError(f"dataset name {name!r} must be a non-empty file name prefix without '/'.")
-        tf().io.gfile.makedirs(output_dir)
+        self.output_dir, self.name, self.overwrite = output_dir, name, overwrite
         self.paths = [os.path.join(output_dir, shard_name(name, i, num_shards)) for i in range(num_shards)]
-        self._writers = [tf().io.TFRecordWriter(p) for p in self.paths]
+        self._stale()  # refuse early, before any input is read
+        self._staging = os.path.join(output_dir, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+        tf().io.gfile.makedirs(self._staging)
+        self._staged = [os.path.join(self._staging, os.path.basename(p)) for p in self.paths]
+        self._writers = [tf().io.TFRecordWriter(p) for p in self._staged]
         self.num_written = 0
+
+    def _stale(self) -> list[str]:
+        """Shards of this name in `output_dir` that the new set would not replace; raises unless overwrite."""
+        existing = tf().io.gfile.glob(shard_pattern(self.output_dir, self.name))
+        stale = sorted(set(existing) - set(self.paths))
+        if stale and not self.overwrite:
+            counts = sorted({parse_shard_name(p)[2] for p in stale if parse_shard_name(p)})
+            raise FileExistsError(
+                f"{self.output_dir} already holds dataset {self.name!r} as {' and '.join(map(str, counts))} shard(s) "
+                f"({os.path.basename(stale[0])}); writing {len(self.paths)} beside them would mix two shard sets.\n"
+                "Replace them with overwrite=True (prepare: --overwrite), or write to another folder or --name."
+            )
+        return stale
 
     def write_serialized(self, record: bytes) -> None:
         self._writers[self.num_written % len(self._writers)].write(record)
         self.num_written += 1
 
-    def close(self) -> None:
+    def commit(self) -> None:
+        """Moves the finished shards into place (and deletes stale ones under `overwrite`)."""
+        if not self._writers:
+            return
+        self._close_writers()
+        stale = self._stale()
+        for staged, final in zip(self._staged, self.paths, strict=True):
+            tf().io.gfile.rename(staged, final, overwrite=True)
+        for path in stale:
+            tf().io.gfile.remove(path)
+        tf().io.gfile.rmtree(self._staging)
+
+    def discard(self) -> None:
+        """Drops everything written; `output_dir` keeps what it held before."""
+        self._close_writers()
+        if tf().io.gfile.exists(self._staging):
+            tf().io.gfile.rmtree(self._staging)
+
+    close = commit
+
+    def _close_writers(self) -> None:
         for writer in self._writers:
             writer.close()
         self._writers = []
@@ -217,8 +302,11 @@ class ShardedWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 class InterleavedWriter(ShardedWriter):

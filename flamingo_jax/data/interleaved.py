@@ -88,32 +88,35 @@ class InterleavedPipeline(RecordPipeline):
         self.image_config = image_config
 
     def _sample(self, serialized: bytes, seed_ints: np.ndarray):
-        """Python step: parse, validate, tokenise, window; returns the chosen images' bytes."""
+        """Python step: parse, validate, tokenise, window; decodes the images the window keeps."""
         try:
             fields = formats.parse(serialized, self.kind)
             rng = numpy_rng(seed_ints) if self.training else None
             example, reason, detail = sample_document(fields, self.tokenizer, self.config, rng)
+            if example is not None:
+                chosen = [fields["image_encoded"][i] for i in example.images if i >= 0]
+                pixels, shapes, image_reason, image_detail = images.decode_all(chosen, self.image_config)
+                if image_reason:
+                    example, reason = None, REASON_CODE[image_reason]
+                    detail = f"an image in the window: {image_detail}"
         except Exception as error:  # noqa: BLE001 - one odd record must never stop a training run
             example, reason, detail = None, REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
         length, slots = self.config.max_len, self.config.max_images
         if example is None:
             zeros = np.zeros(length, np.int32)
             return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros(slots, bool),
-                    np.zeros([0], object), np.int32(reason), detail.encode())
-        chosen = [fields["image_encoded"][i] for i in example.images if i >= 0]
+                    np.zeros([0], np.uint8), np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
         return (example.tokens, example.targets, example.loss_mask, example.media_index, example.images >= 0,
-                np.array(chosen, dtype=object).reshape([len(chosen)]), np.int32(0), b"")
+                pixels, shapes, np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
         t = tf()
         length, slots, size = self.config.max_len, self.config.max_images, self.image_config.size
-        tokens, targets, loss_mask, media_index, media_mask, encoded, reason, detail = t.numpy_function(
+        tokens, targets, loss_mask, media_index, media_mask, pixels, shapes, reason, detail = t.numpy_function(
             self._python("_sample"), [example["serialized"], example["seed_ints"]],
-            [t.int32, t.int32, t.float32, t.int32, t.bool, t.string, t.int32, t.string], stateful=False)
-        decoded, decoded_ok = images.decode_images(
-            t.reshape(encoded, [-1]), self.image_config, self.training, example["seed"])
+            [t.int32, t.int32, t.float32, t.int32, t.bool, t.uint8, t.int32, t.int32, t.string], stateful=False)
+        decoded = images.prepare_decoded(pixels, shapes, self.image_config, self.training, example["seed"])
         padding = t.zeros([slots - t.shape(decoded)[0], size, size, 3], t.float32)
         media = t.reshape(t.concat([decoded, padding], 0), [slots, 1, size, size, 3])
         return assemble_example(tokens, targets, loss_mask, media_index, media,
-                                t.ensure_shape(media_mask, [slots]), reason, detail, decoded_ok, length,
-                                "an image in the window could not be decoded")
+                                t.ensure_shape(media_mask, [slots]), reason, detail, length)

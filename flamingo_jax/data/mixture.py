@@ -10,11 +10,15 @@ Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
   image_size    S, pixels of the square model input (e.g. 320)
   image_mean, image_std   optional per-channel constants (default: CLIP's)
   random_flip, color_jitter   optional bools (training augmentation; default True)
+  image_max_pixels   optional: larger images are skipped as `image_too_large` (default images.MAX_PIXELS)
   datasets      list of dataset specs, each a dict with the fields of `DatasetSpec`:
       dict(name="m3w", kind="interleaved", pattern="/data/m3w/m3w-*.tfrecord",
            batch_size=256, weight=1.0, max_len=256, max_images=5, p_next=0.5)
       dict(name="ltip", kind="image_text", pattern=..., batch_size=512, weight=0.2, max_len=32)
       dict(name="vtp", kind="video_text", pattern=..., batch_size=64, weight=0.03, num_frames=8, fps=1.0)
+  A dataset whose skipped records (bad records and damaged file stretches) pass
+  `max_skip_fraction` of those read (default 0.1, checked after
+  `skip_check_min_records`, default 1000) stops the run with an error naming it.
 
 Usage in a train loop:
   mixture = Mixture.from_config(config.data, seed=config.seed)   # this host's share
@@ -64,6 +68,9 @@ class DatasetSpec:
     image_size: int = 0  # 0 = the data config's image_size
     random_flip: bool | None = None  # None = the data config's
     color_jitter: bool | None = None  # None = the data config's
+    max_skip_fraction: float = 0.1  # more skipped records than this share stops the run (1.0: never)
+    skip_check_min_records: int = 1000  # ... once this many records were read
+
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | Any, position: int = 0) -> DatasetSpec:
@@ -83,6 +90,8 @@ class DatasetSpec:
             raise ValueError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
         if not np.isfinite(spec.weight) or spec.weight < 0:
             raise ValueError(f"{where}: weight={spec.weight} must be a finite number >= 0.")
+        if not 0.0 <= spec.max_skip_fraction <= 1.0:
+            raise ValueError(f"{where}: max_skip_fraction={spec.max_skip_fraction} must be in [0, 1] (1: no limit).")
         return spec
 
 
@@ -95,6 +104,8 @@ def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images
     image_config = dataclasses.replace(image_config, **overrides)
     max_len = spec.max_len or _DEFAULT_MAX_LEN[spec.kind]
     kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[spec.kind])
+    kwargs.setdefault("max_skip_fraction", spec.max_skip_fraction)
+    kwargs.setdefault("skip_check_min_records", spec.skip_check_min_records)
     common = dict(name=spec.name, image_config=image_config, **kwargs)
     if spec.kind == formats.INTERLEAVED:
         config = InterleavedConfig(max_len=max_len, max_images=spec.max_images, p_next=spec.p_next,
@@ -117,6 +128,8 @@ def image_config_from(data_config: Mapping[str, Any]) -> images.ImageConfig:
     for key in ("random_flip", "color_jitter"):
         if data_config.get(key) is not None:
             values[key] = bool(data_config[key])
+    if data_config.get("image_max_pixels") is not None:
+        values["max_pixels"] = int(data_config["image_max_pixels"])
     return images.ImageConfig(**values)
 
 
@@ -140,7 +153,8 @@ class Mixture:
                     num_epochs: int | None = None, tokenizer: Tokenizer | None = None) -> Mixture:
         """Builds this host's pipelines from `config.data` (see the module docstring)."""
         data_config = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
-        allowed = {"tokenizer", "image_size", "image_mean", "image_std", "random_flip", "color_jitter", "datasets"}
+        allowed = {"tokenizer", "image_size", "image_mean", "image_std", "random_flip", "color_jitter",
+                   "image_max_pixels", "datasets"}
         unknown = sorted(set(data_config) - allowed)
         if unknown:
             raise ValueError(f"data config: unknown field {unknown[0]!r}; valid fields are {sorted(allowed)}.")

@@ -98,6 +98,7 @@ class _PairPipeline(RecordPipeline):
         return ([0], "") if count == 1 else ([], f"{count} images; the schema has one")
 
     def _sample(self, serialized: bytes, seed_ints: np.ndarray):
+        """Python step: parse, validate, tokenise, pick the frames and decode them."""
         rng = numpy_rng(seed_ints)
         example, chosen = None, []
         try:
@@ -113,30 +114,32 @@ class _PairPipeline(RecordPipeline):
                     raise ValueError(detail)
                 chosen = [fields[self.media_field][i] for i in indices]
                 example = caption_example(caption, self.tokenizer, self.config, rng if self.training else None)
+                pixels, shapes, image_reason, image_detail = images.decode_all(chosen, self.image_config)
+                if image_reason:
+                    example, reason, detail = None, REASON_CODE[image_reason], f"the image: {image_detail}"
         except Exception as error:  # noqa: BLE001 - one odd record must never stop a training run
-            reason, detail = REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
+            example, reason, detail = None, REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
         if example is None:
             length = self.config.max_len
             zeros = np.zeros(length, np.int32)
-            return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros([0], object),
-                    np.int32(reason), detail.encode())
-        return (example.tokens, example.targets, example.loss_mask, example.media_index,
-                np.array(chosen, dtype=object).reshape([len(chosen)]), np.int32(0), b"")
+            return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros([0], np.uint8),
+                    np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
+        return (example.tokens, example.targets, example.loss_mask, example.media_index, pixels, shapes,
+                np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
         t = tf()
         length, size, frames = self.config.max_len, self.image_config.size, self.num_frames
-        tokens, targets, loss_mask, media_index, encoded, reason, detail = t.numpy_function(
+        tokens, targets, loss_mask, media_index, pixels, shapes, reason, detail = t.numpy_function(
             self._python("_sample"), [example["serialized"], example["seed_ints"]],
-            [t.int32, t.int32, t.float32, t.int32, t.string, t.int32, t.string], stateful=False)
+            [t.int32, t.int32, t.float32, t.int32, t.uint8, t.int32, t.int32, t.string], stateful=False)
         reason = t.reshape(reason, [])
-        decoded, decoded_ok = images.decode_images(t.reshape(encoded, [-1]), self.image_config, self.training,
-                                                   example["seed"], same_augmentation=True)
-        good = t.logical_and(reason == 0, decoded_ok)
-        media = t.cond(good, lambda: t.reshape(decoded, [1, frames, size, size, 3]),
+        decoded = images.prepare_decoded(pixels, shapes, self.image_config, self.training, example["seed"],
+                                         same_augmentation=True)
+        media = t.cond(reason == 0, lambda: t.reshape(decoded, [1, frames, size, size, 3]),
                        lambda: t.zeros([1, frames, size, size, 3], t.float32))
         return assemble_example(tokens, targets, loss_mask, media_index, media, t.ones([1], t.bool), reason,
-                                detail, decoded_ok, length, "the image could not be decoded")
+                                detail, length)
 
 
 class ImageTextPipeline(_PairPipeline):

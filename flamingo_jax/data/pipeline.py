@@ -2,9 +2,13 @@
 resumable state, and counted skipping of bad records.
 
 Stream, per host:
-  files matching the pattern, sorted; this host takes files[process_index::process_count]
+  files matching the pattern, sorted (one coherent shard set per dataset name,
+  see `formats.check_shard_sets`); this host takes files[process_index::process_count]
   -> per epoch: file order shuffled (stateless, from seed and epoch), records
-     interleaved across files, shuffled in a buffer (seeded by seed and epoch)
+     read by `records.read_records` (damage in a file, such as a checksum
+     mismatch, a cut-off record or a file that cannot be read, is an item of
+     the stream with its reason, so it is skipped and counted like a bad
+     record), interleaved across files, shuffled in a buffer (seeded by seed and epoch)
   -> each raw record gets its position in the epoch's stream: (epoch, position)
   -> [restore] skip the first `position` raw records of the saved epoch: only
      serialized bytes are skipped, nothing is parsed, tokenised or decoded
@@ -12,8 +16,8 @@ Stream, per host:
      deterministic); all randomness there is stateless, seeded by
      (seed, epoch, position), so an element is the same whether reached by
      running or by restoring
-  -> bad records (reason != 0) are logged with shard file and record index,
-     tallied and filtered out -> batch -> prefetch.
+  -> bad records (reason != 0) are logged with shard file and record index
+     (damage: with its byte offset), tallied and filtered out -> batch -> prefetch.
 
 State = (epoch, position after the last record of the last batch handed out,
 skip counts): a small JSON-serialisable dict. Restoring it rebuilds the stream
@@ -23,13 +27,17 @@ State is per host: save each host's state (e.g. keyed by process index).
 Skip tallies travel with the batches: a `scan` collects the reasons of the bad
 records since the last good one and attaches them to the next good record, so
 `skip_counts()` counts exactly the records behind the batches handed out (a
-finite stream ends with a sentinel that carries the tail's tally).
+finite stream ends with a sentinel that carries the tail's tally). A dataset
+that is mostly damaged stops the run: once `skip_check_min_records` records
+were read, more than `max_skip_fraction` of them skipped is an error naming the
+dataset and the files with the most skips.
 """
 
 from __future__ import annotations
 
 import abc
 import atexit
+import collections
 import gc
 import json
 import os
@@ -41,12 +49,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from flamingo_jax.data import formats
+from flamingo_jax.data import formats, images, records
 from flamingo_jax.data._tf import tf
 
-# Reason codes: 0 = good record; i > 0 = SKIP_REASONS[i - 1].
-SKIP_REASONS = ("malformed", "empty_text", "no_image", "too_many_images", "corrupt_image")
+# Reason codes: 0 = good record; i > 0 = SKIP_REASONS[i - 1]. Codes live inside one run's graph;
+# saved states and logs use the names.
+SKIP_REASONS = ("malformed", "empty_text", "no_image", "too_many_images", *images.DECODE_FAILURES,
+                *records.DAMAGE_KINDS)
 REASON_CODE = {name: i + 1 for i, name in enumerate(SKIP_REASONS)}
+_DAMAGE_CODE = {"": 0, **{kind: REASON_CODE[kind] for kind in records.DAMAGE_KINDS}}
 _SENTINEL = -1  # marks the end of a finite stream
 _STATE_VERSION = 1
 
@@ -96,6 +107,32 @@ def numpy_rng(seed_ints: np.ndarray) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=[(base << 32) | (epoch & 0xFFFFFFFF), position]))
 
 
+_READ_BATCH_RECORDS = 128  # records per call from the reader into tf.data (each call costs ~1 ms) ...
+_READ_BATCH_BYTES = 4 << 20  # ... or fewer, when they are large: bounds the read-ahead per open file
+
+
+def _file_records(path: bytes) -> Iterator[tuple[np.ndarray, ...]]:
+    """`records.read_records` for `tf.data.Dataset.from_generator`, in batches of columns
+    (index, offset, data, damage code, detail), to be unbatched in the graph."""
+    batch: list[records.Record] = []
+    size = 0
+    for record in records.read_records(path.decode("utf-8")):
+        batch.append(record)
+        size += len(record.data)
+        if len(batch) == _READ_BATCH_RECORDS or size >= _READ_BATCH_BYTES:
+            yield _columns(batch)
+            batch, size = [], 0
+    if batch:
+        yield _columns(batch)
+
+
+def _columns(batch: list[records.Record]) -> tuple[np.ndarray, ...]:
+    strings = lambda values: np.array(values, dtype=object)  # noqa: E731 - never numpy 'S': it drops trailing NULs
+    return (np.array([r.index for r in batch], np.int64), np.array([r.offset for r in batch], np.int64),
+            strings([r.data for r in batch]), np.array([_DAMAGE_CODE[r.damage] for r in batch], np.int32),
+            strings([r.detail.encode() for r in batch]))
+
+
 def _seed_int(*parts: Any) -> int:
     """A stable 31-bit seed from parts (crc32, not Python's salted hash)."""
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
@@ -103,6 +140,10 @@ def _seed_int(*parts: Any) -> int:
 
 class RecordPipeline(abc.ABC):
     """Base of the per-kind pipelines: an iterator of batches (dicts of numpy arrays).
+
+    `max_skip_fraction` of the records read may be skipped (bad records and
+    damaged stretches of files alike) before the pipeline stops with an error;
+    the check starts after `skip_check_min_records` records.
 
     `training` turns on every augmentation (image flips and colour jitter, random
     interleaved windows, p_next, the leading space of captions, random video
@@ -114,9 +155,9 @@ class RecordPipeline(abc.ABC):
     RNG seed), 'seed_ints' (int64 [3], (seed, epoch, position) for numpy
     RNGs). The result holds the model fields (fixed shapes), 'reason' (int32
     scalar) and 'detail' (string scalar, for the log line). The subclasses
-    parse, validate and tokenise in one Python step (`tf.numpy_function`,
-    where a bad record is a return code, not an exception) and decode only
-    the images that step chose, in the graph.
+    parse, validate, tokenise and decode the images they keep in one Python
+    step (`tf.numpy_function`, where a bad record is a return code, not an
+    exception), then resize, augment and normalise those images in the graph.
     """
 
     kind: str = ""
@@ -138,12 +179,17 @@ class RecordPipeline(abc.ABC):
         cycle_length: int = 8,
         num_parallel_calls: int | None = None,
         prefetch: int = 2,
+        max_skip_fraction: float = 0.1,
+        skip_check_min_records: int = 1000,
     ):
         self.name = name or self.kind
         if batch_size < 1:
             raise ValueError(f"dataset {self.name!r}: batch_size={batch_size} must be >= 1.")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"dataset {self.name!r}: num_epochs={num_epochs} must be >= 1 or None (forever).")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"dataset {self.name!r}: max_skip_fraction={max_skip_fraction} must be in [0, 1] "
+                             "(1 turns the check off).")
         if process_index is None or process_count is None:
             default_index, default_count = default_process()
             process_index = default_index if process_index is None else process_index
@@ -154,9 +200,11 @@ class RecordPipeline(abc.ABC):
                 f"dataset {self.name!r}: no files match {pattern!r}; check the path, or write shards with "
                 "`python -m flamingo_jax.data.prepare` or `python -m flamingo_jax.data.synthetic`."
             )
+        for problem in formats.check_shard_sets(all_files, f"dataset {self.name!r} ({pattern!r})"):
+            logging.warning("%s", problem)
         self.files = host_files(all_files, process_index, process_count, f"dataset {self.name!r} ({pattern!r})")
-        if sum(tf().io.gfile.stat(f).length for f in self.files) == 0:
-            raise ValueError(f"dataset {self.name!r}: this host's files {self.files} are all empty.")
+        if all(_file_size(f) == 0 for f in self.files):
+            raise ValueError(f"dataset {self.name!r}: this host's files {self.files} are all empty (or unreadable).")
         self.pattern = pattern
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -170,11 +218,15 @@ class RecordPipeline(abc.ABC):
         self.cycle_length = cycle_length
         self.num_parallel_calls = num_parallel_calls
         self.prefetch = prefetch
+        self.max_skip_fraction = float(max_skip_fraction)
+        self.skip_check_min_records = int(skip_check_min_records)
         self._base_seed = _seed_int(self.seed, self.name, process_index)
         self._epoch = 0
         self._position = 0
         self._batches = 0
+        self._records = 0  # good records handed out in batches
         self._skips = np.zeros(len(SKIP_REASONS), np.int64)
+        self._skips_by_file: collections.Counter[str] = collections.Counter()  # for error messages only
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
 
     # ------------------------------------------------------------ to implement
@@ -213,7 +265,25 @@ class RecordPipeline(abc.ABC):
                 continue  # only the end of a finite stream is short
             self._epoch, self._position = int(epochs[-1]), int(positions[-1]) + 1
             self._batches += 1
+            self._records += len(epochs)
+            self._check_skip_fraction()
             return batch
+
+    def _check_skip_fraction(self) -> None:
+        skipped = int(self._skips.sum())
+        seen = skipped + self._records
+        if seen < max(1, self.skip_check_min_records) or skipped <= self.max_skip_fraction * seen:
+            return
+        self.close()
+        worst = ", ".join(f"{path} ({count})" for path, count in self._skips_by_file.most_common(3))
+        counts = {reason: count for reason, count in self.skip_counts().items() if count}
+        raise RuntimeError(
+            f"dataset {self.name!r}: {skipped} of {seen} records read were skipped ({skipped / seen:.0%} > "
+            f"max_skip_fraction={self.max_skip_fraction}): {counts}; most in {worst or 'its files'} "
+            f"({len(self.files)} files from {self.pattern!r}).\n"
+            "Repair or re-import those files (python -m flamingo_jax.data.prepare), leave them out of the pattern, "
+            "or raise this dataset's max_skip_fraction."
+        )
 
     def close(self) -> None:
         """Stops the background tf.data work; iterating again restarts from the current state."""
@@ -244,6 +314,7 @@ class RecordPipeline(abc.ABC):
             "epoch": self._epoch,
             "position": self._position,
             "batches": self._batches,
+            "records": self._records,
             "skip_counts": self.skip_counts(),
         }
 
@@ -264,6 +335,7 @@ class RecordPipeline(abc.ABC):
                 )
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
         self._batches = int(state.get("batches", 0))
+        self._records = int(state.get("records", self._batches * self.batch_size))
         counts = state.get("skip_counts", {})
         self._skips = np.array([int(counts.get(reason, 0)) for reason in SKIP_REASONS], np.int64)
         self.close()
@@ -293,22 +365,25 @@ class RecordPipeline(abc.ABC):
         cycle_length = max(1, min(self.cycle_length, num_files))
 
         def read_file(path):
-            records = t.data.TFRecordDataset(path, buffer_size=1 << 20)
-            return records.enumerate().map(lambda index, record: (path, index, record))
+            items = t.data.Dataset.from_generator(_file_records, args=(path,), output_signature=(
+                t.TensorSpec([None], t.int64), t.TensorSpec([None], t.int64), t.TensorSpec([None], t.string),
+                t.TensorSpec([None], t.int32), t.TensorSpec([None], t.string))).unbatch()
+            return items.map(lambda index, offset, data, damage, detail: (path, index, offset, data, damage, detail))
 
         def epoch_records(epoch):
             order = t.range(num_files)
             if shuffle:
                 order = t.random.experimental.stateless_shuffle(order, seed=t.stack([base_seed, epoch]))
             parallel = {"num_parallel_calls": cycle_length, "deterministic": True} if cycle_length > 1 else {}
-            records = t.data.Dataset.from_tensor_slices(t.gather(files, order)).interleave(
+            raw = t.data.Dataset.from_tensor_slices(t.gather(files, order)).interleave(
                 read_file, cycle_length=cycle_length, block_length=1, **parallel)
             if shuffle and buffer > 1:
-                records = records.shuffle(buffer, seed=(base_seed * 1_000_003 + epoch * 7_919 + 1) % 2_147_483_647)
-            records = records.enumerate().skip(
+                raw = raw.shuffle(buffer, seed=(base_seed * 1_000_003 + epoch * 7_919 + 1) % 2_147_483_647)
+            raw = raw.enumerate().skip(
                 t.where(epoch == start_epoch, t.constant(start_position, t.int64), t.constant(0, t.int64)))
-            return records.map(lambda position, r: {
-                "epoch": epoch, "position": position, "file": r[0], "index": r[1], "serialized": r[2]})
+            return raw.map(lambda position, r: {
+                "epoch": epoch, "position": position, "file": r[0], "index": r[1], "offset": r[2],
+                "serialized": r[3], "damage": r[4], "damage_detail": r[5]})
 
         last_epoch = (1 << 62) if self.num_epochs is None else self.num_epochs
         stream = t.data.Dataset.range(start_epoch, last_epoch).flat_map(epoch_records)
@@ -321,11 +396,14 @@ class RecordPipeline(abc.ABC):
                 t.stack([base_seed, example["epoch"]]), example["position"])
             example = dict(example, seed=seed,
                            seed_ints=t.stack([base_seed, example["epoch"], example["position"]]))
-            out = pipeline._process(example)
-            reason = t.cond(out["reason"] > 0,
-                            lambda: t.numpy_function(log_skip, [out["reason"], example["file"], example["index"],
-                                                                out["detail"]], t.int32, stateful=True),
-                            lambda: out["reason"])
+            out = pipeline._process(example)  # a damage item has empty bytes: a cheap skip, overruled here
+            damaged = example["damage"] > 0
+            reason = t.where(damaged, example["damage"], t.reshape(out["reason"], []))
+            detail = t.where(damaged, example["damage_detail"], t.reshape(out["detail"], []))
+            reason = t.cond(reason > 0,
+                            lambda: t.numpy_function(log_skip, [reason, example["file"], example["index"],
+                                                                example["offset"], detail], t.int32, stateful=True),
+                            lambda: reason)
             out = {k: v for k, v in out.items() if k not in ("reason", "detail")}
             out.update(_reason=t.reshape(reason, []), _epoch=example["epoch"], _position=example["position"])
             return out
@@ -372,23 +450,24 @@ class RecordPipeline(abc.ABC):
         options.autotune.enabled = False
         return batches.with_options(options)
 
-    def _log_skip(self, reason: np.ndarray, path: bytes, index: np.ndarray, detail: bytes) -> np.ndarray:
-        name = SKIP_REASONS[int(reason) - 1]
-        logging.warning("dataset %r: skipping record %d of %s: %s%s", self.name, int(index),
-                        path.decode("utf-8", "replace"), name,
-                        f" ({detail.decode('utf-8', 'replace')})" if detail else "")
+    def _log_skip(self, reason: np.ndarray, path: bytes, index: np.ndarray, offset: np.ndarray,
+                  detail: bytes) -> np.ndarray:
+        name, file = SKIP_REASONS[int(reason) - 1], path.decode("utf-8", "replace")
+        explained = f" ({detail.decode('utf-8', 'replace')})" if detail else ""
+        self._skips_by_file[file] += 1
+        if name in records.DAMAGE_KINDS:
+            logging.warning("dataset %r: skipping damaged data at byte %d of %s: %s%s", self.name, int(offset),
+                            file, name, explained)
+        else:
+            logging.warning("dataset %r: skipping record %d of %s: %s%s", self.name, int(index), file, name,
+                            explained)
         return np.asarray(reason, np.int32)
 
 
-def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask, reason, detail, decoded_ok,
-                     length: int, undecodable: str) -> dict[str, Any]:
-    """One record's batch fields (graph mode); an image that failed to decode turns a
-    good record into a counted `corrupt_image` skip, explained by `undecodable`."""
+def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask, reason, detail,
+                     length: int) -> dict[str, Any]:
+    """One record's batch fields (graph mode), with its reason and detail for the skip log."""
     t = tf()
-    reason = t.reshape(reason, [])
-    reason = t.where(t.logical_and(reason == 0, t.logical_not(decoded_ok)), REASON_CODE["corrupt_image"], reason)
-    detail = t.where(t.logical_and(t.strings.length(t.reshape(detail, [])) == 0, reason > 0), undecodable,
-                     t.reshape(detail, []))
     return {
         "tokens": t.ensure_shape(tokens, [length]),
         "targets": t.ensure_shape(targets, [length]),
@@ -396,8 +475,8 @@ def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask,
         "media_index": t.ensure_shape(media_index, [length]),
         "media": media,
         "media_mask": media_mask,
-        "reason": reason,
-        "detail": detail,
+        "reason": t.reshape(reason, []),
+        "detail": t.reshape(detail, []),
     }
 
 
@@ -412,6 +491,14 @@ def _sentinel_like(spec: dict[str, Any]) -> dict[str, Any]:
             element[key] = t.zeros(s.shape, s.dtype)
     element["_reason"] = t.constant(_SENTINEL, t.int32)
     return element
+
+
+def _file_size(path: str) -> int:
+    """Bytes in `path`; 0 for a file that cannot be stat'ed (the reader reports it as unreadable)."""
+    try:
+        return tf().io.gfile.stat(path).length
+    except (tf().errors.OpError, OSError):
+        return 0
 
 
 def text_reason(texts: Sequence[Any], num_images: int, max_images: int | None) -> tuple[int, str]:

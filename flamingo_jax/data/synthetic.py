@@ -436,18 +436,21 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
         return encode_image(array, "JPEG", quality=90)
 
     texts: list[str] = []
-    with formats.ImageTextWriter(os.path.join(out_dir, "image_text"), "image_text", num_shards) as writer:
+    with formats.ImageTextWriter(os.path.join(out_dir, "image_text"), "image_text", num_shards,
+                                 overwrite=True) as writer:
         for i in range(num_examples):
             scene = random_scene(streams[0])
             text = caption(scene, streams[0])
             writer.write(encode(render(scene, image_size)), text, example_id=f"pair-{i}")
             texts.append(text)
-    with formats.InterleavedWriter(os.path.join(out_dir, "interleaved"), "interleaved", num_shards) as writer:
+    with formats.InterleavedWriter(os.path.join(out_dir, "interleaved"), "interleaved", num_shards,
+                                   overwrite=True) as writer:
         for i in range(num_documents):
             items, doc_texts = interleaved_document(streams[1], image_size, encode)
             writer.write(items, doc_id=f"doc-{i}")
             texts.append(" ".join(doc_texts))
-    with formats.VideoTextWriter(os.path.join(out_dir, "video_text"), "video_text", num_shards) as writer:
+    with formats.VideoTextWriter(os.path.join(out_dir, "video_text"), "video_text", num_shards,
+                                 overwrite=True) as writer:
         for i in range(num_videos):
             frames, text = video(streams[2], image_size, frames_per_video)
             writer.write([encode(f) for f in frames], video_fps, text, example_id=f"video-{i}")

@@ -34,6 +34,7 @@ Command line (trains a model with byte fallback and `<image>` as a symbol):
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -168,6 +169,9 @@ def train(
     for path in input_files:
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer training input {path!r} does not exist.")
+    if not any(_holds_text(path) for path in input_files):
+        raise ValueError(f"tokenizer training input {', '.join(input_files)} holds no text: give UTF-8 text files "
+                         "with one sentence or paragraph per line.")
     if vocab_size < 262:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 byte pieces plus "
@@ -196,14 +200,24 @@ def train(
             minloglevel=2,
         )
     except RuntimeError as error:
-        message = str(error)
+        message = " ".join(str(error).split())
+        most = re.search(r"value <= (\d+)", message)
         if "Vocabulary size" in message:
             raise ValueError(
-                f"vocab_size={vocab_size} is more pieces than the training text supports ({message.strip()}); "
-                "lower --vocab_size or train on more text."
+                f"vocab_size={vocab_size} is more pieces than the training text supports"
+                f"{f' (at most {most[1]})' if most else ''}; lower --vocab_size or train on more text."
             ) from error
-        raise
+        raise ValueError(f"SentencePiece could not train on {', '.join(input_files)}: {message}") from error
     return model_prefix + ".model"
+
+
+def _holds_text(path: str) -> bool:
+    """Whether the file has a non-whitespace character (read in blocks: corpora can be large)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            if block.strip():
+                return True
+    return False
 
 
 def _main(argv: list[str]) -> int:
@@ -225,8 +239,12 @@ def _main(argv: list[str]) -> int:
     if not flag_values.input or not flag_values.out:
         print("--input and --out are required.", file=sys.stderr)
         return 2
-    path = train(flag_values.input, flag_values.out, flag_values.vocab_size, model_type=flag_values.model_type,
-                 character_coverage=flag_values.character_coverage, num_threads=flag_values.num_threads or None)
+    try:
+        path = train(flag_values.input, flag_values.out, flag_values.vocab_size, model_type=flag_values.model_type,
+                     character_coverage=flag_values.character_coverage, num_threads=flag_values.num_threads or None)
+    except (ValueError, OSError) as error:
+        print(f"tokenizer train: {error}", file=sys.stderr)
+        return 1
     tokenizer = Tokenizer(path)
     print(f"wrote {path}: {tokenizer}")
     return 0

@@ -116,26 +116,27 @@ class MediaLoader:
     def __call__(self, media: Media) -> np.ndarray:
         if media.frames is not None:
             chosen = _evenly_spaced(list(media.frames), self.num_frames)
-            return np.stack([self._prepare(self._read(path)) for path in chosen])
+            return np.stack([self._prepare(self.read(path)) for path in chosen])
         if media.path is not None:
-            return self._prepare(self._read(media.path))[None]
+            return self._prepare(self.read(media.path))[None]
         array = np.asarray(media.array)
         if array.ndim == 4:  # video frames
             return np.stack([self._prepare(frame) for frame in _evenly_spaced(list(array), self.num_frames)])
         return self._prepare(array)[None]
 
-    @staticmethod
-    def _read(path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
+    def read(self, path: Path) -> np.ndarray:
+        """uint8 pixels [H, W, 3] of an image file, decoded as the training pipelines decode it."""
         try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
+            data = Path(path).read_bytes()
         except FileNotFoundError as error:
             raise PromptError(f"image {path} does not exist.") from error
-        except (UnidentifiedImageError, OSError) as error:
-            raise PromptError(f"image {path} cannot be decoded ({error}); is it a corrupt or non-image file?") \
-                from error
+        except OSError as error:
+            raise PromptError(f"image {path} cannot be read ({error}).") from error
+        try:
+            return image_ops.decode_pixels(data, self.config.background, self.config.max_pixels)
+        except image_ops.ImageDecodeError as error:
+            raise PromptError(f"image {path} cannot be decoded ({error.reason}: {error}); is it a corrupt or non-image "
+                              "file?") from error
 
     def _prepare(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:

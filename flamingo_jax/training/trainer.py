@@ -262,6 +262,8 @@ class Trainer:
                            step_time=step_time)
             if group in model_flops:
                 scalars["mfu"] = flops.mfu(model_flops[group], max(step_time, 1e-9), self.mesh.size, chip)
+            scalars.update({f"skipped/{name}/{reason}": count for name, counts in self.mixture.skip_counts().items()
+                            for reason, count in counts.items() if count})  # records and file damage, so far
             losses[step] = float(scalars["loss"])
             nonfinite_in_row = 0 if bool(scalars["finite"]) else nonfinite_in_row + 1
             if not bool(scalars["finite"]):
