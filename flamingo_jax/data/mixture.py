@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from flamingo_jax.data import formats, images
+from flamingo_jax.data.errors import DataError
 from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
 from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
 from flamingo_jax.data.pipeline import RecordPipeline
@@ -79,19 +80,19 @@ class DatasetSpec:
         where = f"data.datasets[{position}] ({values.get('name', '?')!r})"
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r}; valid fields are {sorted(fields)}.")
+            raise DataError(f"{where}: unknown field {unknown[0]!r}; valid fields are {sorted(fields)}.")
         missing = [f for f in ("name", "kind", "pattern", "batch_size") if f not in values]
         if missing:
-            raise ValueError(f"{where}: missing required field {missing[0]!r}.")
+            raise DataError(f"{where}: missing required field {missing[0]!r}.")
         spec = cls(**values)
         if spec.kind not in formats.KINDS:
-            raise ValueError(f"{where}: kind={spec.kind!r} is unknown; use one of {formats.KINDS}.")
+            raise DataError(f"{where}: kind={spec.kind!r} is unknown; use one of {formats.KINDS}.")
         if spec.batch_size < 1:
-            raise ValueError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
+            raise DataError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
         if not np.isfinite(spec.weight) or spec.weight < 0:
-            raise ValueError(f"{where}: weight={spec.weight} must be a finite number >= 0.")
+            raise DataError(f"{where}: weight={spec.weight} must be a finite number >= 0.")
         if not 0.0 <= spec.max_skip_fraction <= 1.0:
-            raise ValueError(f"{where}: max_skip_fraction={spec.max_skip_fraction} must be in [0, 1] (1: no limit).")
+            raise DataError(f"{where}: max_skip_fraction={spec.max_skip_fraction} must be in [0, 1] (1: no limit).")
         return spec
 
 
@@ -139,9 +140,9 @@ class Mixture:
     def __init__(self, pipelines: Mapping[str, RecordPipeline], weights: Mapping[str, float], *,
                  tokenizer: Tokenizer | None = None, specs: Mapping[str, DatasetSpec] | None = None):
         if not pipelines:
-            raise ValueError("a data mixture needs at least one dataset (data.datasets is empty).")
+            raise DataError("a data mixture needs at least one dataset (data.datasets is empty).")
         if set(pipelines) != set(weights):
-            raise ValueError(f"pipelines {sorted(pipelines)} and weights {sorted(weights)} name different datasets.")
+            raise DataError(f"pipelines {sorted(pipelines)} and weights {sorted(weights)} name different datasets.")
         self.pipelines = dict(pipelines)
         self.weights = {name: float(w) for name, w in weights.items()}
         self.tokenizer = tokenizer
@@ -157,15 +158,15 @@ class Mixture:
                    "image_max_pixels", "datasets"}
         unknown = sorted(set(data_config) - allowed)
         if unknown:
-            raise ValueError(f"data config: unknown field {unknown[0]!r}; valid fields are {sorted(allowed)}.")
+            raise DataError(f"data config: unknown field {unknown[0]!r}; valid fields are {sorted(allowed)}.")
         if tokenizer is None:
             if not data_config.get("tokenizer"):
-                raise ValueError("data config: set `tokenizer` to the SentencePiece .model path.")
+                raise DataError("data config: set `tokenizer` to the SentencePiece .model path.")
             tokenizer = Tokenizer(data_config["tokenizer"])
         specs = [DatasetSpec.from_dict(d, i) for i, d in enumerate(data_config.get("datasets") or [])]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"data.datasets: dataset names {names} repeat; give every dataset its own name.")
+            raise DataError(f"data.datasets: dataset names {names} repeat; give every dataset its own name.")
         image_config = image_config_from(data_config)
         pipelines = {
             spec.name: build_pipeline(spec, tokenizer, image_config, seed=seed, training=training,
@@ -192,7 +193,7 @@ class Mixture:
             state = json.loads(state)
         saved = dict(state.get("datasets", {}))
         if set(saved) != set(self.pipelines):
-            raise ValueError(
+            raise DataError(
                 f"saved data state has datasets {sorted(saved)} but this mixture has {sorted(self.pipelines)}; "
                 "restore with the same data.datasets names (or start the data stream afresh)."
             )

@@ -51,6 +51,7 @@ from absl import logging
 
 from flamingo_jax.data import formats, images, records
 from flamingo_jax.data._tf import tf
+from flamingo_jax.data.errors import DamagedData, DataError, DataFileMissing
 
 # Reason codes: 0 = good record; i > 0 = SKIP_REASONS[i - 1]. Codes live inside one run's graph;
 # saved states and logs use the names.
@@ -87,9 +88,9 @@ def host_files(files: Sequence[str], process_index: int, process_count: int, wha
     Whole files per host: disjoint and, over all hosts, complete.
     """
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     if len(files) < process_count:
-        raise ValueError(
+        raise DataError(
             f"{what}: {len(files)} file(s) for {process_count} data-loading processes; every process reads "
             f"whole files, so write at least {process_count} shards (e.g. prepare --num_shards={process_count})."
         )
@@ -184,11 +185,11 @@ class RecordPipeline(abc.ABC):
     ):
         self.name = name or self.kind
         if batch_size < 1:
-            raise ValueError(f"dataset {self.name!r}: batch_size={batch_size} must be >= 1.")
+            raise DataError(f"dataset {self.name!r}: batch_size={batch_size} must be >= 1.")
         if num_epochs is not None and num_epochs < 1:
-            raise ValueError(f"dataset {self.name!r}: num_epochs={num_epochs} must be >= 1 or None (forever).")
+            raise DataError(f"dataset {self.name!r}: num_epochs={num_epochs} must be >= 1 or None (forever).")
         if not 0.0 <= max_skip_fraction <= 1.0:
-            raise ValueError(f"dataset {self.name!r}: max_skip_fraction={max_skip_fraction} must be in [0, 1] "
+            raise DataError(f"dataset {self.name!r}: max_skip_fraction={max_skip_fraction} must be in [0, 1] "
                              "(1 turns the check off).")
         if process_index is None or process_count is None:
             default_index, default_count = default_process()
@@ -196,7 +197,7 @@ class RecordPipeline(abc.ABC):
             process_count = default_count if process_count is None else process_count
         all_files = formats.list_files(pattern)
         if not all_files:
-            raise FileNotFoundError(
+            raise DataFileMissing(
                 f"dataset {self.name!r}: no files match {pattern!r}; check the path, or write shards with "
                 "`python -m flamingo_jax.data.prepare` or `python -m flamingo_jax.data.synthetic`."
             )
@@ -204,7 +205,7 @@ class RecordPipeline(abc.ABC):
             logging.warning("%s", problem)
         self.files = host_files(all_files, process_index, process_count, f"dataset {self.name!r} ({pattern!r})")
         if all(_file_size(f) == 0 for f in self.files):
-            raise ValueError(f"dataset {self.name!r}: this host's files {self.files} are all empty (or unreadable).")
+            raise DataError(f"dataset {self.name!r}: this host's files {self.files} are all empty (or unreadable).")
         self.pattern = pattern
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -252,7 +253,7 @@ class RecordPipeline(abc.ABC):
             self._skips += batch.pop("_skips").sum(axis=0)
             if batch.pop("_empty_epoch").any():
                 self.close()
-                raise RuntimeError(
+                raise DamagedData(
                     f"dataset {self.name!r}: a whole epoch of files {self.files} held no valid record "
                     f"(skipped: {self.skip_counts()}); fix the data or drop the dataset."
                 )
@@ -277,7 +278,7 @@ class RecordPipeline(abc.ABC):
         self.close()
         worst = ", ".join(f"{path} ({count})" for path, count in self._skips_by_file.most_common(3))
         counts = {reason: count for reason, count in self.skip_counts().items() if count}
-        raise RuntimeError(
+        raise DamagedData(
             f"dataset {self.name!r}: {skipped} of {seen} records read were skipped ({skipped / seen:.0%} > "
             f"max_skip_fraction={self.max_skip_fraction}): {counts}; most in {worst or 'its files'} "
             f"({len(self.files)} files from {self.pattern!r}).\n"
@@ -327,7 +328,7 @@ class RecordPipeline(abc.ABC):
                     "num_files": len(self.files)}
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(
+                raise DataError(
                     f"dataset {self.name!r}: saved iterator state has {key}={state.get(key)!r} but this pipeline "
                     f"has {key}={value!r}; the saved position only means something for the same files, seed and "
                     "host layout. Restore with the original setup, or start this dataset's stream afresh "

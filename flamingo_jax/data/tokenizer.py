@@ -42,6 +42,7 @@ import numpy as np
 import sentencepiece as spm
 
 from flamingo_jax import cli
+from flamingo_jax.data.errors import DataError, DataFileMissing
 
 IMAGE_TEXT = "<image>"
 EOC_TEXT = "<EOC>"
@@ -56,7 +57,7 @@ def _read_bytes(path: str) -> bytes:
         with tf().io.gfile.GFile(path, "rb") as f:
             return f.read()
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"SentencePiece model {path!r} does not exist; pass the path of a `.model` file "
             "(train one with `python -m flamingo_jax.data.tokenizer train --input=... --vocab_size=... --out=...`)."
         )
@@ -78,7 +79,7 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(self._model_proto)
         except (RuntimeError, OSError) as error:
-            raise ValueError(f"{model_path!r} is not a SentencePiece model ({error}).") from error
+            raise DataError(f"{model_path!r} is not a SentencePiece model ({error}).") from error
         self.vocab_size: int = self.sp.get_piece_size()
         self.eoc_id: int = self.vocab_size
         self.bos_id: int | None = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
@@ -91,7 +92,7 @@ class Tokenizer:
         else:
             self.image_marker_ids = tuple(self.sp.encode(IMAGE_TEXT))
             if not self.image_marker_ids:
-                raise ValueError(f"SentencePiece model {model_path!r} encodes {IMAGE_TEXT!r} to no ids at all.")
+                raise DataError(f"SentencePiece model {model_path!r} encodes {IMAGE_TEXT!r} to no ids at all.")
 
     @property
     def total_vocab_size(self) -> int:
@@ -134,7 +135,7 @@ class Tokenizer:
             elif 0 <= token < self.vocab_size:
                 run.append(token)
             else:
-                raise ValueError(
+                raise DataError(
                     f"token id {token} is outside the vocabulary [0, {self.vocab_size}] "
                     f"({self.vocab_size} frozen ids + <EOC>={self.eoc_id}); was it produced with another tokenizer?"
                 )
@@ -165,15 +166,15 @@ def train(
     `num_threads=1` makes training deterministic.
     """
     if not input_files:
-        raise ValueError("tokenizer training needs at least one --input text file.")
+        raise DataError("tokenizer training needs at least one --input text file.")
     for path in input_files:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer training input {path!r} does not exist.")
+            raise DataFileMissing(f"tokenizer training input {path!r} does not exist.")
     if not any(_holds_text(path) for path in input_files):
-        raise ValueError(f"tokenizer training input {', '.join(input_files)} holds no text: give UTF-8 text files "
+        raise DataError(f"tokenizer training input {', '.join(input_files)} holds no text: give UTF-8 text files "
                          "with one sentence or paragraph per line.")
     if vocab_size < 262:
-        raise ValueError(
+        raise DataError(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 byte pieces plus "
             "unk/bos/eos/pad and <image>; use at least 262 (e.g. 512)."
         )
@@ -203,11 +204,11 @@ def train(
         message = " ".join(str(error).split())
         most = re.search(r"value <= (\d+)", message)
         if "Vocabulary size" in message:
-            raise ValueError(
+            raise DataError(
                 f"vocab_size={vocab_size} is more pieces than the training text supports"
                 f"{f' (at most {most[1]})' if most else ''}; lower --vocab_size or train on more text."
             ) from error
-        raise ValueError(f"SentencePiece could not train on {', '.join(input_files)}: {message}") from error
+        raise DataError(f"SentencePiece could not train on {', '.join(input_files)}: {message}") from error
     return model_prefix + ".model"
 
 
