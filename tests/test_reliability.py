@@ -137,3 +137,43 @@ def test_a_loss_spike_rolls_back_skips_its_batches_and_training_finishes(synthet
     assert len(rollbacks) == 1 and rollbacks[0]["rollback/to_step"] == 8 and rollbacks[0]["step"] == 10
     assert rollbacks[0]["rollback/lr_scale"] == 0.5
     assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints.damaged")] == ["10"]  # the spiked save
+
+
+def test_training_over_damaged_shards_counts_the_skips_and_resumes_exactly(synthetic_corpus, tmp_path, caplog):
+    """One image-text shard with flipped bytes (a CRC error), one interleaved shard cut in half."""
+    import shutil
+    import signal
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synthetic_corpus, corpus)
+    flipped = sorted(glob.glob(str(corpus / "image_text" / "*.tfrecord")))[0]
+    cut = sorted(glob.glob(str(corpus / "interleaved" / "*.tfrecord")))[-1]
+    with open(flipped, "r+b") as f:  # inside the first record: read by the first batch
+        f.seek(100)
+        chunk = f.read(48)
+        f.seek(100)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with open(cut, "r+b") as f:
+        f.truncate(os.path.getsize(cut) // 2)
+    config = train_config(str(corpus), steps=8)  # the damaged image-text record is in the 8th batch
+    with caplog.at_level("WARNING"):
+        straight = run(config, tmp_path / "straight")
+    assert os.path.basename(flipped) in caplog.text and os.path.basename(cut) in caplog.text
+    records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    skipped = {key for record in records for key in record if key.startswith("skipped/")}
+    assert any("image_text" in key for key in skipped) and any("interleaved" in key for key in skipped), skipped
+
+    def preempt_at_4(step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer(config, str(tmp_path / "resumed"))
+    try:
+        first = trainer.run(after_step=preempt_at_4)
+    finally:
+        trainer.close()
+    resumed = run(config, tmp_path / "resumed")
+    assert first.step == 4 and resumed.step == 8
+    combined = {**first.losses, **resumed.losses}
+    np.testing.assert_allclose([combined[s] for s in range(1, 9)], [straight.losses[s] for s in range(1, 9)],
+                               rtol=1e-6)
