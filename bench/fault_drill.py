@@ -88,7 +88,7 @@ def killed_run(workdir: str, data_dir: str, kills: int, rng: random.Random, firs
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
-        done = max(losses(workdir)) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
+        done = max(losses(workdir), default=0) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
         saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) \
             if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
         log.append({"delay_s": round(delay, 2), "killed": True, "steps_logged": done, "checkpoints": saved})
@@ -173,7 +173,7 @@ def main() -> None:
         if os.path.exists(os.path.join(shard_dir, "metrics.jsonl")) else {}
     named = [path for path in damaged if os.path.basename(path) in finished.stderr]
     result["damaged_shards"] = {"files": damaged, "finished": finished.returncode == 0,
-                                "steps": max(losses(shard_dir)) if finished.returncode == 0 else None,
+                                "steps": max(losses(shard_dir), default=0) if finished.returncode == 0 else None,
                                 "skip_metrics": skips, "files_named_in_the_log": len(named)}
 
     checkpoint_dir = os.path.join(scratch, "damaged-checkpoint")

@@ -6,8 +6,10 @@
 Restores the latest (or `--step`) orbax checkpoint of the run in `--workdir`
 with its frozen backbones, evaluates each task at each shot count (protocol:
 flamingo_jax/evaluation/evaluator.py; tasks and the files they expect:
-flamingo_jax/evaluation/tasks.py) and writes `<workdir>/eval/step_<N>.json`
-and a Markdown table beside it. Without `--data_dir`, a run trained on the
+flamingo_jax/evaluation/tasks.py) and writes `<workdir>/eval/step_<N>.<what>.json`
+and a Markdown table beside it, `<what>` naming what was evaluated (tasks, shots,
+queries, settings: `evaluation/evaluator.py::results_stem`), so a smaller run never
+replaces a larger one's results. Without `--data_dir`, a run trained on the
 project's synthetic corpus is evaluated on that corpus's held-out tasks.
 """
 
@@ -72,7 +74,8 @@ def main(argv):
                 settings=dataclasses.asdict(settings), seconds=round(time.time() - started, 1))
     out_dir = workdir_path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir / "eval"
     metric_of = {task.name: task.primary_metric for task in tasks}
-    json_path, table_path = evaluator.write_results(out_dir, f"step_{step}", results, meta, metric_of)
+    stem = evaluator.results_stem(step, [task.name for task in tasks], settings)
+    json_path, table_path = evaluator.write_results(out_dir, stem, results, meta, metric_of)
     print(table_path.read_text())
     logging.info("results: %s and %s", json_path, table_path)
 

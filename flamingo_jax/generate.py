@@ -36,16 +36,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
     del argv
     from flamingo_jax import runtime
+    from flamingo_jax.errors import UserError
     from flamingo_jax.inference.engine import DecodeOptions, Engine
     from flamingo_jax.inference.items import END_OF_CHUNK
-    from flamingo_jax.inference.prompting import PromptError, parse_prompt
+    from flamingo_jax.inference.prompting import parse_prompt
 
+    options = DecodeOptions(method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, num_beams=_NUM_BEAMS.value,
+                            length_penalty=_LENGTH_PENALTY.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                            top_p=_TOP_P.value, seed=_SEED.value)  # a bad setting fails before the model loads
     runtime.quiet_library_logs()
     runtime.enable_compilation_cache()
     engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, tokenizer_path=_TOKENIZER.value)
-    options = DecodeOptions(method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, num_beams=_NUM_BEAMS.value,
-                            length_penalty=_LENGTH_PENALTY.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                            top_p=_TOP_P.value, seed=_SEED.value)
     if _PROMPT.value is not None:
         print(engine.generate([parse_prompt(_PROMPT.value, Path.cwd())], options)[0])
         return
@@ -65,7 +66,7 @@ def main(argv):
         try:
             items = history + parse_prompt(line, Path.cwd())
             reply = engine.generate([items], DecodeOptions(**{**options.__dict__, "seed": options.seed + turn}))[0]
-        except PromptError as error:  # a bad path or a too-long conversation: say so, keep the session
+        except UserError as error:  # a bad path, tag or image, a too-long conversation: say so, keep the session
             print(f"error: {error}")
             continue
         print(reply)

@@ -4,11 +4,13 @@
 """
 
 import json
+import os
 
 from absl import flags
 from ml_collections import config_flags
 
 from flamingo_jax import cli
+from flamingo_jax.errors import UserError
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.summary import param_counts
 
@@ -19,6 +21,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the counts to this JSON fi
 def main(argv):
     del argv
     config = _CONFIG.value
+    if _JSON.value and not os.path.isdir(os.path.dirname(os.path.abspath(_JSON.value))):
+        raise UserError(f"--json={_JSON.value}: its folder does not exist; create it or write the JSON elsewhere.")
     counts = param_counts(FlamingoConfig.from_dict(config.model))
     print(f"{config.name}: parameters per component")
     for name, value in counts.items():

@@ -67,3 +67,44 @@ def test_a_config_mistake_is_one_line_before_anything_runs(args, message, tmp_pa
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+# A user's mistakes, per CLI: one `error:` line naming the input and the fix (at most three lines
+# of output in all), a non-zero exit, no traceback. Each fails before any model is built.
+MISTAKES = [
+    ("flamingo_jax.train", ["--config=configs/tiny.py", "--workdir=README.md"], "README.md is a file"),
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run"], "has no checkpoints/ directory"),
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--tasks=,"], "names no task"),
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--batch_size=0"], "--batch_size=0 must be >= 1"),
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--tasks=cocoo"], "unknown evaluation task 'cocoo'"),
+    ("flamingo_jax.generate", ["--workdir=/no/such/run"], "has no checkpoints/ directory"),
+    ("flamingo_jax.generate", ["--workdir=/no/such/run", "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+    ("flamingo_jax.generate", ["--workdir=/no/such/run", "--method=sample", "--temperature=0"],
+     "temperature must be > 0"),
+    ("flamingo_jax.params", ["--config=configs/none.py"], "No such file or directory: 'configs/none.py'"),
+    ("flamingo_jax.params", ["--config=configs/tiny.py", "--config.model.decoder.num_kv_heads=3"],
+     "model.decoder.num_heads"),
+    ("flamingo_jax.params", ["--config=configs/tiny.py", "--json=/no/such/dir/counts.json"], "folder does not exist"),
+    ("flamingo_jax.data.synthetic", [], "--out_dir"),
+    ("flamingo_jax.data.synthetic", ["--out_dir=/tmp/x", "--num_examples=0"], "num_examples=0"),
+    ("flamingo_jax.data.synthetic", ["--out_dir=/tmp/x", "--image_size=4"], "image_size=4"),
+    ("flamingo_jax.data.tokenizer", ["train", "--out=/tmp/spm"], "--input"),
+    ("flamingo_jax.data.tokenizer", ["train", "--input=/no/such.txt", "--out=/tmp/spm"], "/no/such.txt"),
+    ("flamingo_jax.data.tokenizer", ["train", "--input=/dev/null", "--out=/tmp/spm"], "holds no text"),
+    ("flamingo_jax.data.prepare", ["interleaved", "--input=/no/such/*.jsonl", "--output_dir=/tmp/x"],
+     "/no/such/*.jsonl"),
+    ("flamingo_jax.data.prepare", ["interleaved", "--input=README.md", "--output_dir=/tmp/x", "--num_shards=0"],
+     "num_shards"),
+    ("flamingo_jax.data.prepare", ["audio", "--input=README.md", "--output_dir=/tmp/x"], "interleaved|image_text"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", MISTAKES,
+                         ids=[f"{m.split('.', 1)[1]}: {' '.join(a)}" for m, a, _ in MISTAKES])
+def test_a_mistake_is_one_clear_line(module, args, message):
+    result = run_cli(module, *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("I", "W"))]
+    assert message in result.stderr, result.stderr[-2000:]
+    assert len(lines) <= 3 or lines[0].startswith("error: "), lines

@@ -12,6 +12,7 @@ from PIL import Image
 from flamingo_jax.data import formats, images, pairs
 from flamingo_jax.inference.items import Media
 from flamingo_jax.inference.prompting import MediaLoader
+
 from test_data_utils import collect, make_tokenizer, rows
 
 CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from flamingo_jax.data import formats, images, interleaved, pairs
-from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.data._tf import tf
+from flamingo_jax.data.mixture import Mixture
 
 from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 

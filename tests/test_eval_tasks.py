@@ -325,3 +325,26 @@ def test_synthetic_tasks_json_with_wrong_format_is_named(tmp_path: Path) -> None
     write_json(tmp_path / "eval" / "tasks.json", {"vqa": {"format": "textvqa"}})
     with pytest.raises(R.AnnotationFormatError, match=r"Task 'synthetic_vqa'.*'vqa' entry of format 'vqav2'"):
         T.get_task("synthetic_vqa").load(tmp_path)
+
+
+def test_results_are_named_by_what_was_evaluated():
+    from flamingo_jax.evaluation.evaluator import EvalSettings, results_stem
+
+    full = results_stem(300, ["coco", "vqav2"], EvalSettings(shots=(0, 4, 32)))
+    assert full.startswith("step_300.coco+vqav2.shots-0-4-32.queries-all.")
+    assert results_stem(300, ["coco", "vqav2"], EvalSettings(shots=(0, 4, 32), batch_size=2)) == full  # same evaluation
+    others = [results_stem(300, ["coco", "vqav2"], EvalSettings(shots=(0, 4, 32), num_queries=4)),
+              results_stem(300, ["coco"], EvalSettings(shots=(0, 4, 32))),
+              results_stem(300, ["coco", "vqav2"], EvalSettings(shots=(0, 4))),
+              results_stem(300, ["coco", "vqav2"], EvalSettings(shots=(0, 4, 32), seed=1))]
+    assert len({full, *others}) == 5  # a quick or different run never replaces the full one
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("num_beams", 0), ("ensemble", 0),
+                                          ("support_size", 0), ("num_queries", 0), ("shots", ())])
+def test_impossible_eval_settings_fail_naming_the_flag(field, value):
+    from flamingo_jax.errors import UserError
+    from flamingo_jax.evaluation.evaluator import EvalSettings
+
+    with pytest.raises(UserError, match=f"--{field}"):
+        EvalSettings(**{field: value})

@@ -93,7 +93,9 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(synthetic_co
                "--ensemble=2", "--num_beams=2"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "eval" / "step_2.json").read_text())
+    (json_path,) = (tmp_path / "run" / "eval").glob("step_2.*.json")
+    assert json_path.name.startswith("step_2.synthetic_captioning+synthetic_vqa+synthetic_classification.shots-0-4.")
+    results = json.loads(json_path.read_text())
     assert results["meta"]["step"] == 2
     for task, metric in (("synthetic_captioning", "cider"), ("synthetic_vqa", "vqa_accuracy"),
                          ("synthetic_classification", "roc_auc")):
@@ -101,7 +103,7 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(synthetic_co
             entry = results["results"][task][shots]
             assert entry["num_queries"] == 4 and metric in entry
             assert np.isnan(entry[metric]) or 0 <= entry[metric] <= 100
-    table = (tmp_path / "run" / "eval" / "step_2.md").read_text()
+    table = json_path.with_suffix(".md").read_text()
     assert "| synthetic_vqa | vqa_accuracy |" in table and "4-shot" in table
     assert "ETA" in done.stderr  # the progress line
 

@@ -1,6 +1,7 @@
 """Prompt items -> token ids, media association and padded batches (no model)."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -98,3 +99,15 @@ def test_media_loader_prepares_images_videos_and_names_bad_files(tmp_path):
         load(Media(path=tmp_path / "absent.jpg"))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         Media(array=np.zeros((8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("prompt, named", [
+    ("<image:> Output:", "'<image:>'"),
+    ("<image:cat.jpg Output:", "'<image:cat.jpg Output:'"),
+    ("Look: <image> Output:", "'<image>'"),
+    ("<video:  > what moves?", "'<video:  >'"),
+])
+def test_a_malformed_media_tag_is_an_error_naming_it(prompt, named):
+    with pytest.raises(prompting.PromptError, match=f"malformed media tag {re.escape(named)}|media tag "
+                                                     f"{re.escape(named)} names no file"):
+        prompting.parse_prompt(prompt)

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flamingo_jax import cli
+from flamingo_jax.data.errors import DataError
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -425,7 +426,7 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
     from flamingo_jax.data.images import encode_image
 
     if num_examples < 1 or image_size < 8 or num_shards < 1:
-        raise ValueError(f"num_examples={num_examples}, image_size={image_size}, num_shards={num_shards}: "
+        raise DataError(f"num_examples={num_examples}, image_size={image_size}, num_shards={num_shards}: "
                          "need >= 1 example, images of >= 8 px and >= 1 shard.")
     num_documents = max(1, num_examples // 2) if num_documents is None else num_documents
     num_videos = max(1, num_examples // 8) if num_videos is None else num_videos

@@ -13,6 +13,7 @@ support examples, and the results count how often that happened.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -41,6 +42,27 @@ class EvalSettings:
     length_penalty: float = 0.0
     ensemble: int = 6  # support-order permutations averaged for rank tasks (1: none)
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("support_size", "batch_size", "num_beams", "ensemble"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 1.")
+        if self.num_queries is not None and self.num_queries < 1:
+            raise UserError(f"--num_queries={self.num_queries} must be >= 1 (leave it unset for every query).")
+        if not self.shots or min(self.shots) < 0:
+            raise UserError(f"--shots needs non-negative shot counts (got {self.shots}).")
+
+
+def results_stem(step: int, task_names: Sequence[str], settings: EvalSettings) -> str:
+    """The results files' name, from what was evaluated: a run of other tasks, shots, queries
+    or settings writes beside an earlier one instead of replacing it, and the same evaluation
+    run again replaces its own files.
+    e.g. `step_300.coco+vqav2.shots-0-4-32.queries-all.8f3a1c2b`."""
+    tasks = "+".join(task_names) if len(task_names) <= 3 else f"{len(task_names)}-tasks"
+    other = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("shots", "num_queries", "batch_size")}
+    digest = hashlib.sha1(json.dumps([sorted(task_names), other], sort_keys=True).encode()).hexdigest()[:8]
+    queries = "all" if settings.num_queries is None else str(settings.num_queries)
+    return f"step_{step}.{tasks}.shots-{'-'.join(map(str, settings.shots))}.queries-{queries}.{digest}"
 
 
 class Progress:

@@ -21,8 +21,14 @@ from flax import nnx
 
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.errors import UserError
 from flamingo_jax.inference import decoding, prompting
+from flamingo_jax.inference.prompting import PromptError
 from flamingo_jax.models.flamingo import Flamingo
+
+
+class DecodeOptionsError(UserError, ValueError):
+    """Decoding settings that cannot work."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +46,18 @@ class DecodeOptions:
 
     def __post_init__(self):
         if self.method not in ("beam", "greedy", "sample"):
-            raise ValueError(f"decoding method {self.method!r} is unknown; use 'beam', 'greedy' or 'sample'.")
+            raise DecodeOptionsError(f"decoding method {self.method!r} is unknown; use 'beam', 'greedy' or 'sample'.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens}).")
+            raise DecodeOptionsError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens}).")
         if self.method == "beam" and self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1 (got {self.num_beams}).")
+            raise DecodeOptionsError(f"num_beams must be >= 1 (got {self.num_beams}).")
+        if self.method == "sample" and self.temperature <= 0:
+            raise DecodeOptionsError(f"temperature must be > 0 (got {self.temperature}); use --method=greedy for "
+                                     "temperature 0.")
+        if self.method == "sample" and not 0 < self.top_p <= 1:
+            raise DecodeOptionsError(f"top_p must be in (0, 1] (got {self.top_p}).")
+        if self.top_k < 0:
+            raise DecodeOptionsError(f"top_k must be >= 0 (got {self.top_k}; 0 samples from every token).")
 
 
 class Engine:
@@ -54,10 +67,10 @@ class Engine:
                  min_length: int = 32):
         cfg = model.cfg
         if tokenizer.vocab_size != cfg.decoder.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's frozen vocabulary "
+            raise PromptError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's frozen vocabulary "
                              f"has {cfg.decoder.vocab_size}; load the tokenizer the model was trained with.")
         if image_config.size != cfg.vision.image_size:
-            raise ValueError(f"images are prepared at {image_config.size} px but the model takes "
+            raise PromptError(f"images are prepared at {image_config.size} px but the model takes "
                              f"{cfg.vision.image_size} px; use the training run's data config.")
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -143,12 +156,12 @@ class Engine:
         'yes, but'). Prompts in one call must have the same number of candidates."""
         counts = {len(c) for c in candidates}
         if len(candidates) != len(prompts) or len(counts) != 1:
-            raise ValueError("score() needs one list of candidates per prompt, all of the same length.")
+            raise PromptError("score() needs one list of candidates per prompt, all of the same length.")
         encoded = [[self.tokenizer.encode(text) + ([self.tokenizer.eoc_id] if end_with_eoc else [])
                     for text in row] for row in candidates]
         longest = max(len(ids) for row in encoded for ids in row)
         if longest == 0:
-            raise ValueError("every candidate is empty; give non-empty answers (or keep end_with_eoc).")
+            raise PromptError("every candidate is empty; give non-empty answers (or keep end_with_eoc).")
         length = prompting.round_up(longest, 8)
         batch = self.batch(prompts, batch_size=batch_size, reserve=length)
         rows = batch.tokens.shape[0]

@@ -15,6 +15,7 @@ context compiles at most 7 prefill programs; prompts are left-padded.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,14 +73,26 @@ def encode_prompt(items: Sequence[object], tokenizer: Tokenizer) -> EncodedPromp
     return EncodedPrompt(document.ids, sequence.media_association(document, next_image=False), media)
 
 
+MEDIA_TAG = re.compile(r"<(image|video):([^<>]+)>|<EOC>")
+TAG_START = re.compile(r"<(image|video)\b", re.IGNORECASE)
+
+
 def parse_prompt(text: str, base_dir: Path | None = None) -> list[object]:
     """The CLI's prompt syntax: `<image:cat.jpg> Output:`; `<video:frames_dir>` for a
-    folder of frames; `<EOC>` for an end of chunk. Paths resolve against `base_dir`."""
-    import re
-
+    folder of frames; `<EOC>` for an end of chunk. Paths resolve against `base_dir`.
+    A media tag that is not whole (`<image:>`, `<image>`, an unclosed `<image:x.jpg`) is an
+    error naming it: read as text, it would let the model answer without the image."""
+    tags = list(MEDIA_TAG.finditer(text))
+    starts = {match.start() for match in tags if match.group(0) != "<EOC>"}
+    for start in TAG_START.finditer(text):
+        if start.start() not in starts:
+            end = text.find(">", start.start())
+            broken = text[start.start(): end + 1 if end >= 0 else len(text)]
+            raise PromptError(f"malformed media tag {broken!r} at character {start.start()}: write "
+                              f"<{start.group(1).lower()}:path> with a non-empty path and a closing '>'.")
     items: list[object] = []
     cursor = 0
-    for match in re.finditer(r"<(image|video):([^>]+)>|<EOC>", text):
+    for match in tags:
         if match.start() > cursor:
             items.append(text[cursor:match.start()])
         cursor = match.end()
@@ -87,6 +100,8 @@ def parse_prompt(text: str, base_dir: Path | None = None) -> list[object]:
             items.append(END_OF_CHUNK)
             continue
         path = Path(match.group(2).strip()).expanduser()
+        if not match.group(2).strip():
+            raise PromptError(f"media tag {match.group(0)!r} names no file: write <{match.group(1)}:path>.")
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         items.append(Media(frames=sorted_frames(path)) if match.group(1) == "video" else Media(path=path))

@@ -40,7 +40,7 @@ from flamingo_jax.training.optimizer import learning_rate_schedule
 from flamingo_jax.training.spike_guard import Spike, SpikeGuard
 from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
-from flamingo_jax.training.workdir_lock import WorkdirLock
+from flamingo_jax.training.workdir_lock import NotAWorkdir, WorkdirLock
 
 
 class TrainingStopped(UserError, RuntimeError):
@@ -118,6 +118,9 @@ class Trainer:
     def __init__(self, config, workdir: str, *, devices=None):
         self.config = config
         self.workdir = absolute(workdir)
+        if "://" not in self.workdir and os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise NotAWorkdir(f"--workdir={workdir} is a file, not a directory; give the folder the run writes its "
+                              "checkpoints and metrics to (it is created if absent).")
         # ---- checks that need no compile
         self.run_config = run = RunConfig.from_config(config)
         train = run.train

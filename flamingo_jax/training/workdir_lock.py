@@ -32,6 +32,10 @@ class WorkdirBusy(UserError, RuntimeError):
     """The workdir is in use by another trainer."""
 
 
+class NotAWorkdir(UserError, NotADirectoryError):
+    """A --workdir that names a file."""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
