@@ -11,6 +11,7 @@ any compile, with errors that name the value and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -95,6 +96,87 @@ def zero1_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partiti
     best = max(candidates, key=lambda i: per_shard[i])
     entries[best] = entries[best] + ("data",)
     return PartitionSpec(*[e[0] if len(e) == 1 else (e or None) for e in entries])
+
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """Pad dimension `dim` to `size` (a leaf of a padding tree: not a pytree node)."""
+
+    dim: int
+    size: int
+
+
+NO_PADDING = Padding(-1, 0)
+
+
+def zero1_padding(abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Per trainable weight, how ZeRO-1 pads its optimizer state: (dimension, padded size), or None.
+
+    ZeRO-1 splits each weight's optimizer state over the 'data' axis along a dimension that the
+    data size divides (`zero1_spec`). Where none does (power-of-two shapes over a data axis of
+    48, as the paper's 80B on 1,536 chips has), the state is padded along the dimension with the
+    most elements per shard up to the next multiple of that shard count: padding entries are
+    zero, get zero gradients and zero updates, and are cut off before the update reaches the
+    weight, so the update equals the unpadded one."""
+    data = mesh.shape["data"]
+
+    def padding(leaf, param_sharding):
+        if data == 1 or leaf.ndim == 0 or zero1_spec(param_sharding.spec, leaf.shape, mesh) != param_sharding.spec:
+            return NO_PADDING  # nothing to split, or a dimension already divides
+        entries = [(() if e is None else (e,) if isinstance(e, str) else tuple(e)) for e in param_sharding.spec]
+        entries += [()] * (leaf.ndim - len(entries))
+        if any("data" in e for e in entries):
+            return NO_PADDING
+        shards = [math.prod(mesh.shape[a] for a in e) for e in entries]
+        dim = max(range(leaf.ndim), key=lambda i: leaf.shape[i] // shards[i])
+        multiple = shards[dim] * data
+        return Padding(dim, -(-leaf.shape[dim] // multiple) * multiple)
+
+    return jax.tree.map(padding, abstract_params, param_shardings)
+
+
+def pad_optimizer_state(optimizer, padding: Any):
+    """`optimizer` working on weights padded as `zero1_padding` says (its state has the padded
+    shapes, which the data axis divides); the updates it returns have the weights' shapes."""
+    import optax
+
+    structure = jax.tree.structure(padding)
+
+    def pad(tree):
+        if jax.tree.structure(tree) != structure:  # optax's stand-in for the params (tree_map_params)
+            return tree
+
+        def one(x, how):
+            if how.dim < 0:
+                return x
+            widths = [(0, 0)] * x.ndim
+            widths[how.dim] = (0, how.size - x.shape[how.dim])
+            return jax.numpy.pad(x, widths)
+        return jax.tree.map(one, tree, padding)
+
+    def unpad(tree, like):
+        return jax.tree.map(lambda x, ref: x if x.shape == ref.shape else jax.lax.slice(x, (0,) * x.ndim, ref.shape),
+                            tree, like)
+
+    def init(params):
+        return optimizer.init(pad(params))
+
+    def update(updates, state, params=None):
+        padded, state = optimizer.update(pad(updates), state, None if params is None else pad(params))
+        return unpad(padded, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def optimizer_for(optimizer, abstract_params: Any, param_shardings: Any, mesh: Mesh, optimizer_sharding: str):
+    """The optimizer as the layout needs it: under 'zero1', working on padded state where the
+    data axis divides no dimension of a weight (`zero1_padding`)."""
+    if optimizer_sharding != "zero1" or mesh.shape["data"] == 1:
+        return optimizer
+    padding = zero1_padding(abstract_params, param_shardings, mesh)
+    if all(p == NO_PADDING for p in jax.tree.leaves(padding)):
+        return optimizer
+    return pad_optimizer_state(optimizer, padding)
 
 
 def state_shardings(abstract_state: Any, param_shardings: Any, optimizer, mesh: Mesh,

@@ -114,9 +114,10 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
 
     objective = make_objective(run)
     parts = objective.parts()
-    optimizer = objective.optimizer()
     abstract_params, abstract_frozen = parts.abstract()
     param_shardings, frozen_shardings = sharding.weight_shardings(parts, mesh, rules)
+    optimizer = sharding.optimizer_for(objective.optimizer(), abstract_params, param_shardings, mesh,
+                                       run.optimizer_sharding)
     abstract_state = jax.eval_shape(lambda p: new_train_state(p, optimizer, config.seed), abstract_params)
     optimizer_sharding = config.get("optimizer_sharding", "params")
     state_shardings = sharding.state_shardings(abstract_state, param_shardings, optimizer, mesh, optimizer_sharding)

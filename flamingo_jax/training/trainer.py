@@ -141,10 +141,11 @@ class Trainer:
 
         # ---- model, optimizer and shardings (abstract: nothing allocated yet)
         self.parts = self.objective.parts()
-        self.optimizer = self.objective.optimizer()
         self.schedule = learning_rate_schedule(train)
         abstract_params, abstract_frozen = self.parts.abstract()
         self.param_shardings, self.frozen_shardings = sharding.weight_shardings(self.parts, self.mesh, self.rules)
+        self.optimizer = sharding.optimizer_for(self.objective.optimizer(), abstract_params, self.param_shardings,
+                                                self.mesh, run.optimizer_sharding)
         self.abstract_frozen = abstract_frozen
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.abstract_state = jax.eval_shape(lambda p: new_train_state(p, self.optimizer, run.seed),
