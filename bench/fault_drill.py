@@ -4,9 +4,11 @@
 
 Each case runs `python -m flamingo_jax.train` on configs/tiny.py (a shortened run) in its own process:
 
-* kills: a run is SIGKILLed at random moments (during the first compile, during steps, during
-  its asynchronous checkpoint writes), restarted with the same command each time, and its losses
-  step by step must equal an uninterrupted run's (the last record of each step in metrics.jsonl);
+* kills: a run is SIGKILLed at random moments (a random phase: while it starts and compiles,
+  inside a random step, or just after a checkpoint step while its asynchronous write runs; the
+  moment is found by watching the run's metrics), restarted with the same command each time, and
+  its losses step by step must equal an uninterrupted run's (the last record of each step in
+  metrics.jsonl);
 * damaged shards: one shard of every dataset with bytes flipped, one cut in half: the run
   finishes and its metrics count the skips;
 * a damaged checkpoint: the newest checkpoint of a finished run has a file cut in half; the run
@@ -71,27 +73,52 @@ def same_losses(a: dict[int, float], b: dict[int, float]) -> bool:
     return sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 1e-6 * max(1.0, abs(b[s])) for s in a)
 
 
-def killed_run(workdir: str, data_dir: str, kills: int, rng: random.Random, first_compile_s: float,
-               step_s: float) -> list[dict]:
-    """Starts, kills `kills` times at random moments, then lets it finish. Returns the kill log."""
+def last_logged_step(workdir: str) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        steps = [json.loads(line).get("step", 0) for line in f if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def kill_moment(rng: random.Random) -> tuple[str, int]:
+    """Where the next kill lands: while starting and compiling, inside the steps, or just after
+    a checkpoint step (while its asynchronous write runs)."""
+    phase = rng.choice(("compile", "step", "checkpoint"))
+    if phase == "step":
+        return phase, rng.randrange(1, STEPS)
+    if phase == "checkpoint":
+        return phase, rng.randrange(EVERY, STEPS, EVERY)
+    return phase, 0
+
+
+def killed_run(workdir: str, data_dir: str, kills: int, rng: random.Random, startup_s: float) -> list[dict]:
+    """Starts, kills `kills` times at random moments (each chosen by phase, then found by
+    watching the run's metrics), then lets it finish. Returns the kill log."""
     log = []
     for _ in range(kills):
-        # Half the kills land while the process starts and compiles, half among the steps and saves.
-        delay = rng.uniform(1.0, first_compile_s) if rng.random() < 0.5 else \
-            first_compile_s + rng.uniform(0, step_s * STEPS * 0.8)
+        phase, target = kill_moment(rng)
         process = subprocess.Popen(train_command(workdir, data_dir), cwd=ROOT, env=environment(data_dir),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=delay)
-            log.append({"delay_s": round(delay, 2), "killed": False, "note": "finished before the kill"})
-            break
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-        done = max(losses(workdir), default=0) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
+        started, reached = time.time(), last_logged_step(workdir)
+        delay = rng.uniform(1.0, startup_s) if phase == "compile" else None
+        while process.poll() is None:
+            now = last_logged_step(workdir)
+            if (delay is not None and time.time() - started >= delay) or (delay is None and now >= max(target, reached + 1)):
+                if phase != "compile":
+                    time.sleep(rng.uniform(0.0, 0.3))  # land inside the step, or inside the checkpoint write
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        process.wait()
+        killed = process.returncode == -signal.SIGKILL
         saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) \
             if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
-        log.append({"delay_s": round(delay, 2), "killed": True, "steps_logged": done, "checkpoints": saved})
+        log.append({"phase": phase, "target_step": target, "after_s": round(time.time() - started, 2),
+                    "killed": killed, "steps_logged": last_logged_step(workdir), "checkpoints": saved})
+        if not killed:
+            break  # it finished first
     final = run_to_end(workdir, data_dir)
     if final.returncode:
         raise RuntimeError(f"resuming {workdir} failed:\n{final.stderr[-3000:]}")
@@ -154,7 +181,7 @@ def main() -> None:
     while kills_done < args.kills:
         workdir = os.path.join(scratch, f"killed-{index}")
         kills = min(args.kills_per_run, args.kills - kills_done)
-        log = killed_run(workdir, args.data_dir, kills, rng, first_compile_s=run_s * 0.4, step_s=run_s * 0.6 / STEPS)
+        log = killed_run(workdir, args.data_dir, kills, rng, startup_s=max(2.0, run_s * 0.5))
         killed = sum(entry["killed"] for entry in log)
         ok = same_losses(losses(workdir), reference)
         runs.append({"workdir": workdir, "kills": log, "resumed_exactly": ok})
