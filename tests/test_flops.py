@@ -150,3 +150,36 @@ def test_trainer_logs_mfu_where_the_chip_is_known(synthetic_corpus, tmp_path, mo
     for record in records:
         expected = model_flops / (record["step_time"] * jax.device_count() * flops.CHIPS["v4"].peak_bf16_flops)
         assert record["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["relative", "rotary"])
+def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_attention(positions):
+    """One decoding step traced at two cache sizes: equal to `decode_step_flops` at each, and the
+    extra slots cost only attention over them (no slots x width x width position projection)."""
+    from flax import nnx
+
+    from flamingo_jax.inference import decoding
+    from flamingo_jax.models.flamingo import Flamingo
+
+    from helpers import tiny_model_config
+
+    cfg = tiny_model_config(positions=positions)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Flamingo(cfg, rngs=nnx.Rngs(0))))
+    batch, num_media, prompt = 2, 2, 8
+
+    def step_flops(num_slots):
+        sds = jax.ShapeDtypeStruct
+        args = (sds((batch, prompt), jnp.int32), sds((batch, num_media, 1, 32, 32, 3), jnp.float32),
+                sds((batch, prompt), jnp.int32), sds((batch, prompt), jnp.int32), sds((batch, prompt), bool),
+                sds((batch, 1), jnp.int32))
+        context = jax.eval_shape(lambda s, *a: decoding.prefill(nnx.merge(graphdef, s), *a[:5], num_slots),
+                                 state, *args[:5])
+        return flops.traced_flops(lambda s, c, t: decoding.extend(nnx.merge(graphdef, s), c, t), state, context,
+                                  args[5])
+
+    small, large = step_flops(16), step_flops(64)
+    assert small == pytest.approx(flops.decode_step_flops(cfg, batch, 16, num_media), rel=1e-9)
+    assert large == pytest.approx(flops.decode_step_flops(cfg, batch, 64, num_media), rel=1e-9)
+    # Per layer and slot: scores and values (2 x 2 FLOPs per head dim), and the relative term q . r (2).
+    per_slot = (4 + (2 if positions == "relative" else 0)) * cfg.decoder.num_heads * cfg.decoder.head_dim
+    assert large - small == pytest.approx(batch * cfg.decoder.num_layers * 48 * per_slot, rel=1e-9)

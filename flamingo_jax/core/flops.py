@@ -329,6 +329,27 @@ def step_flops(cfg: FlamingoConfig, batches: Mapping[str, BatchShape], num_micro
     return StepFlops(**{name: sum((p[name] for p in parts), ComponentFlops()) for name in parts[0]})
 
 
+def decode_step_flops(cfg: FlamingoConfig, batch: int, num_slots: int, num_media: int) -> float:
+    """Matmul FLOPs of one decoding step (one new token per row) against a KV cache of
+    `num_slots` slots and `num_media` media items whose xattn keys/values were projected at
+    prefill. Per LM layer: the token's q/k/v/out projections and FFW, and attention over every
+    slot (scores and values); Transformer-XL adds its position term q . r over the slots, with
+    the projected distance table computed once per prompt, so nothing here costs
+    slots x width x width. Per xattn block: query, out and FFW on the token and attention over
+    the visual tokens. Then the logits."""
+    d = cfg.decoder
+    heads, kv_heads = d.num_heads * d.head_dim, cfg.num_kv_heads * d.head_dim
+    ffw_in = 2 if d.ffw == "swiglu" else 1
+    projections = 2.0 * d.dim * (2 * heads + 2 * kv_heads) + (ffw_in + 1) * 2.0 * d.dim * cfg.decoder_ffw_hidden
+    attention = 2 * 2.0 * num_slots * heads + (2.0 * num_slots * heads if d.positions == "relative" else 0.0)
+    inner = cfg.xattn.num_heads * cfg.xattn.head_dim
+    visual_tokens = num_media * cfg.resampler.num_latents
+    xattn = (2.0 * d.dim * inner * 2 + 2 * 2.0 * d.dim * cfg.xattn_ffw_hidden  # query, out, ffw
+             + 2 * 2.0 * visual_tokens * inner)  # scores and values
+    logits = 2.0 * d.dim * cfg.total_vocab
+    return batch * (d.num_layers * (projections + attention) + cfg.num_xattn_blocks * xattn + logits)
+
+
 def human(flops: float) -> str:
     """1.23e15 -> '1.23 PFLOP'."""
     if flops <= 0:
