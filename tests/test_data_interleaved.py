@@ -6,7 +6,7 @@ import pytest
 
 from flamingo_jax.data import formats, images, interleaved
 
-from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
+from test_data_utils import check_contract, collect, make_tokenizer, occupied_slots, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16)
 
@@ -90,7 +90,7 @@ def test_round_trip_text_eoc_and_media_index(tmp_path, tok, p_next):
         np.testing.assert_array_equal(example["media_index"][:n], seen)  # slot = ordinal: all images fit
         assert (example["media_index"][n:] == -1).all()
         num_images = sum(r == "marker" for r in roles)
-        np.testing.assert_array_equal(example["media_mask"], np.arange(4) < num_images)
+        np.testing.assert_array_equal(occupied_slots(example["media"]), np.arange(4) < num_images)
         for ordinal in range(num_images):
             assert red_value(example["media"][ordinal], IMAGE_CONFIG) == image_value(doc, ordinal)
         # Loss on text / <EOC> / EOS targets only.
@@ -143,7 +143,7 @@ def test_windows_keep_first_n_images_and_point_only_at_them(tmp_path, tok):
         window_ordinals = ordinals[start:start + 20]
         in_window = list(dict.fromkeys(o for o in window_ordinals if o >= 0))
         kept = in_window[:2]
-        np.testing.assert_array_equal(example["media_mask"], [len(kept) > 0, len(kept) > 1])
+        np.testing.assert_array_equal(occupied_slots(example["media"]), [len(kept) > 0, len(kept) > 1])
         for slot, ordinal in enumerate(kept):
             assert red_value(example["media"][slot], IMAGE_CONFIG) == image_value(doc, ordinal)
         # Expected slot per token under each mode, computed on the whole document, then windowed.

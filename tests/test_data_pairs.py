@@ -5,7 +5,7 @@ import pytest
 
 from flamingo_jax.data import formats, images, pairs
 
-from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
+from test_data_utils import check_contract, collect, make_tokenizer, occupied_slots, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
 
@@ -37,7 +37,7 @@ def test_pair_layout_image_caption_eoc_eos(tmp_path, tok):
     assert len(batches) == 2
     for batch in batches:
         check_contract(batch, tok.vocab_size)
-        assert batch["media"].shape == (3, 1, 1, 16, 16, 3) and batch["media_mask"].all()
+        assert batch["media"].shape == (3, 1, 1, 16, 16, 3) and occupied_slots(batch["media"]).all()
     for i, example in enumerate(rows(batches)):
         expected = [tok.bos_id, *tok.image_marker_ids, *tok.encode(captions[i]), tok.eoc_id, tok.eos_id]
         n = len(expected)

@@ -15,7 +15,7 @@ import pytest
 
 from flamingo_jax.data import images, interleaved, pairs, prepare, records
 
-from test_data_utils import collect, make_tokenizer, red_value, rows, solid_png
+from test_data_utils import collect, make_tokenizer, occupied_slots, red_value, rows, solid_png
 
 IMAGE_CONFIG = images.ImageConfig(size=16, random_flip=False, color_jitter=False)
 
@@ -55,7 +55,7 @@ def test_obelics_jsonl_and_parquet(tmp_path, tok):
     examples = read_docs(str(tmp_path / "out" / "interleaved-*"), tok)
     assert sorted(doc_text(tok, e) for e in examples) == sorted(
         ["red cat<EOC><image> blue dog<EOC>", "<image> first image<EOC><image><EOC>"])
-    values = sorted(tuple(red_value(m, IMAGE_CONFIG) for m in e["media"][e["media_mask"]]) for e in examples)
+    values = sorted(tuple(red_value(m, IMAGE_CONFIG) for m in e["media"][occupied_slots(e["media"])]) for e in examples)
     assert values == [(30,), (40, 30)]
 
     # Parquet, Hugging Face style: images as {"bytes": ..., "path": ...} structs.

@@ -63,14 +63,20 @@ def rows(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def occupied_slots(media: np.ndarray) -> np.ndarray:
+    """[B, N] (or [N]) True where a media slot holds an image (unused slots are all zeros)."""
+    lead = media.ndim - 4  # media is [..., T, S, S, 3]
+    return np.abs(media).reshape(*media.shape[:lead], -1).max(-1) > 0
+
+
 def check_contract(batch: dict[str, np.ndarray], vocab_size: int) -> None:
     """The invariants every batch must satisfy (shapes, dtypes, index validity)."""
     b, length = batch["tokens"].shape
     assert batch["tokens"].dtype == np.int32 and batch["targets"].dtype == np.int32
     assert batch["loss_mask"].dtype == np.float32 and batch["media"].dtype == np.float32
-    assert batch["media_mask"].dtype == np.bool_ and batch["media_index"].dtype == np.int32
+    assert batch["media_index"].dtype == np.int32 and "media_mask" not in batch
     assert batch["targets"].shape == batch["loss_mask"].shape == batch["media_index"].shape == (b, length)
-    num_media = batch["media_mask"].shape[1]
+    num_media = batch["media"].shape[1]
     assert batch["media"].shape[:2] == (b, num_media) and batch["media"].shape[-1] == 3
     assert batch["tokens"].min() >= 0 and batch["tokens"].max() <= vocab_size
     np.testing.assert_array_equal(batch["targets"][:, :-1][batch["loss_mask"][:, :-1] > 0],
@@ -79,5 +85,6 @@ def check_contract(batch: dict[str, np.ndarray], vocab_size: int) -> None:
     index = batch["media_index"]
     assert ((index >= -1) & (index < num_media)).all()
     rows_, cols = np.nonzero(index >= 0)
-    assert batch["media_mask"][rows_, index[rows_, cols]].all(), "media_index points at an empty slot"
-    assert not batch["media"][~batch["media_mask"]].any(), "empty media slots must be zeros"
+    used = np.zeros(batch["media"].shape[:2], bool)
+    used[rows_, index[rows_, cols]] = True
+    assert occupied_slots(batch["media"])[used].all(), "media_index points at an empty slot"

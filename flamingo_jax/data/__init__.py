@@ -20,5 +20,7 @@ imports the model, training or evaluation code.
 
 Batch contract (one dataset; B batch, L tokens, N media slots, T frames, S pixels):
   tokens int32 [B, L], targets int32 [B, L], loss_mask float32 [B, L],
-  media float32 [B, N, T, S, S, 3], media_mask bool [B, N], media_index int32 [B, L].
+  media float32 [B, N, T, S, S, 3], media_index int32 [B, L].
+A slot no token points at (media_index) is unused and holds zeros; the model never reads it,
+so no separate media mask is carried.
 """

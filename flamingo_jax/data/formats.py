@@ -35,6 +35,10 @@ Schema `video_text` (VTP-style pairs; frames stored, not a video file):
   caption           bytes list [1]  UTF-8 caption
   example_id        bytes list [1]  optional
 
+Batches (what the pipelines make of these records; `data/__init__.py` has the shapes) carry
+`media_index`, the slot each token cross-attends to, and no media mask: an unused slot is one
+no token points at and holds zeros, and `media_index` alone decides what the model reads.
+
 The readers validate records (see `pipeline.SKIP_REASONS`); writers only check
 Python types, so a record that a reader will skip can still be written (the
 importers in `prepare.py` validate before writing).

@@ -3,7 +3,7 @@
 Per document (appendix B.1.2): tokenise with `<EOC>` before every `<image>`
 (except at the very start) and at the end before EOS; take a random window of
 L tokens (default 256); keep the first N images in it (default 5), padding the
-media slots with `media_mask` False; with probability `p_next` the document's
+unused media slots as zeros; with probability `p_next` the document's
 text cross-attends to the NEXT image instead of the previous one.
 
 With `training=False` there is no randomness: the window is the first L
@@ -13,7 +13,6 @@ are decoded. Batch (B = batch size):
   loss_mask        float32 [B, L]
   media_index      int32   [B, L]
   media            float32 [B, N, 1, S, S, 3]
-  media_mask       bool    [B, N]
 """
 
 from __future__ import annotations
@@ -104,19 +103,16 @@ class InterleavedPipeline(RecordPipeline):
         length, slots = self.config.max_len, self.config.max_images
         if example is None:
             zeros = np.zeros(length, np.int32)
-            return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros(slots, bool),
-                    np.zeros([0], np.uint8), np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
-        return (example.tokens, example.targets, example.loss_mask, example.media_index, example.images >= 0,
-                pixels, shapes, np.int32(0), b"")
+            return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros([0], np.uint8), np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
+        return (example.tokens, example.targets, example.loss_mask, example.media_index, pixels, shapes, np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
         t = tf()
         length, slots, size = self.config.max_len, self.config.max_images, self.image_config.size
-        tokens, targets, loss_mask, media_index, media_mask, pixels, shapes, reason, detail = t.numpy_function(
+        tokens, targets, loss_mask, media_index, pixels, shapes, reason, detail = t.numpy_function(
             self._python("_sample"), [example["serialized"], example["seed_ints"]],
-            [t.int32, t.int32, t.float32, t.int32, t.bool, t.uint8, t.int32, t.int32, t.string], stateful=False)
+            [t.int32, t.int32, t.float32, t.int32, t.uint8, t.int32, t.int32, t.string], stateful=False)
         decoded = images.prepare_decoded(pixels, shapes, self.image_config, self.training, example["seed"])
         padding = t.zeros([slots - t.shape(decoded)[0], size, size, 3], t.float32)
         media = t.reshape(t.concat([decoded, padding], 0), [slots, 1, size, size, 3])
-        return assemble_example(tokens, targets, loss_mask, media_index, media,
-                                t.ensure_shape(media_mask, [slots]), reason, detail, length)
+        return assemble_example(tokens, targets, loss_mask, media_index, media, reason, detail, length)

@@ -16,7 +16,6 @@ same flip and colour jitter.
 Batch (B = batch size, L = max_len, T = num_frames):
   tokens, targets, media_index int32 [B, L]; loss_mask float32 [B, L]
   media float32 [B, 1, 1, S, S, 3] (images) or [B, 1, T, S, S, 3] (video)
-  media_mask bool [B, 1] (always True: a pair without its image is skipped)
 """
 
 from __future__ import annotations
@@ -138,8 +137,7 @@ class _PairPipeline(RecordPipeline):
                                          same_augmentation=True)
         media = t.cond(reason == 0, lambda: t.reshape(decoded, [1, frames, size, size, 3]),
                        lambda: t.zeros([1, frames, size, size, 3], t.float32))
-        return assemble_example(tokens, targets, loss_mask, media_index, media, t.ones([1], t.bool), reason,
-                                detail, length)
+        return assemble_example(tokens, targets, loss_mask, media_index, media, reason, detail, length)
 
 
 class ImageTextPipeline(_PairPipeline):

@@ -465,8 +465,7 @@ class RecordPipeline(abc.ABC):
         return np.asarray(reason, np.int32)
 
 
-def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask, reason, detail,
-                     length: int) -> dict[str, Any]:
+def assemble_example(tokens, targets, loss_mask, media_index, media, reason, detail, length: int) -> dict[str, Any]:
     """One record's batch fields (graph mode), with its reason and detail for the skip log."""
     t = tf()
     return {
@@ -475,7 +474,6 @@ def assemble_example(tokens, targets, loss_mask, media_index, media, media_mask,
         "loss_mask": t.ensure_shape(loss_mask, [length]),
         "media_index": t.ensure_shape(media_index, [length]),
         "media": media,
-        "media_mask": media_mask,
         "reason": t.reshape(reason, []),
         "detail": t.reshape(detail, []),
     }

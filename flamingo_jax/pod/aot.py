@@ -80,8 +80,7 @@ def abstract_batch(shape: flops.BatchShape, batch_sharding) -> dict[str, jax.Sha
     field = lambda dims, dtype: jax.ShapeDtypeStruct(dims, dtype, sharding=batch_sharding)
     return {"tokens": field((b, length), jnp.int32), "targets": field((b, length), jnp.int32),
             "loss_mask": field((b, length), jnp.float32), "media_index": field((b, length), jnp.int32),
-            "media": field((b, m, shape.num_frames, size, size, 3), jnp.float32),
-            "media_mask": field((b, m), jnp.bool_)}
+            "media": field((b, m, shape.num_frames, size, size, 3), jnp.float32)}
 
 
 # ------------------------------------------------------------------ compile
