@@ -41,6 +41,9 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     # The frozen NFNet's weights are replicated (None; the paper leaves it unsharded);
     # e.g. --config.mesh_rules.conv_out=tensor splits its channels, and its compute, instead.
     config.mesh_rules.conv_out = None
+    # Long runs on thousands of chips: a loss spike rolls back to the last good checkpoint by
+    # itself (training/spike_guard.py) instead of waiting for a person to notice.
+    config.train.spike_guard.enabled = True
     return config
 
 

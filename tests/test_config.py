@@ -30,6 +30,12 @@ def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)
 
 
+@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b"])
+def test_spike_guard_is_on_for_paper_runs_only(name):
+    """Pod runs roll back loss spikes by themselves; the small configs (and tests) do not."""
+    assert load_config(name).train.spike_guard.enabled == (name in TABLE5)
+
+
 def tiny_dict():
     return load_config("tiny").model.to_dict()
 
