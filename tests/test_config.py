@@ -1,6 +1,5 @@
 """Configs: impossible values fail early and clearly; paper parameter counts."""
 
-import dataclasses
 
 import pytest
 

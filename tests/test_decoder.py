@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flamingo_jax.models import layers
 from flamingo_jax.models.config import DecoderConfig
 from flamingo_jax.models.decoder import Decoder
 

@@ -12,7 +12,6 @@ output behind.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Callable
 
 from absl import flags

@@ -18,7 +18,7 @@ from typing import Any
 
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.mapping import Table
-from flamingo_jax.models.config import VisionConfig
+from flamingo_jax.models.config import VisionConfig, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,6 +73,24 @@ def square_grid(positions: int, has_class_token: bool, path: str) -> int:
         raise ConversionError(f"{path}: the positional embedding has {positions} rows, not a square grid of patches "
                               "(plus the class token); only square images are supported.")
     return side
+
+
+def clip_vit(*, width: int, num_layers: int, heads: int, patch: int, grid: int, hidden: int, activation: str,
+             norm_eps: float, norm_output: bool, options: Options, path: str) -> tuple[ViTConfig, int, str]:
+    """Our ViT config for a CLIP tower read from its tensors, its image size, and a one-line description;
+    the checks every CLIP layout needs (a known activation, --image_size agreeing with the positions)."""
+    if activation not in ACTIVATIONS:
+        raise ConversionError(f"--activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
+    image_size = grid * patch
+    if options.image_size not in (None, image_size):
+        raise ConversionError(f"--image_size={options.image_size} contradicts {path}: its positional embedding "
+                              f"covers {grid}x{grid} patches of {patch}, i.e. {image_size} px.")
+    vit = ViTConfig(width=width, num_layers=num_layers, num_heads=heads, patch_size=patch,
+                    mlp_ratio=mlp_ratio(hidden, width, path), activation=activation, include_class_token=True,
+                    norm_eps=norm_eps, norm_output=norm_output)
+    description = (f"ViT width {width}, {num_layers} layers, {heads} heads, patch {patch}, {image_size} px, "
+                   f"MLP {hidden} ({activation})")
+    return vit, image_size, description
 
 
 def mlp_ratio(hidden: int, width: int, path: str) -> float:

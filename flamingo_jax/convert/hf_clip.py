@@ -24,14 +24,13 @@ from __future__ import annotations
 from flamingo_jax.convert import transforms as t
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.families import (
-    ACTIVATIONS,
     CLIP_MEAN,
     CLIP_STD,
     Architecture,
     Options,
     choose,
+    clip_vit,
     layer_indices,
-    mlp_ratio,
     square_grid,
 )
 from flamingo_jax.convert.mapping import Rule, Table, torch_dense, torch_layer_norm
@@ -108,23 +107,15 @@ def read_architecture(source: TensorSource, options: Options) -> Architecture:
                    f"pass --num_heads, {how}")
     activation = choose("activation", options.activation, HF_ACTIVATIONS.get(hidden_act), path,
                         f"pass --activation (quick_gelu for OpenAI's CLIP), {how}")
-    if activation not in ACTIVATIONS:
-        raise ConversionError(f"--activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
     for field, value in (("hidden_size", width), ("num_hidden_layers", num_layers), ("patch_size", patch),
                          ("image_size", grid * patch), ("intermediate_size", hidden)):
         if field in recorded and recorded[field] != value:
             raise ConversionError(f"{path}: config.json says {field}={recorded[field]} but the tensors say {value}; "
                                   "the weights and config.json do not belong together.")
-    image_size = grid * patch
-    if options.image_size not in (None, image_size):
-        raise ConversionError(f"--image_size={options.image_size} contradicts {path}: its position embedding "
-                              f"covers {grid}x{grid} patches of {patch}, i.e. {image_size} px.")
-    norm_output = False if options.norm_output is None else options.norm_output
-    vit = ViTConfig(width=width, num_layers=num_layers, num_heads=heads, patch_size=patch,
-                    mlp_ratio=mlp_ratio(hidden, width, path), activation=activation, include_class_token=True,
-                    norm_eps=float(recorded.get("layer_norm_eps", 1e-5)), norm_output=norm_output)
-    description = (f"ViT width {width}, {num_layers} layers, {heads} heads, patch {patch}, {image_size} px, "
-                   f"MLP {hidden} ({activation})")
+    vit, image_size, description = clip_vit(
+        width=width, num_layers=num_layers, heads=heads, patch=patch, grid=grid, hidden=hidden,
+        activation=activation, norm_eps=float(recorded.get("layer_norm_eps", 1e-5)),
+        norm_output=False if options.norm_output is None else options.norm_output, options=options, path=path)
     assumptions = tuple(f"{name}={value} (from --{name})" for name, value, key in (
         ("num_heads", heads, "num_attention_heads"), ("activation", activation, "hidden_act")) if key not in recorded)
     return Architecture(VisionConfig(encoder="vit", image_size=image_size, vit=vit), table(vit, description),

@@ -26,14 +26,13 @@ import re
 from flamingo_jax.convert import transforms as t
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.families import (
-    ACTIVATIONS,
     CLIP_MEAN,
     CLIP_STD,
     Architecture,
     Options,
     choose,
+    clip_vit,
     layer_indices,
-    mlp_ratio,
     square_grid,
 )
 from flamingo_jax.convert.mapping import Rule, Table, torch_dense, torch_layer_norm
@@ -110,18 +109,10 @@ def read_architecture(source: TensorSource, options: Options) -> Architecture:
     activation = choose("activation", options.activation, recorded_activation, path,
                         "pass --activation=quick_gelu (OpenAI CLIP weights, open_clip *-quickgelu models) or "
                         f"--activation=gelu_exact (models trained with nn.GELU); {how}")
-    if activation not in ACTIVATIONS:
-        raise ConversionError(f"--activation={activation!r} is unknown; use one of {ACTIVATIONS}.")
-    image_size = grid * patch
-    if options.image_size not in (None, image_size):
-        raise ConversionError(f"--image_size={options.image_size} contradicts {path}: its positional embedding "
-                              f"covers {grid}x{grid} patches of {patch}, i.e. {image_size} px.")
-    norm_output = True if options.norm_output is None else options.norm_output
-    vit = ViTConfig(width=width, num_layers=num_layers, num_heads=heads, patch_size=patch,
-                    mlp_ratio=mlp_ratio(hidden, width, path), activation=activation, include_class_token=True,
-                    norm_eps=1e-5, norm_output=norm_output)
-    description = (f"ViT width {width}, {num_layers} layers, {heads} heads, patch {patch}, {image_size} px, "
-                   f"MLP {hidden} ({activation})")
+    vit, image_size, description = clip_vit(
+        width=width, num_layers=num_layers, heads=heads, patch=patch, grid=grid, hidden=hidden,
+        activation=activation, norm_eps=1e-5,
+        norm_output=True if options.norm_output is None else options.norm_output, options=options, path=path)
     assumptions = tuple(f"{name}={value} (from --{name})" for name, value, recorded in (
         ("num_heads", heads, recorded_heads), ("activation", activation, recorded_activation)) if recorded is None)
     preprocess = source.config.get("open_clip_config.json", {}).get("preprocess_cfg", {})

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from flamingo_jax.convert.errors import ConversionError
-from flamingo_jax.convert.mapping import Keys, flatten_target, target_path
+from flamingo_jax.convert.mapping import Keys, flatten_target
 
 RECORD_FILE = "flamingo_conversion.json"  # beside the arrays: what was converted and the config it needs
 DEFAULT_BUFFER_BYTES = 64 << 20  # small weights share an orbax save; large ones go one at a time

@@ -100,10 +100,10 @@ class InterleavedPipeline(RecordPipeline):
                     detail = f"an image in the window: {image_detail}"
         except Exception as error:  # noqa: BLE001 - one odd record must never stop a training run
             example, reason, detail = None, REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
-        length, slots = self.config.max_len, self.config.max_images
         if example is None:
-            zeros = np.zeros(length, np.int32)
-            return (zeros, zeros, np.zeros(length, np.float32), zeros - 1, np.zeros([0], np.uint8), np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
+            zeros = np.zeros(self.config.max_len, np.int32)
+            return (zeros, zeros, zeros.astype(np.float32), zeros - 1, np.zeros([0], np.uint8),
+                    np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
         return (example.tokens, example.targets, example.loss_mask, example.media_index, pixels, shapes, np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:

@@ -314,7 +314,7 @@ _PTB_TOKEN = re.compile(
 _NT = re.compile(rf"(?<={_ALNUM})n't(?!{_ALNUM})", re.IGNORECASE)
 _CLITIC = re.compile(rf"(?<={_ALNUM})'(?:s|m|d|re|ve|ll)(?!{_ALNUM})", re.IGNORECASE)
 _ASSIMILATION = re.compile(
-    rf"(?<![\w#@])(?:(can)(not)|(gon|wan)(na)|(got)(ta)|(lem|gim)(me)|('t)(is|was))"
+    r"(?<![\w#@])(?:(can)(not)|(gon|wan)(na)|(got)(ta)|(lem|gim)(me)|('t)(is|was))"
     r"(?!\w|'\w)",  # "cannot's" stays whole, as the Java lexer leaves it
     re.IGNORECASE,
 )

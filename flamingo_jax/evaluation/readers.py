@@ -287,27 +287,24 @@ def read_vqav2(root: PathLike, split: str = "val") -> list[VQAExample]:
     """VQAv2 train/val with the official file names, all in `root`:
     ``v2_OpenEnded_mscoco_{split}2014_questions.json``,
     ``v2_mscoco_{split}2014_annotations.json`` and images in ``{split}2014/``."""
-    if split not in ("train", "val"):
-        raise ValueError(f"read_vqav2: split must be 'train' or 'val', got {split!r}.")
-    root = Path(root)
-    return read_vqa_format(
-        root / f"v2_OpenEnded_mscoco_{split}2014_questions.json",
-        root / f"v2_mscoco_{split}2014_annotations.json",
-        root / f"{split}2014",
-        VQA_IMAGE_TEMPLATES[f"coco_{split}2014"],
-    )
+    return _read_coco_vqa(root, split, "v2_", "read_vqav2")
 
 
 def read_okvqa(root: PathLike, split: str = "val") -> list[VQAExample]:
     """OK-VQA train/val with the official file names, all in `root`:
     ``OpenEnded_mscoco_{split}2014_questions.json``,
     ``mscoco_{split}2014_annotations.json`` and COCO images in ``{split}2014/``."""
+    return _read_coco_vqa(root, split, "", "read_okvqa")
+
+
+def _read_coco_vqa(root: PathLike, split: str, prefix: str, reader: str) -> list[VQAExample]:
+    """A VQA-format benchmark over COCO 2014 images, its files named `<prefix>OpenEnded_mscoco_...`."""
     if split not in ("train", "val"):
-        raise ValueError(f"read_okvqa: split must be 'train' or 'val', got {split!r}.")
+        raise ValueError(f"{reader}: split must be 'train' or 'val', got {split!r}.")
     root = Path(root)
     return read_vqa_format(
-        root / f"OpenEnded_mscoco_{split}2014_questions.json",
-        root / f"mscoco_{split}2014_annotations.json",
+        root / f"{prefix}OpenEnded_mscoco_{split}2014_questions.json",
+        root / f"{prefix}mscoco_{split}2014_annotations.json",
         root / f"{split}2014",
         VQA_IMAGE_TEMPLATES[f"coco_{split}2014"],
     )

@@ -41,7 +41,6 @@ approximation vs erf) and where weight standardisation's epsilon goes
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any

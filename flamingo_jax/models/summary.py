@@ -3,7 +3,6 @@ so the 80B model is counted on a laptop."""
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from flamingo_jax.models import layers
