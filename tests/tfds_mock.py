@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from unittest import mock
 
 import numpy as np
 
 from flamingo_jax.data._tf import tf
 from flamingo_jax.data.tfds_source import tfds
 
-SPLITS = {"coco_captions": {"train": 20, "test": 6}, "imagenet2012": {"train": 8, "validation": 6}}
+SPLITS = {"coco_captions": {"train": 20, "restval": 4, "test": 6}, "imagenet2012": {"train": 8, "validation": 6}}
 WORDS = ("a red circle", "a blue square", "two green triangles", "one small star", "a big yellow shape")
 CLASSES = 3  # imagenet2012 labels used: 0..2
 EMPTY_CAPTIONS = 3  # coco_captions train example without any caption: a counted skip
@@ -35,7 +36,7 @@ def _image(seed: int, size: int = 24) -> np.ndarray:
 
 
 def coco_example(split: str, index: int) -> dict:
-    offset = 1000 if split == "test" else 0
+    offset = {"train": 0, "restval": 500, "test": 1000}[split]
     texts = [] if (split == "train" and index == EMPTY_CAPTIONS) else [
         f"{WORDS[(index + k) % len(WORDS)]} number {index}" for k in range(2 + index % 2)]
     empty = np.zeros([0], np.int64)
@@ -85,9 +86,34 @@ def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=Fals
 
 @contextlib.contextmanager
 def mocked(root: str):
-    """Inside: `tfds.builder('coco_captions' | 'imagenet2012', data_dir=...)` reads EXAMPLES."""
+    """Inside: `tfds.builder('coco_captions' | 'imagenet2012', data_dir=...)` reads EXAMPLES.
+
+    `mock_data` also wraps `DatasetBuilder.as_dataset` in a process-wide fake file system
+    (for builders without metadata); with ours on disk that is not needed, and it would
+    make the TFRecord reads of other pipelines' threads fail while a TFDS dataset is built."""
     datasets = tfds()
     write_metadata(root)
+    builder_class = datasets.core.dataset_builder.DatasetBuilder
+    real_as_dataset = builder_class.as_dataset
     with datasets.testing.mock_data(policy=datasets.testing.MockPolicy.USE_FILES, data_dir=root,
-                                    as_dataset_fn=_as_dataset):
+                                    as_dataset_fn=_as_dataset), \
+            mock.patch.object(builder_class, "as_dataset", real_as_dataset):
         yield
+
+def write_synset_mapping(root: str) -> None:
+    """LOC_synset_mapping.txt naming the mocked imagenet2012 labels (0..CLASSES-1) only."""
+    synsets = tfds().builder("imagenet2012").info.features["label"].names[:CLASSES]
+    names = ("tench", "goldfish", "great white shark")
+    with open(os.path.join(root, "LOC_synset_mapping.txt"), "w") as f:
+        f.writelines(f"{synset} {name}, other name\n" for synset, name in zip(synsets, names))
+
+
+if __name__ == "__main__":  # python tests/tfds_mock.py ROOT -m MODULE ARGS...: MODULE's CLI on the mocked builders
+    import runpy
+    import sys
+
+    root, flag, module, *args = sys.argv[1:]
+    assert flag == "-m", "usage: tfds_mock.py ROOT -m MODULE [ARGS...]"
+    sys.argv = [module, *args]
+    with mocked(root):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)

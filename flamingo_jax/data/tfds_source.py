@@ -168,7 +168,7 @@ class TfdsSource(RecordSource):
         self.num_examples = 0
         self._host_split: Any = split
         self._builder: Any = None
-        self._seed, self._training = 0, False
+        self.seed, self.training = 0, False  # set by for_host: the text choice
 
     def check_features(self, builder: Any) -> None:
         """Every feature the field map names exists in the builder's examples."""
@@ -191,7 +191,7 @@ class TfdsSource(RecordSource):
                             f"{process_count} data-loading processes (none left for process {process_index}).")
         bound = TfdsSource(self.builder_name, self.split, self.data_dir, self.fields, where=self.where)
         bound._builder, bound._host_split, bound.num_examples = builder, host_split, num_examples
-        bound._seed, bound._training = seed, training
+        bound.seed, bound.training = seed, training
         part = f"[part {process_index + 1} of {process_count}]" if process_count > 1 else ""
         bound.files = [f"tfds:{self.builder_name}/{self.split}{part}"]
         bound.description = f"{num_examples} examples of TFDS {self.builder_name!r} split {self.split!r}{part}"
@@ -237,7 +237,7 @@ class TfdsSource(RecordSource):
     def _record(self, index: int, media: list[bytes], texts: np.ndarray, frame_rate: float) -> tuple[bytes, int, str]:
         """One example's encoded record of our schema, or (b'', reason code, detail) if it cannot be one."""
         try:
-            caption = choose_text(texts, self._training, self._seed, index)
+            caption = choose_text(texts, self.training, self.seed, index)
             media = [m for m in media if m]
             if self.fields.image:
                 if len(media) != 1:
