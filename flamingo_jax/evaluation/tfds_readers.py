@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from flamingo_jax.data.tfds_source import open_builder, tfds
 from flamingo_jax.errors import UserError
@@ -47,12 +48,14 @@ class TfdsBenchmark:
     builder: str
     support_split: str
     query_split: str
-    make: Callable[..., Example]  # (numpy example, image path, index, classes) -> the task's example
+    make: Callable[..., Example | None]  # (numpy example, image path, index, classes) -> example or None
     classes: Callable[[Any, str], tuple[dict[int, str], tuple[str, ...]]] | None = None  # label names
 
 
-def _caption_example(example: dict, image_path: Path, index: int, classes: Any) -> readers.CaptionExample:
-    texts = [t.decode("utf-8") for t in np.ravel(example["captions"]["text"])]
+def _caption_example(example: dict, image_path: Path, index: int, classes: Any) -> readers.CaptionExample | None:
+    texts = [t.decode("utf-8") for t in np.ravel(example["captions"]["text"]) if t.strip()]
+    if not texts:
+        return None  # nothing to show as support, nothing to score a query against
     return readers.CaptionExample(id=int(example["image/id"]), image_path=image_path, captions=texts)
 
 
@@ -97,17 +100,24 @@ def _read(task: str, bench: TfdsBenchmark, split: str, data_dir: str, cache_dir:
     read_config = datasets.ReadConfig(try_autocache=False, shuffle_seed=seed if shuffled else None)
     dataset = builder.as_dataset(split=split, shuffle_files=shuffled, read_config=read_config,
                                  decoders={"image": datasets.decode.SkipDecoding()})
-    if first is not None:
-        dataset = dataset.take(first)
     folder = cache_dir / bench.builder / re.sub(r"[^\w.+-]", "_", split)
     folder.mkdir(parents=True, exist_ok=True)
-    examples = []
+    examples, unusable = [], 0
     for index, example in enumerate(dataset.as_numpy_iterator()):
+        if first is not None and len(examples) == first:
+            break
         if keep is not None and index not in keep:
             continue
         path = folder / f"{index}.img"
+        made = bench.make(example, path, index, classes)
+        if made is None:
+            unusable += 1
+            continue
         path.write_bytes(example["image"])
-        examples.append(bench.make(example, path, index, classes))
+        examples.append(made)
+    if unusable:
+        logging.warning("task %r: %d example(s) of TFDS %s split %r have no reference text; left out.", task,
+                        unusable, bench.builder, split)
     return examples
 
 
