@@ -93,7 +93,7 @@ BENCHMARKS = {
 def _read(task: str, bench: TfdsBenchmark, split: str, data_dir: str, cache_dir: Path, *,
           first: int | None = None, keep: set[int] | None = None, seed: int = 0) -> list[Example]:
     """Examples of `split`: its first `first` (file order shuffled by `seed`) or those at `keep`."""
-    builder, info = open_builder(bench.builder, split, data_dir, f"task {task!r} (--source=tfds)")
+    builder, _ = open_builder(bench.builder, split, data_dir, f"task {task!r} (--source=tfds)")
     classes = bench.classes(builder, data_dir) if bench.classes else None
     datasets = tfds()
     shuffled = first is not None
