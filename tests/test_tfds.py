@@ -21,6 +21,8 @@ from flamingo_jax.core.config import ConfigError, RunConfig
 from flamingo_jax.data import formats, synthetic, tfds_source
 from flamingo_jax.data.errors import DataError, DataFileMissing
 from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.evaluation import support as support_lib
+from flamingo_jax.evaluation import tfds_readers
 from flamingo_jax.training.trainer import Trainer
 
 from helpers import ROOT, train_config
@@ -127,6 +129,7 @@ def test_two_hosts_read_disjoint_equal_parts_of_the_split(synthetic_corpus, tfds
                                                     "Did you mean 'coco_captions'"),
     (dict(tfds_split="validation"), DataError, "tfds_split='validation' is not a split of 'coco_captions'"),
     (dict(tfds_data_dir="/no/such/tfds"), DataFileMissing, "tfds_data_dir='/no/such/tfds' does not exist"),
+    (dict(tfds_builder="mnist"), DataFileMissing, "TFDS builder 'mnist' is not prepared in"),
     (dict(tfds_fields=dict(image="picture", text="captions/text")), DataError, "names feature 'picture'"),
 ])
 def test_a_missing_builder_split_or_data_dir_is_named_before_compiling(synthetic_corpus, tfds_root, tmp_path,
@@ -197,20 +200,34 @@ def test_evaluate_reads_coco_and_imagenet_from_tfds(straight, tfds_root):
     env = dict(os.environ, JAX_PLATFORMS="cpu", FLAMINGO_COMPILATION_CACHE=os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
     command = [sys.executable, str(ROOT / "tests" / "tfds_mock.py"), tfds_root, "-m", "flamingo_jax.evaluate",
                f"--workdir={workdir}", "--tasks=coco,imagenet", "--source=tfds", f"--tfds_data_dir={tfds_root}",
-               "--shots=0,2", "--num_queries=3", "--support_size=4", "--batch_size=4", "--ensemble=1",
-               "--num_beams=2"]
+               "--shots=0", "--num_queries=3", "--support_size=4", "--batch_size=4", "--ensemble=1", "--num_beams=2"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = (pathlib.Path(workdir) / "eval").glob("step_4.coco-tfds+imagenet-tfds.*.json")
     results = json.loads(json_path.read_text())
     assert results["meta"]["sources"] == {"coco": "tfds", "imagenet": "tfds"}
     for task, metric in (("coco", "cider"), ("imagenet", "top1_accuracy")):
-        for shots in ("0", "2"):
-            entry = results["results"][task][shots]
-            assert entry["num_queries"] == 3 and (np.isnan(entry[metric]) or 0 <= entry[metric] <= 100)
+        entry = results["results"][task]["0"]
+        assert entry["num_queries"] == 3 and (np.isnan(entry[metric]) or 0 <= entry[metric] <= 100)
     table = json_path.with_suffix(".md").read_text()
     assert "| coco | cider |" in table and "| imagenet | top1_accuracy |" in table
 
-    wrong = subprocess.run(command[:5] + [f"--workdir={workdir}", "--tasks=vqav2", "--source=tfds"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert wrong.returncode != 0 and "['vqav2'] have no TFDS source" in wrong.stderr
+
+
+def test_tfds_task_sources_and_their_errors(tfds_root, tmp_path):
+    assert tfds_readers.parse_sources("tfds", ["coco", "vqav2"]) == {"coco": "tfds", "vqav2": "tfds"}
+    assert tfds_readers.parse_sources("coco=tfds", ["coco", "vqav2"]) == {"coco": "tfds", "vqav2": "files"}
+    with pytest.raises(tfds_readers.TfdsTaskError, match="'okvqa=tfds'"):
+        tfds_readers.parse_sources("okvqa=tfds", ["coco"])
+    with pytest.raises(tfds_readers.TfdsTaskError, match="task 'vqav2' has no TFDS source"):
+        tfds_readers.tfds_loader("vqav2", tfds_root, tmp_path, support_size=4, num_queries=None, seed=0)
+    support, queries = tfds_readers.tfds_loader("coco", tfds_root, tmp_path, support_size=5, num_queries=4,
+                                                seed=0)(None)
+    assert len(support) == 5 and all(e.captions for e in support)  # the caption-less example is left out
+    expected = support_lib.sample_queries(list(range(6)), 4, 1)  # the evaluator's own choice of 4 of 6 queries
+    assert [e.id - 1000 for e in queries] == expected
+    assert queries[0].image_path.read_bytes()[:2] == b"\xff\xd8"  # the JPEG bytes as TFDS stores them
+    empty = tmp_path / "no_mapping"
+    empty.mkdir()
+    with pytest.raises(tfds_readers.TfdsTaskError, match="LOC_synset_mapping.txt"):
+        tfds_readers.tfds_loader("imagenet", str(empty), tmp_path, support_size=2, num_queries=None, seed=0)(None)
