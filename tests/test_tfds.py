@@ -125,8 +125,8 @@ def test_two_hosts_read_disjoint_equal_parts_of_the_split(synthetic_corpus, tfds
 
 
 @pytest.mark.parametrize("overrides, error, named", [
-    (dict(tfds_builder="coco_captionz"), DataError, "tfds_builder='coco_captionz' is not a TFDS builder. "
-                                                    "Did you mean 'coco_captions'"),
+    (dict(tfds_builder="coco_captionz"), DataError, ("tfds_builder='coco_captionz' is not a TFDS builder",
+                                                     "Did you mean 'coco_captions'")),
     (dict(tfds_split="validation"), DataError, "tfds_split='validation' is not a split of 'coco_captions'"),
     (dict(tfds_data_dir="/no/such/tfds"), DataFileMissing, "tfds_data_dir='/no/such/tfds' does not exist"),
     (dict(tfds_builder="mnist"), DataFileMissing, "TFDS builder 'mnist' is not prepared in"),
@@ -141,8 +141,10 @@ def test_a_missing_builder_split_or_data_dir_is_named_before_compiling(synthetic
         raise AssertionError("compiled before the data was checked")
 
     monkeypatch.setattr(jax, "jit", no_compiling)
-    with pytest.raises(error, match=named.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(error) as caught:
         Trainer(config, str(tmp_path / "run"))
+    for part in (named,) if isinstance(named, str) else named:
+        assert part in str(caught.value)
 
 
 @pytest.mark.parametrize("overrides, named", [

@@ -43,6 +43,7 @@ from flamingo_jax.data.errors import DataError, DataFileMissing
 from flamingo_jax.data.pipeline import REASON_CODE, RecordSource
 
 FIELD_NAMES = ("image", "frames", "text", "frame_rate")
+READ_FILES_AT_ONCE = 16  # TFDS's default; without file shuffling its interleave is deterministic
 
 
 def tfds() -> Any:
@@ -136,13 +137,13 @@ def open_builder(builder_name: str, split: str, data_dir: str, where: str) -> tu
     if data_dir and not t.io.gfile.exists(data_dir):
         raise DataFileMissing(f"{where}: tfds_data_dir={data_dir!r} does not exist; give the folder the builder "
                               "was prepared into (`tfds build ... --data_dir=...`).")
-    name = builder_name.split(":")[0].split("/")[0]
-    known = datasets.list_builders()
-    if name not in known:
-        raise DataError(f"{where}: tfds_builder={builder_name!r} is not a TFDS builder.{_suggest(name, known)}")
-    try:
+    try:  # registered builders, and ones prepared in data_dir from code we do not have
         builder = datasets.builder(builder_name, data_dir=data_dir or None)
-    except (datasets.core.registered.DatasetNotFoundError, ValueError) as error:
+    except datasets.core.registered.DatasetNotFoundError:
+        name = builder_name.split(":")[0].split("/")[0]
+        raise DataError(f"{where}: tfds_builder={builder_name!r} is not a TFDS builder (nor prepared in "
+                        f"{data_dir or 'the default data dir'!r}).{_suggest(name, datasets.list_builders())}") from None
+    except ValueError as error:  # e.g. an unknown config or version
         raise DataError(f"{where}: tfds_builder={builder_name!r} cannot be opened: {error}") from None
     splits = dict(builder.info.splits)
     if not splits:
@@ -205,7 +206,7 @@ class TfdsSource(RecordSource):
         fields, datasets = self.fields, tfds()
         decoders = _decoders(fields.image or fields.frames)
         read_config = datasets.ReadConfig(try_autocache=False, skip_prefetch=True, add_tfds_id=False,
-                                          interleave_cycle_length=1)
+                                          interleave_cycle_length=READ_FILES_AT_ONCE)
         return self._builder.as_dataset(split=self._host_split, shuffle_files=False, decoders=decoders,
                                         read_config=read_config)
 
