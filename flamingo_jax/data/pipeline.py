@@ -1,14 +1,16 @@
 """What every dataset pipeline shares: host sharding, deterministic order,
 resumable state, and counted skipping of bad records.
 
-Stream, per host:
+Stream, per host (the records come from a `RecordSource`: `FileSource` for our
+TFRecord shards, as below, or `tfds_source.TfdsSource` for a prepared TFDS split):
   files matching the pattern, sorted (one coherent shard set per dataset name,
   see `formats.check_shard_sets`); this host takes files[process_index::process_count]
   -> per epoch: file order shuffled (stateless, from seed and epoch), records
      read by `records.read_records` (damage in a file, such as a checksum
      mismatch, a cut-off record or a file that cannot be read, is an item of
      the stream with its reason, so it is skipped and counted like a bad
-     record), interleaved across files, shuffled in a buffer (seeded by seed and epoch)
+     record), interleaved across files
+  -> shuffled in a buffer (seeded by seed and epoch)
   -> each raw record gets its position in the epoch's stream: (epoch, position)
   -> [restore] skip the first `position` raw records of the saved epoch: only
      serialized bytes are skipped, nothing is parsed, tokenised or decoded

@@ -25,6 +25,11 @@ record read from a shard. So what we add is the pipeline's: per-epoch seeded shu
 the (epoch, position) state that resumes exactly (the checkpoint holds it), and bad
 examples (no text, an undecodable image) skipped and counted by reason, logged as
 `tfds:<builder>/<split>` with the example's index in this host's part of the split.
+Skipping to a saved position reads (and re-encodes, without decoding) the examples
+before it, as the TFRecord path reads the skipped records' bytes.
+
+Interleaved documents are not read from TFDS: no builder we know of stores them in a
+layout a field map could name; import them with `python -m flamingo_jax.data.prepare`.
 """
 
 from __future__ import annotations
