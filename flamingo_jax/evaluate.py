@@ -72,8 +72,9 @@ def main(argv):
     from_tfds = [name for name, source in sources.items() if source == "tfds"]
     missing = [name for name in from_tfds if name not in tfds_readers.BENCHMARKS]
     if missing:  # before the checkpoint is loaded
-        raise UserError(f"--source: task(s) {missing} have no TFDS source (TFDS has {sorted(tfds_readers.BENCHMARKS)}); "
-                        f"read them from files, per task: --source={missing[0]}=files,<task>=tfds.")
+        raise UserError(f"--source: task(s) {missing} have no TFDS source (TFDS has "
+                        f"{sorted(tfds_readers.BENCHMARKS)}); read them from files, per task: "
+                        f"--source={missing[0]}=files,<task>=tfds.")
     tfds_readers.check_tfds_dir(_TFDS_DATA_DIR.value or "")
     engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, tokenizer_path=_TOKENIZER.value)
     step = engine.step

@@ -119,8 +119,8 @@ def test_two_hosts_read_disjoint_equal_parts_of_the_split(synthetic_corpus, tfds
         mixture.close()
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(18))  # together: all of train[:90%]
+    only_tfds = dict(data_config(synthetic_corpus, tfds_root), datasets=[tfds_entry(tfds_root, tfds_split="train[:5]")])
     with pytest.raises(DataError, match="too few examples for 32"):
-        only_tfds = dict(data_config(synthetic_corpus, tfds_root), datasets=[tfds_entry(tfds_root, tfds_split="train[:5]")])
         Mixture.from_config(only_tfds, seed=0, process_index=0, process_count=32)
 
 
@@ -199,7 +199,8 @@ def test_a_tfds_mixture_trains_and_resumes_exactly_after_sigterm(straight, tmp_p
 def test_evaluate_reads_coco_and_imagenet_from_tfds(straight, tfds_root):
     _, workdir, _, _ = straight
     tfds_mock.write_synset_mapping(tfds_root)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAMINGO_COMPILATION_CACHE=os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               FLAMINGO_COMPILATION_CACHE=os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
     command = [sys.executable, str(ROOT / "tests" / "tfds_mock.py"), tfds_root, "-m", "flamingo_jax.evaluate",
                f"--workdir={workdir}", "--tasks=coco,imagenet", "--source=tfds", f"--tfds_data_dir={tfds_root}",
                "--shots=0", "--num_queries=3", "--support_size=4", "--batch_size=4", "--ensemble=1", "--num_beams=2"]

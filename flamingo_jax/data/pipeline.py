@@ -147,7 +147,7 @@ class RecordSource(abc.ABC):
     records in a fixed order as (source, index, byte offset, serialized record, damage code,
     damage detail) tuples, which the pipeline shuffles, positions, skips and processes."""
 
-    files: list[str] = []  # what this host reads, for messages (files, or a TFDS split)
+    files: list[str]  # what this host reads, for messages (files, or a TFDS split)
     description: str = ""
 
     @abc.abstractmethod
@@ -169,7 +169,8 @@ class FileSource(RecordSource):
 
     def __init__(self, pattern: str | Sequence[str]):
         self.pattern = pattern
-        self.files = []
+        self.files: list[str] = []
+        self.description = repr(pattern)
 
     def for_host(self, process_index: int, process_count: int, *, name: str, seed: int,
                  training: bool) -> FileSource:
