@@ -239,7 +239,7 @@ class RecordPipeline(abc.ABC):
 
     def __init__(
         self,
-        pattern: str | Sequence[str],
+        pattern: str | Sequence[str] | RecordSource,  # TFRecord glob(s), or another source of records
         batch_size: int,
         *,
         name: str | None = None,
