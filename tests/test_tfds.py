@@ -196,6 +196,23 @@ def test_a_tfds_mixture_trains_and_resumes_exactly_after_sigterm(straight, tmp_p
     chex.assert_trees_all_close(resumed_params, params, rtol=1e-6, atol=1e-7)
 
 
+def test_training_on_tfds_equals_training_on_the_same_examples_as_tfrecords(straight, tmp_path):
+    config, _, from_tfds, _ = straight
+    data = config.data.to_dict()
+    mixture = Mixture.from_config(data, seed=config.seed, process_index=0, process_count=1)  # as the trainer's
+    pattern = same_examples_as_tfrecords(mixture.pipelines["coco"].source, str(tmp_path))
+    mixture.close()
+    data["datasets"] = [data["datasets"][0], dict(name="coco", kind="image_text", pattern=pattern, batch_size=4,
+                                                  max_len=16)]
+    records = ml_collections.ConfigDict(config.to_dict())
+    records.data = ml_collections.ConfigDict(data)
+    trainer = Trainer(records, str(tmp_path / "run"))
+    from_records = trainer.run()
+    trainer.close()
+    for step, loss in from_tfds.losses.items():
+        np.testing.assert_allclose(from_records.losses[step], loss, rtol=1e-6, err_msg=f"step {step}")
+
+
 def test_evaluate_reads_coco_and_imagenet_from_tfds(straight, tfds_root):
     _, workdir, _, _ = straight
     tfds_mock.write_synset_mapping(tfds_root)
