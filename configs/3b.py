@@ -22,4 +22,8 @@ def get_config():
     m.remat_policy = "full"
     config.mesh.update(data=-1, fsdp=4, tensor=1)
     config.train.microbatches = 8
+    # config.data.datasets lists the mixture (data/mixture.py); a prepared TFDS builder is one entry, e.g.
+    #   dict(name="laion", kind="tfds", tfds_builder="laion400m/images", tfds_split="train[:99%]",
+    #        tfds_data_dir="gs://my-bucket/tfds", tfds_fields=dict(image="image", text="caption"),
+    #        batch_size=512, weight=0.2, max_len=32)
     return config

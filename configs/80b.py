@@ -43,4 +43,9 @@ def get_config(preset: str = "tensor"):
     m.decoder.update(vocab_size=32000, dim=8192, num_layers=80, num_heads=64, head_dim=128,
                      ffw_hidden=4 * 8192, ffw="gelu", positions="relative", tie_embeddings=True, max_len=2048)
     m.remat_policy = "full"
+    # config.data.datasets lists the mixture (data/mixture.py); a prepared TFDS builder is one entry, e.g.
+    # COCO's Karpathy train split (one of an image's five captions drawn per pass):
+    #   dict(name="coco", kind="tfds", tfds_builder="coco_captions", tfds_split="train+restval",
+    #        tfds_data_dir="gs://my-bucket/tfds", tfds_fields=dict(image="image", text="captions/text"),
+    #        batch_size=256, weight=0.2, max_len=32)
     return config

@@ -23,4 +23,9 @@ def get_config():
     m.remat_policy = "full"
     config.mesh.update(data=-1, fsdp=16, tensor=1)
     config.train.microbatches = 4
+    # config.data.datasets lists the mixture (data/mixture.py); a prepared TFDS builder is one entry, e.g.
+    #   dict(name="wit", kind="tfds", tfds_builder="wit_kaggle/train_with_extended_features",
+    #        tfds_split="train_with_extended_features", tfds_data_dir="gs://my-bucket/tfds",
+    #        tfds_fields=dict(image="image", text="caption_reference_description"),
+    #        batch_size=512, weight=0.2, max_len=32)
     return config

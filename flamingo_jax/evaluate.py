@@ -2,6 +2,7 @@
 
     python -m flamingo_jax.evaluate --workdir=workdirs/tiny --shots=0,4
     python -m flamingo_jax.evaluate --workdir=gs://.../80b --tasks=coco,vqav2 --shots=0,4,32 --data_dir=/data
+    python -m flamingo_jax.evaluate --workdir=... --tasks=coco,imagenet --source=tfds --tfds_data_dir=gs://.../tfds
 
 Restores the latest (or `--step`) orbax checkpoint of the run in `--workdir`
 with its frozen backbones, evaluates each task at each shot count (protocol:
@@ -10,11 +11,14 @@ flamingo_jax/evaluation/tasks.py) and writes `<workdir>/eval/step_<N>.<what>.jso
 and a Markdown table beside it, `<what>` naming what was evaluated (tasks, shots,
 queries, settings: `evaluation/evaluator.py::results_stem`), so a smaller run never
 replaces a larger one's results. Without `--data_dir`, a run trained on the
-project's synthetic corpus is evaluated on that corpus's held-out tasks.
+project's synthetic corpus is evaluated on that corpus's held-out tasks. `--source=tfds`
+(or per task, `--source=coco=tfds,vqav2=files`) reads the tasks TFDS has from prepared
+builders in `--tfds_data_dir` (flamingo_jax/evaluation/tfds_readers.py).
 """
 
 import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +33,10 @@ _TASKS = flags.DEFINE_string("tasks", SYNTHETIC_TASKS, "Comma-separated task nam
 _SHOTS = flags.DEFINE_string("shots", "0,4,32", "Comma-separated shot counts.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the tasks' annotation files and images "
                                 "(default: the run's synthetic corpus).")
+_SOURCE = flags.DEFINE_string("source", "files", "Where tasks read their data: 'files' (annotation files under "
+                              "--data_dir), 'tfds' (prepared TFDS builders), or per task 'coco=tfds,vqav2=files'.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir of the builders (--source=tfds; "
+                                     "default: TFDS's own, ~/tensorflow_datasets).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the run's).")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", None, "Queries per task (default: all of the split).")
@@ -45,7 +53,7 @@ def main(argv):
     del argv
     from flamingo_jax import runtime
     from flamingo_jax.errors import UserError
-    from flamingo_jax.evaluation import evaluator
+    from flamingo_jax.evaluation import evaluator, tfds_readers
     from flamingo_jax.evaluation.tasks import get_task
     from flamingo_jax.inference.engine import Engine
     from flamingo_jax.inference.loading import workdir_path
@@ -60,21 +68,37 @@ def main(argv):
     if not tasks:
         raise UserError(f"--tasks={_TASKS.value!r} names no task; give comma-separated names such as "
                         f"{SYNTHETIC_TASKS}.")
+    sources = tfds_readers.parse_sources(_SOURCE.value, [task.name for task in tasks])
+    from_tfds = [name for name, source in sources.items() if source == "tfds"]
+    missing = [name for name in from_tfds if name not in tfds_readers.BENCHMARKS]
+    if missing:  # before the checkpoint is loaded
+        raise UserError(f"--source: task(s) {missing} have no TFDS source (TFDS has "
+                        f"{sorted(tfds_readers.BENCHMARKS)}); read them from files, per task: "
+                        f"--source={missing[0]}=files,<task>=tfds.")
+    tfds_readers.check_tfds_dir(_TFDS_DATA_DIR.value or "")
     engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, tokenizer_path=_TOKENIZER.value)
     step = engine.step
-    data_dir = _DATA_DIR.value or engine.run_config.synthetic.get("out_dir")
-    if not data_dir:
+    data_dir = _DATA_DIR.value or engine.run_config.synthetic.get("out_dir") or ""
+    if not data_dir and len(from_tfds) < len(tasks):
         raise UserError("--data_dir is required: the run did not train on the synthetic corpus.")
     logging.info("evaluating step %d of %s on %s", step, _WORKDIR.value, ", ".join(t.name for t in tasks))
     runner = evaluator.Evaluator(engine, settings)
     started = time.time()
-    results = {task.name: runner.evaluate(task, Path(data_dir)) for task in tasks}
+    with tempfile.TemporaryDirectory(prefix="flamingo_tfds_images_") as cache:
+        tasks = [dataclasses.replace(task, load=tfds_readers.tfds_loader(
+                     task.name, _TFDS_DATA_DIR.value or "", Path(cache), support_size=settings.support_size,
+                     num_queries=settings.num_queries, seed=settings.seed)) if sources[task.name] == "tfds" else task
+                 for task in tasks]
+        results = {task.name: runner.evaluate(task, Path(data_dir)) for task in tasks}
     workdir = workdir_path(_WORKDIR.value)
-    meta = dict(workdir=str(workdir), step=step, data_dir=os.path.abspath(data_dir),
+    meta = dict(workdir=str(workdir), step=step, data_dir=os.path.abspath(data_dir) if data_dir else None,
+                sources=sources, tfds_data_dir=_TFDS_DATA_DIR.value if from_tfds else None,
                 settings=dataclasses.asdict(settings), seconds=round(time.time() - started, 1))
     out_dir = workdir_path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir / "eval"
     metric_of = {task.name: task.primary_metric for task in tasks}
-    stem = evaluator.results_stem(step, [task.name for task in tasks], settings)
+    # a task read from TFDS writes beside, not over, its annotation-file results
+    stem = evaluator.results_stem(step, [t.name + ("-tfds" if sources[t.name] == "tfds" else "") for t in tasks],
+                                  settings)
     json_path, table_path = evaluator.write_results(out_dir, stem, results, meta, metric_of)
     print(table_path.read_text())
     logging.info("results: %s and %s", json_path, table_path)

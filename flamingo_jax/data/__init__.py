@@ -10,6 +10,7 @@ Modules, each one idea:
   interleaved  M3W-style documents -> batches
   pairs        image-text and video-text pairs -> batches
   mixture      one pipeline per dataset, stepped together: {name: batch} per step
+  tfds_source  a prepared TFDS split as a pipeline's records (mixture entries of kind 'tfds')
   prepare      importers from MMC4/OBELICS, webdataset tars, video frame folders
   synthetic    a procedural corpus + held-out eval tasks, so nothing needs downloading
 

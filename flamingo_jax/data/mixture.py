@@ -16,6 +16,9 @@ Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
            batch_size=256, weight=1.0, max_len=256, max_images=5, p_next=0.5)
       dict(name="ltip", kind="image_text", pattern=..., batch_size=512, weight=0.2, max_len=32)
       dict(name="vtp", kind="video_text", pattern=..., batch_size=64, weight=0.03, num_frames=8, fps=1.0)
+      dict(name="coco", kind="tfds", tfds_builder="coco_captions", tfds_split="train[:90%]",
+           tfds_data_dir="gs://bucket/tfds", tfds_fields=dict(image="image", text="captions/text"),
+           batch_size=512, weight=0.2)   # a prepared TFDS builder instead of shards (data/tfds_source.py)
   A dataset whose skipped records (bad records and damaged file stretches) pass
   `max_skip_fraction` of those read (default 0.1, checked after
   `skip_check_min_records`, default 1000) stops the run with an error naming it.
@@ -42,8 +45,10 @@ from flamingo_jax.data.errors import DataError
 from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
 from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
 from flamingo_jax.data.pipeline import RecordPipeline
+from flamingo_jax.data.tfds_source import TfdsFields, TfdsSource
 from flamingo_jax.data.tokenizer import Tokenizer
 
+TFDS = "tfds"  # a mixture entry read from a prepared TFDS builder (data/tfds_source.py)
 _DEFAULT_MAX_LEN = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 32, formats.VIDEO_TEXT: 32}
 # Records of interleaved documents and videos hold many images: a smaller buffer bounds host memory.
 _DEFAULT_SHUFFLE_BUFFER = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 2048, formats.VIDEO_TEXT: 256}
@@ -54,9 +59,9 @@ class DatasetSpec:
     """One dataset of the mixture. Fields that do not apply to `kind` are ignored."""
 
     name: str
-    kind: str  # 'interleaved' | 'image_text' | 'video_text'
-    pattern: str  # glob of the TFRecord shards (comma-separated globs allowed)
+    kind: str  # 'interleaved' | 'image_text' | 'video_text' | 'tfds'
     batch_size: int  # per host
+    pattern: str = ""  # glob of the TFRecord shards (comma-separated globs allowed); not for 'tfds'
     weight: float = 1.0  # λ: this dataset's loss weight
     max_len: int = 0  # L; 0 = kind default (256 interleaved, 32 pairs)
     max_images: int = 5  # interleaved: N media slots
@@ -71,7 +76,17 @@ class DatasetSpec:
     color_jitter: bool | None = None  # None = the data config's
     max_skip_fraction: float = 0.1  # more skipped records than this share stops the run (1.0: never)
     skip_check_min_records: int = 1000  # ... once this many records were read
+    tfds_builder: str = ""  # kind 'tfds': the builder name (optionally 'name/config:version')
+    tfds_split: str = "train"  # ... the split, with TFDS slicing ('train[:90%]')
+    tfds_data_dir: str = ""  # ... where it was prepared ('' = TFDS's default, ~/tensorflow_datasets)
+    tfds_fields: dict = dataclasses.field(default_factory=dict)  # ... image or frames (+ frame_rate), text
 
+    @property
+    def record_kind(self) -> str:
+        """The batches' kind: `kind`, or for a TFDS entry the kind its field map makes."""
+        if self.kind == TFDS:
+            return TfdsFields.from_dict(self.tfds_fields, f"dataset {self.name!r}").kind
+        return self.kind
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | Any, position: int = 0) -> DatasetSpec:
@@ -81,12 +96,20 @@ class DatasetSpec:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise DataError(f"{where}: unknown field {unknown[0]!r}; valid fields are {sorted(fields)}.")
-        missing = [f for f in ("name", "kind", "pattern", "batch_size") if f not in values]
+        required = ("name", "kind", "batch_size") + (("tfds_builder",) if values.get("kind") == TFDS else ("pattern",))
+        missing = [f for f in required if f not in values]
         if missing:
             raise DataError(f"{where}: missing required field {missing[0]!r}.")
         spec = cls(**values)
-        if spec.kind not in formats.KINDS:
-            raise DataError(f"{where}: kind={spec.kind!r} is unknown; use one of {formats.KINDS}.")
+        if spec.kind not in (*formats.KINDS, TFDS):
+            raise DataError(f"{where}: kind={spec.kind!r} is unknown; use one of {(*formats.KINDS, TFDS)}.")
+        if spec.kind == TFDS:
+            if spec.pattern:
+                raise DataError(f"{where}: kind='tfds' reads tfds_builder/tfds_split, not pattern={spec.pattern!r}; "
+                                "drop `pattern`.")
+            if not spec.tfds_split:
+                raise DataError(f"{where}: missing required field 'tfds_split' (e.g. 'train' or 'train[:90%]').")
+            TfdsFields.from_dict(spec.tfds_fields, where)
         if spec.batch_size < 1:
             raise DataError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
         if not np.isfinite(spec.weight) or spec.weight < 0:
@@ -103,19 +126,25 @@ def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images
     if spec.image_size:
         overrides["size"] = spec.image_size
     image_config = dataclasses.replace(image_config, **overrides)
-    max_len = spec.max_len or _DEFAULT_MAX_LEN[spec.kind]
-    kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[spec.kind])
+    kind = spec.record_kind
+    max_len = spec.max_len or _DEFAULT_MAX_LEN[kind]
+    kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[kind])
     kwargs.setdefault("max_skip_fraction", spec.max_skip_fraction)
     kwargs.setdefault("skip_check_min_records", spec.skip_check_min_records)
     common = dict(name=spec.name, image_config=image_config, **kwargs)
-    if spec.kind == formats.INTERLEAVED:
+    source: Any = spec.pattern
+    if spec.kind == TFDS:
+        where = f"dataset {spec.name!r}"
+        source = TfdsSource(spec.tfds_builder, spec.tfds_split, spec.tfds_data_dir,
+                            TfdsFields.from_dict(spec.tfds_fields, where), where=where)
+    if kind == formats.INTERLEAVED:
         config = InterleavedConfig(max_len=max_len, max_images=spec.max_images, p_next=spec.p_next,
                                    max_images_per_doc=spec.max_images_per_doc)
-        return InterleavedPipeline(spec.pattern, spec.batch_size, tokenizer, config=config, **common)
+        return InterleavedPipeline(source, spec.batch_size, tokenizer, config=config, **common)
     pair_config = PairConfig(max_len=max_len, p_leading_space=spec.p_leading_space, num_frames=spec.num_frames,
                              fps=spec.fps)
-    cls = ImageTextPipeline if spec.kind == formats.IMAGE_TEXT else VideoTextPipeline
-    return cls(spec.pattern, spec.batch_size, tokenizer, config=pair_config, **common)
+    cls = ImageTextPipeline if kind == formats.IMAGE_TEXT else VideoTextPipeline
+    return cls(source, spec.batch_size, tokenizer, config=pair_config, **common)
 
 
 def image_config_from(data_config: Mapping[str, Any]) -> images.ImageConfig:

@@ -1,14 +1,16 @@
 """What every dataset pipeline shares: host sharding, deterministic order,
 resumable state, and counted skipping of bad records.
 
-Stream, per host:
+Stream, per host (the records come from a `RecordSource`: `FileSource` for our
+TFRecord shards, as below, or `tfds_source.TfdsSource` for a prepared TFDS split):
   files matching the pattern, sorted (one coherent shard set per dataset name,
   see `formats.check_shard_sets`); this host takes files[process_index::process_count]
   -> per epoch: file order shuffled (stateless, from seed and epoch), records
      read by `records.read_records` (damage in a file, such as a checksum
      mismatch, a cut-off record or a file that cannot be read, is an item of
      the stream with its reason, so it is skipped and counted like a bad
-     record), interleaved across files, shuffled in a buffer (seeded by seed and epoch)
+     record), interleaved across files
+  -> shuffled in a buffer (seeded by seed and epoch)
   -> each raw record gets its position in the epoch's stream: (epoch, position)
   -> [restore] skip the first `position` raw records of the saved epoch: only
      serialized bytes are skipped, nothing is parsed, tokenised or decoded
@@ -139,6 +141,78 @@ def _seed_int(*parts: Any) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
+class RecordSource(abc.ABC):
+    """Where a pipeline's raw records come from. `for_host` binds one host's share and
+    checks that it exists (before anything compiles); the bound source gives, per epoch, the
+    records in a fixed order as (source, index, byte offset, serialized record, damage code,
+    damage detail) tuples, which the pipeline shuffles, positions, skips and processes."""
+
+    files: list[str]  # what this host reads, for messages (files, or a TFDS split)
+    description: str = ""
+
+    @abc.abstractmethod
+    def for_host(self, process_index: int, process_count: int, *, name: str, seed: int,
+                 training: bool) -> RecordSource:
+        """This host's share, checked."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What a saved position refers to: a restore needs the same values."""
+
+    @abc.abstractmethod
+    def records(self, epoch: Any, base_seed: Any, shuffle: bool, cycle_length: int) -> Any:
+        """The epoch's raw records (graph mode: `epoch` and `base_seed` are int64 tensors)."""
+
+
+class FileSource(RecordSource):
+    """TFRecord shards matching a pattern; each host reads whole files (`host_files`)."""
+
+    def __init__(self, pattern: str | Sequence[str]):
+        self.pattern = pattern
+        self.files: list[str] = []
+        self.description = repr(pattern)
+
+    def for_host(self, process_index: int, process_count: int, *, name: str, seed: int,
+                 training: bool) -> FileSource:
+        del seed, training  # file order and record randomness are the pipeline's
+        pattern = self.pattern
+        all_files = formats.list_files(pattern)
+        if not all_files:
+            raise DataFileMissing(
+                f"dataset {name!r}: no files match {pattern!r}; check the path, or write shards with "
+                "`python -m flamingo_jax.data.prepare` or `python -m flamingo_jax.data.synthetic`."
+            )
+        for problem in formats.check_shard_sets(all_files, f"dataset {name!r} ({pattern!r})"):
+            logging.warning("%s", problem)
+        bound = FileSource(pattern)
+        bound.files = host_files(all_files, process_index, process_count, f"dataset {name!r} ({pattern!r})")
+        if all(_file_size(f) == 0 for f in bound.files):
+            raise DataError(f"dataset {name!r}: this host's files {bound.files} are all empty (or unreadable).")
+        bound.description = f"{len(bound.files)} files from {pattern!r}"
+        return bound
+
+    def identity(self) -> dict[str, Any]:
+        return {"num_files": len(self.files)}
+
+    def records(self, epoch: Any, base_seed: Any, shuffle: bool, cycle_length: int) -> Any:
+        t = tf()
+        files, num_files = t.constant(self.files), len(self.files)
+        cycle_length = max(1, min(cycle_length, num_files))
+
+        def read_file(path):
+            items = t.data.Dataset.from_generator(_file_records, args=(path,), output_signature=(
+                t.TensorSpec([None], t.int64), t.TensorSpec([None], t.int64), t.TensorSpec([None], t.string),
+                t.TensorSpec([None], t.int32), t.TensorSpec([None], t.string))).unbatch()
+            return items.map(lambda index, offset, data, damage, detail: (path, index, offset, data, damage, detail))
+
+        order = t.range(num_files)
+        if shuffle:
+            order = t.random.experimental.stateless_shuffle(order, seed=t.stack([base_seed, epoch]))
+        parallel = {"num_parallel_calls": cycle_length, "deterministic": True} if cycle_length > 1 else {}
+        return t.data.Dataset.from_tensor_slices(t.gather(files, order)).interleave(
+            read_file, cycle_length=cycle_length, block_length=1, **parallel)
+
+
 class RecordPipeline(abc.ABC):
     """Base of the per-kind pipelines: an iterator of batches (dicts of numpy arrays).
 
@@ -165,7 +239,7 @@ class RecordPipeline(abc.ABC):
 
     def __init__(
         self,
-        pattern: str | Sequence[str],
+        pattern: str | Sequence[str] | RecordSource,  # TFRecord glob(s), or another source of records
         batch_size: int,
         *,
         name: str | None = None,
@@ -195,17 +269,10 @@ class RecordPipeline(abc.ABC):
             default_index, default_count = default_process()
             process_index = default_index if process_index is None else process_index
             process_count = default_count if process_count is None else process_count
-        all_files = formats.list_files(pattern)
-        if not all_files:
-            raise DataFileMissing(
-                f"dataset {self.name!r}: no files match {pattern!r}; check the path, or write shards with "
-                "`python -m flamingo_jax.data.prepare` or `python -m flamingo_jax.data.synthetic`."
-            )
-        for problem in formats.check_shard_sets(all_files, f"dataset {self.name!r} ({pattern!r})"):
-            logging.warning("%s", problem)
-        self.files = host_files(all_files, process_index, process_count, f"dataset {self.name!r} ({pattern!r})")
-        if all(_file_size(f) == 0 for f in self.files):
-            raise DataError(f"dataset {self.name!r}: this host's files {self.files} are all empty (or unreadable).")
+        source = pattern if isinstance(pattern, RecordSource) else FileSource(pattern)
+        self.source = source.for_host(process_index, process_count, name=self.name,
+                                      seed=_seed_int(seed, self.name, process_index), training=training)
+        self.files = self.source.files
         self.pattern = pattern
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -281,7 +348,7 @@ class RecordPipeline(abc.ABC):
         raise DamagedData(
             f"dataset {self.name!r}: {skipped} of {seen} records read were skipped ({skipped / seen:.0%} > "
             f"max_skip_fraction={self.max_skip_fraction}): {counts}; most in {worst or 'its files'} "
-            f"({len(self.files)} files from {self.pattern!r}).\n"
+            f"({self.source.description}).\n"
             "Repair or re-import those files (python -m flamingo_jax.data.prepare), leave them out of the pattern, "
             "or raise this dataset's max_skip_fraction."
         )
@@ -311,7 +378,7 @@ class RecordPipeline(abc.ABC):
             "seed": self.seed,
             "process_index": self.process_index,
             "process_count": self.process_count,
-            "num_files": len(self.files),
+            **self.source.identity(),
             "epoch": self._epoch,
             "position": self._position,
             "batches": self._batches,
@@ -325,7 +392,7 @@ class RecordPipeline(abc.ABC):
             state = json.loads(state)
         expected = {"version": _STATE_VERSION, "kind": self.kind, "seed": self.seed,
                     "process_index": self.process_index, "process_count": self.process_count,
-                    "num_files": len(self.files)}
+                    **self.source.identity()}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise DataError(
@@ -359,25 +426,12 @@ class RecordPipeline(abc.ABC):
     def _build(self, start_epoch: int, start_position: int) -> Any:
         t = tf()
         parallel_calls = self.num_parallel_calls or os.cpu_count() or 1
-        files = t.constant(self.files)
-        num_files = len(self.files)
         base_seed = t.constant(self._base_seed, t.int64)
         shuffle, buffer = self.shuffle, self.shuffle_buffer
-        cycle_length = max(1, min(self.cycle_length, num_files))
-
-        def read_file(path):
-            items = t.data.Dataset.from_generator(_file_records, args=(path,), output_signature=(
-                t.TensorSpec([None], t.int64), t.TensorSpec([None], t.int64), t.TensorSpec([None], t.string),
-                t.TensorSpec([None], t.int32), t.TensorSpec([None], t.string))).unbatch()
-            return items.map(lambda index, offset, data, damage, detail: (path, index, offset, data, damage, detail))
+        source = self.source
 
         def epoch_records(epoch):
-            order = t.range(num_files)
-            if shuffle:
-                order = t.random.experimental.stateless_shuffle(order, seed=t.stack([base_seed, epoch]))
-            parallel = {"num_parallel_calls": cycle_length, "deterministic": True} if cycle_length > 1 else {}
-            raw = t.data.Dataset.from_tensor_slices(t.gather(files, order)).interleave(
-                read_file, cycle_length=cycle_length, block_length=1, **parallel)
+            raw = source.records(epoch, base_seed, shuffle, self.cycle_length)
             if shuffle and buffer > 1:
                 raw = raw.shuffle(buffer, seed=(base_seed * 1_000_003 + epoch * 7_919 + 1) % 2_147_483_647)
             raw = raw.enumerate().skip(

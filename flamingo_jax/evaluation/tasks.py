@@ -35,11 +35,10 @@ Files expected under ``data_dir`` (the public releases, unconverted):
   synthetic_*   <corpus>/eval/tasks.json and the files it names, as written by
                 flamingo_jax.data.synthetic (data_dir is the corpus directory)
 
-TFDS: of these, TFDS 4.9 has only coco_captions (Karpathy splits) and
-imagenet2012 (manual download of the same archives). Its examples are decoded
-images inside a tf.data pipeline, while support selection (random, RICES)
-needs random access to a whole training split; holding COCO's or ImageNet's
-train split in memory is not an option, so TFDS sources are not offered.
+TFDS: of these, TFDS 4.9 has coco_captions (Karpathy splits) and imagenet2012; with
+`--source=tfds` (or per task, `--source=coco=tfds`) the evaluate CLI reads them from
+prepared builders instead (`evaluation/tfds_readers.py`: how the support pool and the
+queries are drawn from a stream).
 
 Scope: queries come from the split the paper reports on; the paper's DEV
 protocol (validation on training-split subsets) would be separate task names.

@@ -137,7 +137,7 @@ class Trainer:
         sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
         self._check_vocab()
         self.objective = make_objective(run, self.mixture.tokenizer)
-        self.objective.check({name: spec.kind for name, spec in self.mixture.specs.items()})
+        self.objective.check({name: spec.record_kind for name, spec in self.mixture.specs.items()})
 
         # ---- model, optimizer and shardings (abstract: nothing allocated yet)
         self.parts = self.objective.parts()
