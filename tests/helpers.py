@@ -70,3 +70,21 @@ def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), ste
     config.train.update(steps=steps, learning_rate=1e-3, warmup_steps=0, log_every=1, tensorboard=False)
     config.checkpoint.update(every_steps=1000, keep=2, async_save=True)
     return config
+
+
+def trained_logits(model: Flamingo):
+    """The model's logits on one fixed interleaved input (the reload test compares them bit for bit)."""
+    import numpy as np
+
+    size = model.cfg.vision.image_size
+    tokens = jax.random.randint(jax.random.key(7), (1, 24), 0, model.cfg.decoder.vocab_size)
+    media = random_media(jax.random.key(8), 1, 2, 1, size)
+    media_index = jnp.asarray([[-1] * 4 + [0] * 10 + [1] * 10], jnp.int32)
+    return np.asarray(jit_forward(model)(model, tokens, media, media_index))
+
+
+def flat_arrays(tree) -> dict:
+    """{key path: numpy array} of a pytree (pure dicts of weights)."""
+    import numpy as np
+
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
