@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 
@@ -88,3 +89,40 @@ def flat_arrays(tree) -> dict:
     import numpy as np
 
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@contextlib.contextmanager
+def no_compiles():
+    """Asserts that the block lowers no program for XLA (every jit compile, cached on disk or not,
+    lowers first): a config mistake must fail before any of the model is compiled."""
+    lowered = []
+
+    def on_duration(name, duration, **kwargs):
+        if name == LOWERING_EVENT:
+            lowered.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield lowered
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert not lowered, f"{len(lowered)} program(s) were lowered for compilation before the error"
+
+
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def count_lowerings(fn):
+    """How many programs `fn()` lowers for compilation (a check that the event is seen at all)."""
+    lowered = []
+
+    def on_duration(name, duration, **kwargs):
+        if name == LOWERING_EVENT:
+            lowered.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    return len(lowered)
