@@ -5,6 +5,10 @@
   slower, and model construction dominates the suite's time otherwise.
 * A persistent compilation cache for the session: tests that build the same
   train step (a fresh closure each time) reuse one compiled program.
+* The long modules run first, spread over the xdist workers (`long_modules_first`),
+  so no worker starts a three-minute test near the end.
+* The synthetic corpus and one tiny trained run are made once per session, shared by
+  every xdist worker through a file lock.
 """
 
 import contextlib
@@ -26,6 +30,49 @@ _CACHE = os.environ.setdefault(  # shared by xdist workers and the multi-device 
     "FLAMINGO_TEST_COMPILATION_CACHE", str(pathlib.Path(__file__).parent.parent / ".pytest_cache" / "xla"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# Seconds per test module on 2 busy cores (from a full run's --durations); only the order of the
+# run depends on them, so stale figures cost time, never correctness.
+MODULE_SECONDS = {
+    "tests/test_training.py": 215, "tests/test_zero1.py": 175, "tests/test_training_multiprocess.py": 165,
+    "tests/test_inference_engine.py": 150, "tests/test_inference_decoding.py": 130, "tests/test_training_runs.py": 110,
+    "tests/test_training_recipe.py": 100, "tests/test_flamingo.py": 80, "tests/test_training_multidevice.py": 70,
+    "tests/test_pretraining.py": 65, "tests/test_reliability.py": 40, "tests/test_flops.py": 30,
+}
+LONG_MODULE_S = 30
+
+
+def long_modules_first(items: list, workers: int) -> list:
+    """The long modules first, dealt to the worker with the least so far; then the rest in
+    collection order, so that xdist's worksteal scheduler, which gives worker i the i-th of
+    `workers` equal contiguous slices, starts every worker on its own long modules. A module
+    stays together (its module-scoped fixtures are built once)."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    long = sorted((m for m in modules if MODULE_SECONDS.get(m, 0) >= LONG_MODULE_S), key=MODULE_SECONDS.get,
+                  reverse=True)
+    chunks: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for module in long:
+        i = loads.index(min(loads))
+        chunks[i].extend(modules[module])
+        loads[i] += MODULE_SECONDS[module]
+    rest = [item for module, group in modules.items() if module not in long for item in group]
+    remaining, ordered = len(items), []
+    for i, chunk in enumerate(chunks):
+        size = remaining // (workers - i)  # worksteal's first share for this worker
+        take = max(size - len(chunk), 0) if i < workers - 1 else len(rest)
+        chunk.extend(rest[:take])
+        del rest[:take]
+        remaining -= len(chunk)
+        ordered.extend(chunk)
+    return ordered
+
+
+def pytest_collection_modifyitems(config, items):
+    items[:] = long_modules_first(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @contextlib.contextmanager
