@@ -19,7 +19,7 @@ from flamingo_jax.core.config import TrainConfig
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
-from helpers import random_media, set_gates
+from helpers import FAST_COMPILE, random_media, set_gates
 
 PEAK, WARMUP, STEPS = 3e-4, 10, 50
 
@@ -80,11 +80,6 @@ def reference():
 
     state = jax.jit(weights, compiler_options=FAST_COMPILE)()
     return cfg, state, loss_and_grad(cfg, state)
-
-
-# Each comparison is between programs compiled the same way, so unoptimised machine code (which
-# XLA:CPU compiles several times faster) changes nothing they check.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def graphdef_of(cfg):
