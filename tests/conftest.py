@@ -144,8 +144,8 @@ def trained_run(synthetic_corpus, session_dir):
             pickle.dump(flat_arrays(trainer.last_state.params), f)
         frozen = jax.jit(lambda: trainer.parts.init(trainer.run_config.seed)[1])()
         np.save(out / "trained_logits.npy", trained_logits(trainer.parts.merge(trainer.last_state.params, frozen)))
-        specs = {name: dict(batch_size=spec.batch_size, max_len=spec.max_len, max_images=spec.max_images,
-                            kind=spec.kind) for name, spec in trainer.mixture.specs.items()}
-        (out / "run_info.json").write_text(json.dumps(dict(specs=specs, config=config.to_dict())))
+        specs = {name: {"batch_size": spec.batch_size, "max_len": spec.max_len, "max_images": spec.max_images,
+                        "kind": spec.kind} for name, spec in trainer.mixture.specs.items()}
+        (out / "run_info.json").write_text(json.dumps({"specs": specs, "config": config.to_dict()}))
 
     return once_per_session(session_dir, "trained_run", build)

@@ -2,7 +2,6 @@
 the traced train step under every remat policy, MFU, and the Trainer's MFU metric."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 
-from helpers import load_config, train_config
+from helpers import load_config
 
 
 def hand_config(remat_policy="none") -> FlamingoConfig:
@@ -136,7 +135,7 @@ def test_trainer_logs_mfu_where_the_chip_is_known(trained_run):
     assert flops.detect_chip() is None  # CPU: no peak, so no MFU metric in ordinary runs
     info = json.loads((trained_run / "run_info.json").read_text())
     config = info["config"]
-    records = [json.loads(line) for line in open(trained_run / "run" / "metrics.jsonl")]
+    records = [json.loads(line) for line in (trained_run / "run" / "metrics.jsonl").read_text().splitlines()]
     shapes = {name: flops.BatchShape(spec["batch_size"], spec["max_len"],
                                      spec["max_images"] if spec["kind"] == "interleaved" else 1, 1,
                                      config["data"]["image_size"])

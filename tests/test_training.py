@@ -6,7 +6,6 @@ import signal
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -59,7 +59,8 @@ from typing import Any
 from absl import logging
 
 from flamingo_jax import cli
-from flamingo_jax.data import formats, frames as frame_files, images
+from flamingo_jax.data import formats, images
+from flamingo_jax.data import frames as frame_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
