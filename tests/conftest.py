@@ -5,10 +5,19 @@
   slower, and model construction dominates the suite's time otherwise.
 * A persistent compilation cache for the session: tests that build the same
   train step (a fresh closure each time) reuse one compiled program.
+* The long modules run first, spread over the xdist workers (`long_modules_first`),
+  so no worker starts a three-minute test near the end.
+* The synthetic corpus and one tiny trained run are made once per session, shared by
+  every xdist worker through a file lock.
 """
 
+import contextlib
+import fcntl
+import json
 import os
 import pathlib
+import pickle
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -23,12 +32,120 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# Seconds per test module on 2 busy cores (from a full run's --durations); only the order of the
+# run depends on them, so stale figures cost time, never correctness.
+MODULE_SECONDS = {
+    "tests/test_training.py": 215, "tests/test_zero1.py": 175, "tests/test_training_multiprocess.py": 165,
+    "tests/test_inference_engine.py": 150, "tests/test_inference_decoding.py": 130, "tests/test_training_runs.py": 110,
+    "tests/test_training_recipe.py": 100, "tests/test_flamingo.py": 80, "tests/test_training_multidevice.py": 70,
+    "tests/test_pretraining.py": 65, "tests/test_reliability.py": 40, "tests/test_flops.py": 30,
+}
+LONG_MODULE_S = 30
+
+
+def long_modules_first(items: list, workers: int) -> list:
+    """The long modules first, dealt to the worker with the least so far; then the rest in
+    collection order, so that xdist's worksteal scheduler, which gives worker i the i-th of
+    `workers` equal contiguous slices, starts every worker on its own long modules. A module
+    stays together (its module-scoped fixtures are built once)."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    long = sorted((m for m in modules if MODULE_SECONDS.get(m, 0) >= LONG_MODULE_S), key=MODULE_SECONDS.get,
+                  reverse=True)
+    chunks: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for module in long:
+        i = loads.index(min(loads))
+        chunks[i].extend(modules[module])
+        loads[i] += MODULE_SECONDS[module]
+    rest = [item for module, group in modules.items() if module not in long for item in group]
+    remaining, ordered = len(items), []
+    for i, chunk in enumerate(chunks):
+        size = remaining // (workers - i)  # worksteal's first share for this worker
+        take = max(size - len(chunk), 0) if i < workers - 1 else len(rest)
+        chunk.extend(rest[:take])
+        del rest[:take]
+        remaining -= len(chunk)
+        ordered.extend(chunk)
+    return ordered
+
+
+def pytest_collection_modifyitems(config, items):
+    items[:] = long_modules_first(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """An exclusive lock on `path` (a file), across the xdist workers of one session."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def synthetic_corpus(tmp_path_factory):
-    """A small synthetic corpus (all formats + tokenizer), generated once per session."""
+def session_dir(tmp_path_factory) -> pathlib.Path:
+    """A folder shared by every xdist worker of this session (its own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_per_session(session_dir: pathlib.Path, name: str, build) -> pathlib.Path:
+    """session_dir/name, made by `build(path)` by the first worker to get here; the others wait for it."""
+    out = session_dir / name
+    with _locked(session_dir / f"{name}.lock"):
+        if not (out / ".done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            (out / ".done").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(session_dir):
+    """A small synthetic corpus (all formats + tokenizer), generated once per session (all workers)."""
     from flamingo_jax.data import synthetic
 
-    out_dir = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.generate(out_dir, num_examples=64, num_documents=32, num_videos=8, num_eval=16, image_size=32,
-                       vocab_size=512, num_shards=2, seed=0)
-    return out_dir
+    def build(out):
+        synthetic.generate(str(out), num_examples=64, num_documents=32, num_videos=8, num_eval=16, image_size=32,
+                           vocab_size=512, num_shards=2, seed=0)
+
+    return str(once_per_session(session_dir, "synthetic", build))
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_corpus, session_dir):
+    """One tiny training run (2 steps, image-text + interleaved, as if on a TPU v4 so MFU is logged)
+    shared by the evaluate CLI, reload and MFU tests: its workdir, plus what the trainer held at
+    the end (trained_params.pkl: {path: array}, trained_logits.npy: `helpers.trained_logits`,
+    the batch specs in run_info.json)."""
+    from helpers import flat_arrays, train_config, trained_logits
+
+    def build(out):
+        from unittest import mock
+
+        import numpy as np
+
+        from flamingo_jax.training import trainer as trainer_module
+
+        config = train_config(synthetic_corpus, steps=2)
+        config.model.decoder.max_len = 512  # room for the evaluate test's 4-shot prompts
+        with mock.patch.object(trainer_module.flops, "detect_chip", lambda: "v4"):
+            trainer = trainer_module.Trainer(config, str(out / "run"))
+            try:
+                trainer.run()
+            finally:
+                trainer.close()
+        with open(out / "trained_params.pkl", "wb") as f:
+            pickle.dump(flat_arrays(trainer.last_state.params), f)
+        frozen = jax.jit(lambda: trainer.parts.init(trainer.run_config.seed)[1])()
+        np.save(out / "trained_logits.npy", trained_logits(trainer.parts.merge(trainer.last_state.params, frozen)))
+        specs = {name: {"batch_size": spec.batch_size, "max_len": spec.max_len, "max_images": spec.max_images,
+                        "kind": spec.kind} for name, spec in trainer.mixture.specs.items()}
+        (out / "run_info.json").write_text(json.dumps({"specs": specs, "config": config.to_dict()}))
+
+    return once_per_session(session_dir, "trained_run", build)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 
@@ -14,6 +15,9 @@ from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# For tests whose every compared program is compiled with it: unoptimised machine code, which
+# XLA:CPU compiles several times faster and which changes none of their checks.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def load_config(name: str):
@@ -70,3 +74,58 @@ def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), ste
     config.train.update(steps=steps, learning_rate=1e-3, warmup_steps=0, log_every=1, tensorboard=False)
     config.checkpoint.update(every_steps=1000, keep=2, async_save=True)
     return config
+
+
+def trained_logits(model: Flamingo):
+    """The model's logits on one fixed interleaved input (the reload test compares them bit for bit)."""
+    import numpy as np
+
+    size = model.cfg.vision.image_size
+    tokens = jax.random.randint(jax.random.key(7), (1, 24), 0, model.cfg.decoder.vocab_size)
+    media = random_media(jax.random.key(8), 1, 2, 1, size)
+    media_index = jnp.asarray([[-1] * 4 + [0] * 10 + [1] * 10], jnp.int32)
+    return np.asarray(jit_forward(model)(model, tokens, media, media_index))
+
+
+def flat_arrays(tree) -> dict:
+    """{key path: numpy array} of a pytree (pure dicts of weights)."""
+    import numpy as np
+
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@contextlib.contextmanager
+def no_compiles():
+    """Asserts that the block lowers no program for XLA (every jit compile, cached on disk or not,
+    lowers first): a config mistake must fail before any of the model is compiled."""
+    lowered = []
+
+    def on_duration(name, duration, **kwargs):
+        if name == LOWERING_EVENT:
+            lowered.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield lowered
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert not lowered, f"{len(lowered)} program(s) were lowered for compilation before the error"
+
+
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def count_lowerings(fn):
+    """How many programs `fn()` lowers for compilation (a check that the event is seen at all)."""
+    lowered = []
+
+    def on_duration(name, duration, **kwargs):
+        if name == LOWERING_EVENT:
+            lowered.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    return len(lowered)

@@ -24,6 +24,39 @@ def test_parameter_counts_match_paper_table5(name):
     assert counts["frozen_vision"] / 1e9 == pytest.approx(0.435, rel=0.02)
 
 
+# Exact counts from the abstract model's shapes (models/summary.py): any change to a shipped
+# config's architecture (one xattn block fewer, another width) must show up here, on purpose.
+EXACT_COUNTS = {
+    "tiny": dict(frozen_lm=246_848, frozen_vision=75_042, trainable_xattn=98_820, trainable_resampler=108_928,
+                 trainable_new_tokens=64, total=529_702),
+    "ref_cpu": dict(frozen_lm=60_039_680, frozen_vision=11_019_264, trainable_xattn=24_133_648,
+                    trainable_resampler=11_836_032, trainable_new_tokens=1_024, total=107_029_648),
+    "3b": dict(frozen_lm=1_374_357_504, frozen_vision=435_286_116, trainable_xattn=1_157_824_560,
+               trainable_resampler=193_631_232, trainable_new_tokens=2_048, total=3_161_101_460),
+    "9b": dict(frozen_lm=7_094_276_096, frozen_vision=435_286_116, trainable_xattn=1_635_942_420,
+               trainable_resampler=193_631_232, trainable_new_tokens=4_096, total=9_359_139_960),
+    "80b": dict(frozen_lm=70_057_992_192, frozen_vision=435_286_116, trainable_xattn=9_966_059_544,
+                trainable_resampler=193_631_232, trainable_new_tokens=8_192, total=80_652_977_276),
+}
+PAPER_XATTN_BLOCKS = {"3b": 24, "9b": 10, "80b": 12}  # every layer of 24, every 4th of 40, every 7th of 80
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_COUNTS))
+def test_exact_parameter_counts_of_every_shipped_config(name):
+    cfg = FlamingoConfig.from_dict(load_config(name).model)
+    counts = param_counts(cfg)
+    assert {k: counts[k] for k in EXACT_COUNTS[name]} == EXACT_COUNTS[name]
+    assert counts["total"] == counts["trainable"] + counts["frozen"] == sum(
+        counts[k] for k in EXACT_COUNTS[name] if k != "total")
+    if name in PAPER_XATTN_BLOCKS:
+        assert cfg.num_xattn_blocks == PAPER_XATTN_BLOCKS[name]
+        # One block fewer is caught: the xattn count is that many equal blocks.
+        fewer = dataclasses.replace(cfg, decoder=dataclasses.replace(
+            cfg.decoder, num_layers=cfg.decoder.num_layers - cfg.xattn.every))
+        per_block = counts["trainable_xattn"] // cfg.num_xattn_blocks
+        assert param_counts(fewer)["trainable_xattn"] == counts["trainable_xattn"] - per_block
+
+
 @pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b"])
 def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)

@@ -121,13 +121,14 @@ def test_webdataset_tar_shards(tmp_path, tok):
 
 
 def _frames(folder, count):
+    """Frames named f0.png, f1.png, ... f10.png (unpadded: text order would put f10 before f2)."""
     folder.mkdir(parents=True)
     for k in range(count):
-        (folder / f"{k:03d}.png").write_bytes(solid_png(10 * k + 5))
+        (folder / f"f{k}.png").write_bytes(solid_png(10 * k + 5))
 
 
 def test_video_frame_folders_with_csv_or_json_captions(tmp_path, tok):
-    _frames(tmp_path / "frames" / "v1", 8)
+    _frames(tmp_path / "frames" / "v1", 12)
     _frames(tmp_path / "frames" / "v2", 4)
     with open(tmp_path / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -142,7 +143,7 @@ def test_video_frame_folders_with_csv_or_json_captions(tmp_path, tok):
                                        process_index=0, process_count=1)
     [first, second] = rows(collect(pipeline))
     picked = [[(red_value(frame[None], IMAGE_CONFIG) - 5) // 10 for frame in e["media"][0]] for e in (first, second)]
-    assert picked == [[0, 2, 4], [0, 1, 2]]  # 1 FPS from 2 FPS and 1 FPS frames
+    assert picked == [[0, 2, 4], [0, 1, 2]]  # 1 FPS from 2 FPS and 1 FPS frames, in time order (f2 before f10)
 
     (tmp_path / "captions.json").write_text(json.dumps({"v2": "a dog sits"}))
     with pytest.raises(ValueError, match="--frame_rate"):

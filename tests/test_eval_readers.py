@@ -285,8 +285,8 @@ def test_video_qa_frames_and_errors(tmp_path: Path) -> None:
     frames = tmp_path / "frames" / "video7"
     frames.mkdir(parents=True)
     for i in (10, 2, 1):
-        (frames / f"frame_{i}.jpg").write_bytes(b"")
-    assert [p.name for p in R.list_frames(frames)] == ["frame_1.jpg", "frame_2.jpg", "frame_10.jpg"]
+        (frames / f"f{i}.jpg").write_bytes(b"")
+    assert [p.name for p in R.list_frames(frames)] == ["f1.jpg", "f2.jpg", "f10.jpg"]  # time order
     path = write_json(tmp_path / "qa.json", [
         {"video_id": 7, "question": "q", "answer": "a"},
         {"video_id": 8, "question": "q", "answer": "a"},

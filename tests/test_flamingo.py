@@ -172,6 +172,12 @@ def test_images_and_videos_run(model, frames):
     model = nnx.clone(model)
     set_gates(model, 0.5)
     media = random_media(jax.random.key(3), B, M, frames, model.cfg.vision.image_size)
-    logits = jit_forward(model)(model, tokens, media, media_index)
+    forward = jit_forward(model)
+    logits = forward(model, tokens, media, media_index)
     assert logits.shape == (B, T, model.cfg.total_vocab)
     assert bool(jnp.isfinite(logits).all())
+    # The last frame counts (all `frames` frames reach the model), and only after the video's marker.
+    changed = forward(model, tokens, media.at[:, 1, frames - 1].multiply(-2.0), media_index)
+    marker = 5  # media item 1's first token
+    np.testing.assert_array_equal(changed[:, :marker], logits[:, :marker])
+    assert float(jnp.abs(changed[:, marker:] - logits[:, marker:]).max()) > 1e-4

@@ -2,7 +2,6 @@
 the traced train step under every remat policy, MFU, and the Trainer's MFU metric."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 
-from helpers import load_config, train_config
+from helpers import load_config
 
 
 def hand_config(remat_policy="none") -> FlamingoConfig:
@@ -130,22 +129,19 @@ def test_chip_from_device_kind(kind, chip):
     assert flops.chip_from_device_kind(kind) == chip
 
 
-def test_trainer_logs_mfu_where_the_chip_is_known(synthetic_corpus, tmp_path, monkeypatch):
-    from flamingo_jax.training import trainer as trainer_module
-
+def test_trainer_logs_mfu_where_the_chip_is_known(trained_run):
+    """The shared tiny run trained as if on a TPU v4: each step's MFU is the analytic model FLOPs
+    over the step time and the chips' peak."""
     assert flops.detect_chip() is None  # CPU: no peak, so no MFU metric in ordinary runs
-    monkeypatch.setattr(trainer_module.flops, "detect_chip", lambda: "v4")
-    config = train_config(synthetic_corpus, steps=2)  # the step test_training's Trainer tests compile
-    trainer = trainer_module.Trainer(config, str(tmp_path))
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
-    shapes = {name: flops.BatchShape(spec.batch_size, spec.max_len, spec.max_images if spec.kind == "interleaved" else 1,
-                                     1, config.data.image_size)
-              for name, spec in trainer.mixture.specs.items()}
-    model_flops = flops.step_flops(FlamingoConfig.from_dict(config.model), shapes).model
+    info = json.loads((trained_run / "run_info.json").read_text())
+    config = info["config"]
+    records = [json.loads(line) for line in (trained_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    shapes = {name: flops.BatchShape(spec["batch_size"], spec["max_len"],
+                                     spec["max_images"] if spec["kind"] == "interleaved" else 1, 1,
+                                     config["data"]["image_size"])
+              for name, spec in info["specs"].items()}
+    assert set(shapes) == {"image_text", "interleaved"}
+    model_flops = flops.step_flops(FlamingoConfig.from_dict(config["model"]), shapes).model
     assert len(records) == 2
     for record in records:
         expected = model_flops / (record["step_time"] * jax.device_count() * flops.CHIPS["v4"].peak_bf16_flops)

@@ -1,6 +1,8 @@
-"""Cached decoding against uncached forward passes (tiny model, fp32, gates open)."""
+"""Cached decoding against uncached forward passes (tiny model, fp32, gates open; every program
+compiled unoptimised, `helpers.FAST_COMPILE`)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from flax import nnx
 from flamingo_jax.inference import decoding
 from flamingo_jax.models.flamingo import Flamingo
 
-from helpers import random_media, set_gates, tiny_model_config
+from helpers import FAST_COMPILE, random_media, set_gates, tiny_model_config
 
 P, NEW = 10, 6  # prompt slots, new tokens
 LENGTHS = (10, 7)  # row 1 is left-padded by 3
@@ -43,7 +45,7 @@ def setup():
 
 
 def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1, max_new=NEW, choose=None):
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(state, tokens, media, media_index, positions, valid):
         model = nnx.merge(graphdef, state)
         context = decoding.prefill(model, tokens, media, media_index, positions, valid, P + max_new)
@@ -60,7 +62,7 @@ def uncached_greedy(graphdef, state, prompt):
     """Argmax decoding by full forward passes over the growing, unpadded sequence
     (right-padded to one length: causal attention makes the padding invisible)."""
     tokens, media, media_index, _, _ = prompt
-    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi))
+    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi), compiler_options=FAST_COMPILE)
     out, scores = [], []
     for row, n in enumerate(LENGTHS):
         seq = list(tokens[row, P - n:])
@@ -111,7 +113,7 @@ def test_beam_one_is_greedy_and_beam_three_scores_at_least_greedy(setup):
     assert (beam3.scores >= greedy.scores - 1e-4).all(), (beam3.scores, greedy.scores)
     # The returned score is the returned sequence's log-probability, checked by full forward passes.
     tokens, media, media_index, _, _ = prompt
-    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi))
+    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi), compiler_options=FAST_COMPILE)
     for row, n in enumerate(LENGTHS):
         seq = np.concatenate([tokens[row, P - n:], beam3.tokens[row]])[None]
         index = np.concatenate([media_index[row, P - n:], np.full(NEW, media_index[row, -1])])[None]
@@ -142,14 +144,14 @@ def test_cached_candidate_loglikelihood_equals_full_forward(setup):
     candidates = np.array([[[5, 9, 11, 0], [7, 0, 0, 0], [300, 2, 4, 8]]] * 2, np.int32)
     candidate_valid = np.array([[[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]] * 2, bool)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def score(state):
         model = nnx.merge(graphdef, state)
         context = decoding.prefill(model, tokens, media, media_index, positions, valid, P + 4)
         return decoding.score_continuations(model, context, candidates, candidate_valid)
 
     cached = np.asarray(score(state))
-    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi))
+    forward = jax.jit(lambda s, t, m, mi: nnx.merge(graphdef, s)(t, m, mi), compiler_options=FAST_COMPILE)
     for row, n in enumerate(LENGTHS):
         for c in range(3):
             cand = candidates[row, c][candidate_valid[row, c]]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from flamingo_jax.inference.engine import DecodeOptions, Engine
 from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.models.flamingo import Flamingo
 
-from helpers import ROOT, set_gates, train_config
+from helpers import ROOT, flat_arrays, set_gates, trained_logits
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +78,26 @@ def test_decode_options_are_checked():
         DecodeOptions(max_new_tokens=0)
 
 
-def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(synthetic_corpus, tmp_path):
+def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run, synthetic_corpus, tmp_path):
     """Acceptance: train (a few steps) -> checkpoint -> evaluate the synthetic held-out tasks at 0 and 4 shots."""
-    from flamingo_jax.training.trainer import Trainer
-
-    config = train_config(synthetic_corpus, datasets=("image_text",), steps=2)
-    config.model.decoder.max_len = 512
-    trainer = Trainer(config, str(tmp_path / "run"))
-    trainer.run()
-    trainer.close()
-
+    workdir = trained_run / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", FLAMINGO_COMPILATION_CACHE=os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
-    command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+    command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={workdir}",
                f"--data_dir={synthetic_corpus}", "--shots=0,4", "--num_queries=4", "--batch_size=4",
-               "--ensemble=2", "--num_beams=2"]
+               "--ensemble=2", "--num_beams=2", f"--output_dir={tmp_path / 'eval'}"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    (json_path,) = (tmp_path / "run" / "eval").glob("step_2.*.json")
+    (json_path,) = (tmp_path / "eval").glob("step_2.*.json")
     assert json_path.name.startswith("step_2.synthetic_captioning+synthetic_vqa+synthetic_classification.shots-0-4.")
     results = json.loads(json_path.read_text())
     assert results["meta"]["step"] == 2
-    for task, metric in (("synthetic_captioning", "cider"), ("synthetic_vqa", "vqa_accuracy"),
-                         ("synthetic_classification", "roc_auc")):
+    # CIDEr is reported x100 (a perfect caption set scores up to 1000); the others are percentages.
+    for task, metric, top in (("synthetic_captioning", "cider", 1000), ("synthetic_vqa", "vqa_accuracy", 100),
+                              ("synthetic_classification", "roc_auc", 100)):
         for shots in ("0", "4"):
             entry = results["results"][task][shots]
             assert entry["num_queries"] == 4 and metric in entry
-            assert np.isnan(entry[metric]) or 0 <= entry[metric] <= 100
+            assert np.isnan(entry[metric]) or 0 <= entry[metric] <= top
     table = json_path.with_suffix(".md").read_text()
     assert "| synthetic_vqa | vqa_accuracy |" in table and "4-shot" in table
     assert "ETA" in done.stderr  # the progress line
@@ -110,3 +105,19 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(synthetic_co
     missing = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'none'}"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "has no checkpoints/ directory" in missing.stderr
+
+
+def test_a_reloaded_engine_holds_the_trainers_last_weights_bit_for_bit(trained_run):
+    """Engine.from_workdir (load_trained) restores exactly what training ended with: every
+    trainable weight, and the same logits on a fixed input (frozen parts re-created from the seed)."""
+    with open(trained_run / "trained_params.pkl", "rb") as f:
+        trained = pickle.load(f)
+    engine = Engine.from_workdir(str(trained_run / "run"))
+    assert engine.step == 2
+    reloaded = flat_arrays(nnx.to_pure_dict(engine.state))
+    assert trained and set(trained) <= set(reloaded)
+    for path, value in trained.items():
+        assert reloaded[path].dtype == value.dtype, path
+        np.testing.assert_array_equal(reloaded[path], value, err_msg=path)
+    np.testing.assert_array_equal(trained_logits(nnx.merge(engine.graphdef, engine.state)),
+                                  np.load(trained_run / "trained_logits.npy"))

@@ -55,7 +55,7 @@ def test_parse_prompt_reads_the_cli_syntax(tmp_path):
     items = prompting.parse_prompt("<image:cat.jpg> Output: a cat<EOC><video:clip> Question: what? Answer:", tmp_path)
     assert items[0].path == tmp_path / "cat.jpg"
     assert items[1:3] == ["Output: a cat", END_OF_CHUNK]
-    assert [p.name for p in items[3].frames] == ["f1.png", "f10.png", "f2.png"]  # sorted, as listed
+    assert [p.name for p in items[3].frames] == ["f1.png", "f2.png", "f10.png"]  # time order, not text order
     assert items[4] == "Question: what? Answer:"
     with pytest.raises(prompting.PromptError, match="does not exist"):
         prompting.parse_prompt("<video:missing>", tmp_path)
@@ -111,3 +111,17 @@ def test_a_malformed_media_tag_is_an_error_naming_it(prompt, named):
     with pytest.raises(prompting.PromptError, match=f"malformed media tag {re.escape(named)}|media tag "
                                                      f"{re.escape(named)} names no file"):
         prompting.parse_prompt(prompt)
+
+
+def test_frame_listing_is_in_time_order_for_every_reader(tmp_path):
+    """Prompts, eval readers and the video importer list frames with one function: digit runs
+    compare as numbers (f2 before f10), other files and folders are left out."""
+    from flamingo_jax.data import frames as frame_files
+
+    for name in ("f10.png", "f2.PNG", "f1.jpg", "notes.txt", "f11.gif"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "f3.png").mkdir()
+    listed = [p.name for p in frame_files.list_frames(tmp_path, (".png", ".jpg"))]
+    assert listed == ["f1.jpg", "f2.PNG", "f10.png"]
+    assert sorted(["v1_f10", "v1_f9", "v10_f1", "v2_f1"], key=frame_files.natural_key) == \
+        ["v1_f9", "v1_f10", "v2_f1", "v10_f1"]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from flamingo_jax.models.config import ResamplerConfig
@@ -52,6 +53,18 @@ def test_temporal_embeddings_interpolate_beyond_training_frames():
     # Linear interpolation keeps the range and is monotone along time here.
     assert float(stretched.min()) >= 0.0 and float(stretched.max()) <= 7.0
     assert bool(jnp.all(jnp.diff(stretched[:, 0]) >= 0))
+
+
+@pytest.mark.parametrize("frames", [9, 30])
+def test_interpolated_temporal_table_is_np_interp_of_the_learned_one(frames):
+    """Frame i of `frames` sits at (i + 0.5) * F / frames - 0.5 on the F learned rows (frame
+    centres stretched over the same clip), clamped to the first and last rows."""
+    learned = np.asarray(jax.random.normal(jax.random.key(4), (8, 5)))
+    where = (np.arange(frames) + 0.5) * 8 / frames - 0.5
+    expected = np.stack([np.interp(where, np.arange(8), learned[:, d]) for d in range(5)], axis=1)
+    np.testing.assert_allclose(np.asarray(interpolate_frames(jnp.asarray(learned), frames)), expected,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(expected[0], learned[0])
 
 
 def test_no_projection_when_widths_match():

@@ -23,7 +23,7 @@ from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import train_config
+from helpers import count_lowerings, no_compiles, train_config
 
 
 def fixed_batches(config, num_batches=2):
@@ -120,31 +120,36 @@ def test_non_finite_loss_skips_the_update(setup):
 # ------------------------------------------------------------------ errors before compile
 
 
+def test_the_compile_counter_sees_compiles():
+    """`no_compiles` below would pass vacuously if the lowering event never fired."""
+    assert count_lowerings(lambda: jax.jit(lambda x: x * 3 + 1)(np.arange(5.0))) == 1
+
+
 def test_mesh_that_does_not_divide_the_devices_fails_early(synthetic_corpus, tmp_path):
     config = train_config(synthetic_corpus)
     config.mesh.update(data=3, fsdp=1, tensor=1)
-    with pytest.raises(ShardingError, match=r"mesh.*multiply to 3.*1 devices"):
+    with no_compiles(), pytest.raises(ShardingError, match=r"mesh.*multiply to 3.*1 devices"):
         Trainer(config, str(tmp_path))
 
 
 def test_batch_not_divisible_by_microbatches_fails_early(synthetic_corpus, tmp_path):
     config = train_config(synthetic_corpus)
     config.train.microbatches = 3
-    with pytest.raises(ShardingError, match=r"batch size 4 is not divisible.*microbatches=3"):
+    with no_compiles(), pytest.raises(ShardingError, match=r"batch size 4 is not divisible.*microbatches=3"):
         Trainer(config, str(tmp_path))
 
 
 def test_missing_backbone_checkpoint_fails_early(synthetic_corpus, tmp_path):
     config = train_config(synthetic_corpus)
     config.backbones.decoder = str(tmp_path / "no-such-checkpoint")
-    with pytest.raises(BackboneError, match=r"backbones.decoder.*no such checkpoint directory"):
+    with no_compiles(), pytest.raises(BackboneError, match=r"backbones.decoder.*no such checkpoint directory"):
         Trainer(config, str(tmp_path))
 
 
 def test_tokenizer_vocab_must_match_the_model(synthetic_corpus, tmp_path):
     config = train_config(synthetic_corpus)
     config.model.decoder.vocab_size = 600
-    with pytest.raises(ValueError, match=r"model.decoder.vocab_size.*600"):
+    with no_compiles(), pytest.raises(ValueError, match=r"model.decoder.vocab_size.*600"):
         Trainer(config, str(tmp_path))
 
 

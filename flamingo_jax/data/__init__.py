@@ -5,6 +5,7 @@ Modules, each one idea:
   formats      TFRecord schemas (interleaved docs, image-text, video-text) and their writers
   records      the TFRecord reader: checksum errors, cut-off and unreadable files become counted skips
   images       one decoder (training and inference), fit, mean-pad, normalise, augment
+  frames       video frame folders listed in time order (f2 before f10), for every reader
   sequence     token roles, `<EOC>` placement, windows, media_index, loss_mask (numpy)
   pipeline     host sharding, deterministic order, resumable state, counted skipping
   interleaved  M3W-style documents -> batches

@@ -60,6 +60,7 @@ from absl import logging
 
 from flamingo_jax import cli
 from flamingo_jax.data import formats, images
+from flamingo_jax.data import frames as frame_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -568,7 +569,7 @@ def _video(row: dict[str, Any] | SkipRecord, frames_dir: str, default_rate: floa
             if os.path.exists(folder + extension):
                 _no_video_files(folder + extension)  # raises: say how to extract frames
         raise SkipRecord("missing_image", f"no frame folder {folder!r}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    names = [p.name for p in frame_files.list_frames(folder, IMAGE_EXTENSIONS)]  # time order: f2 before f10
     if not names:
         raise SkipRecord("no_image", f"frame folder {folder!r} holds no images")
     caption = row["caption"] if isinstance(row["caption"], str) else ""

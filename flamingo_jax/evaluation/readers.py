@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from flamingo_jax.data import frames as frame_files
 from flamingo_jax.errors import UserError
 
 PathLike = str | Path
@@ -501,16 +502,10 @@ _VIDEO_EXTENSION = re.compile(r"\.(mp4|avi|webm|mkv|mov)$", re.IGNORECASE)
 FRAME_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key that orders frame_2 before frame_10 (frame numbers are not
-    always zero-padded)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def list_frames(frames_dir: PathLike) -> list[Path]:
     """Frame images of one video in temporal (natural name) order."""
     frames_dir = _require_dir(frames_dir, "a folder of extracted frames (*.jpg)")
-    return sorted(_files_with_suffix(frames_dir, FRAME_EXTENSIONS), key=_natural_key)
+    return frame_files.list_frames(frames_dir, FRAME_EXTENSIONS)
 
 
 def _video_key(record: Any, source: Path, index: int) -> str:

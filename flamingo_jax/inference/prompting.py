@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flamingo_jax.data import frames as frame_files
 from flamingo_jax.data import images as image_ops
 from flamingo_jax.data import sequence
 from flamingo_jax.data.tokenizer import Tokenizer
@@ -113,9 +114,10 @@ def parse_prompt(text: str, base_dir: Path | None = None) -> list[object]:
 
 
 def sorted_frames(folder: Path) -> list[Path]:
+    """The folder's images in time (natural name) order: f2 before f10."""
     if not folder.is_dir():
         raise PromptError(f"video frame folder {folder} does not exist.")
-    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = frame_files.list_frames(folder, IMAGE_SUFFIXES)
     if not frames:
         raise PromptError(f"video frame folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return frames
