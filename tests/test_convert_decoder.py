@@ -196,3 +196,230 @@ def test_record_describes_the_llama_family_choices(llama):
     assert fields["tie_embeddings"] is False and fields["ffw"] == "swiglu"
     assert f"--config.backbones.decoder={out}" in record["overrides"]
     assert "--config.model.decoder.rope_scaling.factor=8.0" in record["overrides"]
+
+
+# ---------------------------------------------------------------- the converted decoder inside Flamingo
+
+
+def parse_config(overrides: list[str], monkeypatch):
+    """configs/tiny.py with `overrides` parsed as the training CLI parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from helpers import ROOT
+
+    argv = ["train", f"--config={ROOT / 'configs' / 'tiny.py'}", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    values(argv)
+    return values.config
+
+
+def test_flamingo_at_step_0_gives_the_converted_decoders_logits(llama, monkeypatch):
+    """configs/tiny.py with the printed overrides (and two new tokens, as an HF tokenizer adds) builds
+    the converted decoder; `config.backbones.decoder` restores it into Flamingo's frozen weights
+    (the vision encoder stays random). With every tanh gate at 0, Flamingo's logits over the frozen
+    vocabulary are the bare decoder's, on the same padded batch and with an image attached."""
+    from flamingo_jax.core import sharding
+    from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.models.config import FlamingoConfig
+
+    _, _, out = llama
+    config = parse_config(writer.read_record(out)["overrides"] + ["--config.model.num_new_tokens=2"], monkeypatch)
+    cfg = FlamingoConfig.from_dict(config.model)
+    parts = ModelParts.flamingo(cfg)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    _, frozen_shardings = sharding.weight_shardings(parts, mesh, sharding.rules_from_config(config.get("mesh_rules")))
+    _, abstract_frozen = parts.abstract()
+    params, frozen = parts.init(seed=0)
+    paths = backbones.check_paths(config.backbones)
+    assert paths == {"decoder": out}
+    model = parts.merge(params, backbones.load_into(frozen, abstract_frozen, frozen_shardings, paths))
+    gates = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model.xattn)))
+             if "gate" in jax.tree_util.keystr(path)]
+    assert gates and all(np.all(np.asarray(g) == 0) for g in gates)
+
+    tokens, mask, positions = padded_batch(seed=7)
+    tokens = tokens.copy()
+    tokens[:, -1] = [cfg.eoc_id, cfg.eoc_id + 1]  # <EOC> and <image>: the two trainable rows
+    media = np.random.default_rng(0).standard_normal((2, 1, 1, 64, 64, 3)).astype(np.float32)
+    args = [jnp.asarray(a) for a in (tokens, media, np.zeros_like(tokens), positions, mask)]
+    flamingo = np.asarray(nnx.jit(lambda m, t, x, i, p, v: m(t, x, i, p, v))(model, *args))
+    assert flamingo.shape == (2, tokens.shape[1], VOCAB + 2)
+    bare = ours(out, np.where(tokens >= VOCAB, 0, tokens), mask, positions)
+    np.testing.assert_array_equal(flamingo[:, :-1, :VOCAB][mask[:, :-1]], bare[:, :-1][mask[:, :-1]])
+    new_rows = np.asarray(model.embed(jnp.asarray([[VOCAB, VOCAB + 1]])))[0]
+    np.testing.assert_array_equal(new_rows, np.asarray(model.new_token_embedding[...]))
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def byte_bpe_tokenizer(directory) -> str:
+    """A small byte-level BPE tokenizer.json (GPT-2 / Llama-3 style), trained in the test."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tokenizer.train_from_iterator(["a photo of a cat", "two dogs playing in the snow", "a red car"] * 20, trainer)
+    path = os.path.join(directory, "tokenizer.json")
+    tokenizer.save(path)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}, f)
+    return path
+
+
+def word_tokenizer(directory, size: int) -> str:
+    """A word-level tokenizer.json with exactly `size` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = os.path.join(directory, f"words{size}.json")
+    tokenizer.save(path)
+    return path
+
+
+def test_hf_tokenizer_adds_eoc_and_image_as_the_reference_does(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from flamingo_jax.data.tokenizer import HFTokenizer, load_tokenizer
+
+    path = byte_bpe_tokenizer(tmp_path)
+    ours_tok = load_tokenizer(path)
+    assert isinstance(ours_tok, HFTokenizer)
+    reference_tok = PreTrainedTokenizerFast(tokenizer_file=path)
+    vocab = len(reference_tok)
+    reference_tok.add_special_tokens({"additional_special_tokens": ["<EOC>", "<image>"]})  # OpenFlamingo's order
+    assert (ours_tok.vocab_size, ours_tok.eoc_id, ours_tok.image_marker_ids) == (vocab, vocab, (vocab + 1,))
+    assert ours_tok.eoc_id == reference_tok.convert_tokens_to_ids("<EOC>")
+    assert ours_tok.num_new_tokens == 2 and ours_tok.total_vocab_size == len(reference_tok)
+    assert ours_tok.bos_id == ours_tok.eos_id == reference_tok.convert_tokens_to_ids("<|endoftext|>")
+    text = "<image>A photo of a cat.<EOC><image> Two dogs in the snow<EOC>"
+    ids = ours_tok.encode_with_markers(text)
+    assert ids == reference_tok.encode(text, add_special_tokens=False)
+    assert ids.count(ours_tok.eoc_id) == 2 and ids.count(vocab + 1) == 2
+    assert ours_tok.decode(ids) == text
+    # Plain text never forges the new tokens: a literal marker stays text.
+    plain = ours_tok.encode("see <image> and <EOC>")
+    assert max(plain) < vocab and "image" in ours_tok.decode(plain)
+
+
+def test_converter_checks_the_tokenizer_and_names_it_in_the_flags(llama, tmp_path):
+    model, root, _ = llama
+    tokenizer = word_tokenizer(tmp_path, VOCAB)
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={root / 'src'}", f"--out={out}", f"--tokenizer={tokenizer}") == 0
+    record = writer.read_record(out)
+    assert "--config.model.num_new_tokens=2" in record["overrides"]
+    assert f"--config.data.tokenizer={tokenizer}" in record["overrides"]
+    assert record["tokenizer"]["eoc_id"] == VOCAB and record["tokenizer"]["image_marker_ids"] == [VOCAB + 1]
+
+
+# ---------------------------------------------------------------- bad input: a clear error, nothing written
+
+
+def llama_variant(llama, tmp_path, edit=lambda tensors: None, edit_config=lambda config: None) -> str:
+    """The LLaMA reference saved again as one safetensors file after `edit(tensors)` / `edit_config(config)`."""
+    from safetensors.torch import save_file
+
+    model, _, _ = llama
+    tensors = {name: tensor.clone().contiguous() for name, tensor in model.state_dict().items()}
+    edit(tensors)
+    config = model.config.to_dict()
+    edit_config(config)
+    os.makedirs(tmp_path / "src")
+    with open(tmp_path / "src" / "config.json", "w") as f:
+        json.dump(config, f)
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    return str(tmp_path / "src")
+
+
+LAYER_1 = "model.layers.1"
+BAD_TENSORS = {
+    "missing": (lambda t: t.pop(f"{LAYER_1}.mlp.up_proj.weight"),
+                ["missing tensors (1)", f"{LAYER_1}.mlp.up_proj.weight", "layers/ffw/wg/kernel (layer 1 of 2)"]),
+    "extra": (lambda t: t.update({f"{LAYER_1}.self_attn.q_norm.weight": torch.ones(16)}),
+              ["unexpected tensors (1)", f"{LAYER_1}.self_attn.q_norm.weight (16,)"]),
+    "wrong shape": (lambda t: t.update({f"{LAYER_1}.self_attn.k_proj.weight": torch.ones(64, 64)}),
+                    ["wrongly shaped tensors (1)", f"{LAYER_1}.self_attn.k_proj.weight has shape (64, 64)",
+                     "layers/attention/key/kernel (layer 1 of 2) needs (64, 2, 16)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TENSORS))
+def test_bad_tensors_are_named_and_nothing_is_written(llama, tmp_path, capsys, case):
+    edit, expected = BAD_TENSORS[case]
+    source = llama_variant(llama, tmp_path, edit)
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={source}", f"--out={out}") == 1
+    message = capsys.readouterr().err
+    for fragment in expected + ["Nothing was written"]:
+        assert fragment in message, (fragment, message)
+    assert_nothing_written(out)
+
+
+BAD_CONFIGS = {
+    "unknown architecture": (
+        lambda c: c.update(architectures=["FalconForCausalLM"], model_type="falcon"),
+        "unknown architecture: config.json has architectures ['FalconForCausalLM'] and model_type 'falcon'"),
+    "unsupported rope scaling": (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+                                 "rope_scaling type 'yarn' is not supported"),
+    "config contradicts the tensors": (lambda c: c.update(vocab_size=256),
+                                       "config.json says vocab_size=256 but model.embed_tokens.weight has 128 rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_json_is_refused(llama, tmp_path, capsys, case):
+    edit_config, expected = BAD_CONFIGS[case]
+    source = llama_variant(llama, tmp_path, edit_config=edit_config)
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={source}", f"--out={out}") == 1
+    assert expected in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def test_weights_without_config_json_are_refused(llama, tmp_path, capsys):
+    source = llama_variant(llama, tmp_path)
+    os.remove(os.path.join(source, "config.json"))
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={source}/model.safetensors", f"--out={out}") == 1
+    assert "no config.json beside the weights" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def test_tokenizer_of_another_size_is_refused_naming_both(llama, tmp_path, capsys):
+    _, root, _ = llama
+    from tokenizers import Tokenizer
+
+    tokenizer = byte_bpe_tokenizer(tmp_path)
+    size = Tokenizer.from_file(tokenizer).get_vocab_size(with_added_tokens=True)
+    assert size != VOCAB
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={root / 'src'}", f"--out={out}", f"--tokenizer={tokenizer}") == 1
+    message = capsys.readouterr().err
+    assert f"--tokenizer={tokenizer} has {size} tokens but the decoder's embedding table has {VOCAB} rows" in message
+    assert_nothing_written(out)
+
+
+def test_pickled_code_in_a_bin_is_refused_without_running_it(llama, tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    source = llama_variant(llama, tmp_path)
+    os.remove(os.path.join(source, "model.safetensors"))
+    torch.save({"model.embed_tokens.weight": Payload()}, os.path.join(source, "pytorch_model.bin"))
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={source}", f"--out={out}") == 1
+    assert "refused because unpickling them could run arbitrary code" in capsys.readouterr().err
+    assert not marker.exists()
+    assert_nothing_written(out)
