@@ -219,14 +219,19 @@ def parse_config(overrides: list[str], monkeypatch):
 def test_flamingo_at_step_0_gives_the_converted_decoders_logits(llama, monkeypatch):
     """configs/tiny.py with the printed overrides (and two new tokens, as an HF tokenizer adds) builds
     the converted decoder; `config.backbones.decoder` restores it into Flamingo's frozen weights
-    (the vision encoder stays random). With every tanh gate at 0, Flamingo's logits over the frozen
+    (a small random ViT stands in for the vision encoder). With every tanh gate at 0, Flamingo's logits over the frozen
     vocabulary are the bare decoder's, on the same padded batch and with an image attached."""
     from flamingo_jax.core import sharding
     from flamingo_jax.core.parts import ModelParts
     from flamingo_jax.models.config import FlamingoConfig
 
     _, _, out = llama
-    config = parse_config(writer.read_record(out)["overrides"] + ["--config.model.num_new_tokens=2"], monkeypatch)
+    small_vision = ["--config.model.vision.encoder=vit", "--config.model.vision.image_size=32",
+                    "--config.model.vision.num_frames=1", "--config.model.vision.vit.width=32",
+                    "--config.model.vision.vit.num_layers=1", "--config.model.vision.vit.num_heads=2",
+                    "--config.model.vision.vit.patch_size=16"]  # few compiles: any encoder will do
+    config = parse_config(writer.read_record(out)["overrides"] + ["--config.model.num_new_tokens=2"] + small_vision,
+                          monkeypatch)
     cfg = FlamingoConfig.from_dict(config.model)
     parts = ModelParts.flamingo(cfg)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -243,7 +248,7 @@ def test_flamingo_at_step_0_gives_the_converted_decoders_logits(llama, monkeypat
     tokens, mask, positions = padded_batch(seed=7)
     tokens = tokens.copy()
     tokens[:, -1] = [cfg.eoc_id, cfg.eoc_id + 1]  # <EOC> and <image>: the two trainable rows
-    media = np.random.default_rng(0).standard_normal((2, 1, 1, 64, 64, 3)).astype(np.float32)
+    media = np.random.default_rng(0).standard_normal((2, 1, 1, 32, 32, 3)).astype(np.float32)
     args = [jnp.asarray(a) for a in (tokens, media, np.zeros_like(tokens), positions, mask)]
     flamingo = np.asarray(nnx.jit(lambda m, t, x, i, p, v: m(t, x, i, p, v))(model, *args))
     assert flamingo.shape == (2, tokens.shape[1], VOCAB + 2)
