@@ -428,3 +428,54 @@ def test_pickled_code_in_a_bin_is_refused_without_running_it(llama, tmp_path, ca
     assert "refused because unpickling them could run arbitrary code" in capsys.readouterr().err
     assert not marker.exists()
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- published sizes, shapes only
+
+
+class ShapeSource:
+    """Names and shapes of a model built on torch's meta device, with its config.json: plan() reads no data."""
+
+    def __init__(self, module: torch.nn.Module, config: dict):
+        self.path, self.config = "meta", {"config.json": config}
+        self._shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+    def names(self):
+        return sorted(self._shapes)
+
+    def shape(self, name):
+        return self._shapes[name]
+
+    def read(self, name):
+        raise AssertionError("plan() must not read data")
+
+
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8192))
+LLAMA_2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("config_name, hf_config", [("llama_clip", LLAMA_3_2_1B), ("llama7b_nfnet", LLAMA_2_7B)])
+def test_published_llamas_convert_to_the_shipped_configs_decoder(config_name, hf_config):
+    """Llama-3.2-1B's and Llama-2-7B's config.json and tensor shapes (meta device: no memory) read as
+    exactly the decoder configs/llama_clip.py and configs/llama7b_nfnet.py build, and map completely."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flamingo_jax.convert import decoder as convert_decoder
+    from flamingo_jax.convert import mapping
+
+    from helpers import load_config
+
+    config = LlamaConfig(**hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    source = ShapeSource(model, {**config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    arch = convert_decoder.read_architecture(source)
+    assert arch.decoder == build_config(DecoderConfig, load_config(config_name).model.decoder, "model.decoder")
+    target = convert_decoder.decoder_weights(arch.decoder)
+    steps = mapping.plan(arch.table, source, target, fmt="llama")  # raises on any mismatch
+    assert len(steps) == len(mapping.flatten_target(target))
