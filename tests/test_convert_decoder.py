@@ -315,6 +315,22 @@ def test_hf_tokenizer_adds_eoc_and_image_as_the_reference_does(tmp_path):
     assert max(plain) < vocab and "image" in ours_tok.decode(plain)
 
 
+def test_hf_tokenizer_documents_put_the_new_ids_where_the_pipelines_expect(tmp_path):
+    """An interleaved document tokenized with a tokenizer.json: BOS, <image> (id V+1) as its one
+    marker id, <EOC> (id V) before every later image and at the end, EOS; text ids below V."""
+    from flamingo_jax.data import sequence
+    from flamingo_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(byte_bpe_tokenizer(tmp_path))
+    v = tokenizer.vocab_size
+    document = sequence.tokenize_document([None, "a photo of a cat", None, "a red car"], tokenizer)
+    ids, roles = document.ids.tolist(), document.roles.tolist()
+    assert ids[0] == tokenizer.bos_id and ids[1] == v + 1 and ids[-2:] == [v, tokenizer.eos_id]
+    assert [i for i, r in zip(ids, roles) if r == sequence.MARKER] == [v + 1, v + 1]
+    assert [i for i, r in zip(ids, roles) if r == sequence.EOC] == [v, v]
+    assert all(i < v for i, r in zip(ids, roles) if r == sequence.TEXT)
+
+
 def test_converter_checks_the_tokenizer_and_names_it_in_the_flags(llama, tmp_path):
     model, root, _ = llama
     tokenizer = word_tokenizer(tmp_path, VOCAB)
