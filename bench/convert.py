@@ -27,6 +27,7 @@ import time
 
 import ml_dtypes
 import numpy as np
+
 from common import ROOT, emit, machine
 
 # Llama-3.2-1B's config.json (the fields that shape the weights and the rotary embedding).
@@ -104,7 +105,7 @@ def convert(source: str, out: str, buffer_mb: int) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, stderr = child.communicate()
+    _, stderr = child.communicate()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()

@@ -72,7 +72,7 @@ def table(d: DecoderConfig, description: str) -> Table:
 def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderArchitecture:
     path = source.path
     c = {**HF_DEFAULTS, **config}
-    get = lambda name, kind=int: hf_value(c, name, None, path, kind)  # noqa: E731
+    get = lambda name, kind=int: hf_value(c, name, None, path, kind)
     activation = HF_ACTIVATIONS.get(c.get("hidden_act"))
     if activation is None:
         raise ConversionError(f"{path}: config.json's hidden_act {c.get('hidden_act')!r} has no counterpart here; "

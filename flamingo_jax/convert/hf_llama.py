@@ -100,7 +100,7 @@ def table(d: DecoderConfig, description: str) -> Table:
 def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderArchitecture:
     path = source.path
     c = _defaults(config)
-    get = lambda name, kind=int: hf_value(c, name, None, path, kind)  # noqa: E731
+    get = lambda name, kind=int: hf_value(c, name, None, path, kind)
     if c.get("hidden_act") != "silu":
         raise ConversionError(f"{path}: config.json's hidden_act {c.get('hidden_act')!r} is not supported for LLaMA "
                               "(its SwiGLU uses 'silu').")

@@ -61,7 +61,7 @@ def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderAr
     path = source.path
     c = {**HF_DEFAULTS, **config}
     attn = {**ATTN_DEFAULTS, **(c.get("attn_config") or {})}
-    get = lambda name, kind=int: hf_value(c, name, None, path, kind)  # noqa: E731
+    get = lambda name, kind=int: hf_value(c, name, None, path, kind)
     dim, heads = get("d_model"), get("n_heads")
     if dim % heads:
         raise ConversionError(f"{path}: d_model {dim} is not a multiple of n_heads {heads}.")
