@@ -157,8 +157,7 @@ def mpt(tmp_path_factory):
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(0)
-    config = MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=2, max_seq_len=64, no_bias=True,
-                       attn_config=dict(alibi_bias_max=8))
+    config = MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=2, max_seq_len=64, no_bias=True)
     model = randomise_(MptForCausalLM(config), seed=3)
     root = tmp_path_factory.mktemp("mpt")
     # The converter is run as a user runs it: a subprocess of `python -m flamingo_jax.convert`.
@@ -185,6 +184,34 @@ def test_logits_match_the_reference_over_a_padded_batch(family, request):
     print(f"\n{family}: max abs logit error {error:.2e}")
     assert error <= TOLERANCE, error
     assert np.abs(want[mask]).max() > 0.1  # the comparison is not between near-zero logits
+
+
+def variant(family: str):
+    """The other side of each family's switches: GPT-NeoX sequential with tied embeddings and
+    tanh GELU; MPT with 4 heads (a power of two: ALiBi's plain slopes)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            rotary_pct=0.5, use_parallel_residual=False, tie_word_embeddings=True, hidden_act="gelu_new"))
+    return MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=1))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "mpt"])
+def test_family_variants_match_the_reference_from_a_torch_bin(family, tmp_path):
+    """Saved as pytorch_model.bin (read with torch.load(weights_only=True)), converted, equal logits."""
+    model = randomise_(variant(family), seed=5)
+    model.save_pretrained(tmp_path / "src", safe_serialization=False)
+    assert (tmp_path / "src" / "pytorch_model.bin").exists()
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={tmp_path / 'src'}", f"--out={out}") == 0
+    tokens, mask, positions = padded_batch(seed=11, length=6, pad=2)
+    want = reference(model, tokens, mask, positions, position_ids=family != "mpt")
+    error = float(np.abs(ours(out, tokens, mask, positions) - want)[mask].max())
+    print(f"\n{family} variant: max abs logit error {error:.2e}")
+    assert error <= TOLERANCE, error
 
 
 def test_record_describes_the_llama_family_choices(llama):
@@ -495,3 +522,20 @@ def test_published_llamas_convert_to_the_shipped_configs_decoder(config_name, hf
     target = convert_decoder.decoder_weights(arch.decoder)
     steps = mapping.plan(arch.table, source, target, fmt="llama")  # raises on any mismatch
     assert len(steps) == len(mapping.flatten_target(target))
+
+
+def test_mpt_options_transformers_computes_differently_are_refused(mpt, tmp_path, capsys):
+    import shutil
+
+    _, root, _ = mpt
+    shutil.copytree(root / "src", tmp_path / "src")
+    with open(tmp_path / "src" / "config.json") as f:
+        config = json.load(f)
+    config["attn_config"] = {**config.get("attn_config", {}), "clip_qkv": 6.0, "alibi_bias_max": 4}
+    with open(tmp_path / "src" / "config.json", "w") as f:
+        json.dump(config, f)
+    out = str(tmp_path / "converted")
+    assert convert(f"--from={tmp_path / 'src'}", f"--out={out}") == 1
+    message = capsys.readouterr().err
+    assert "attn_config.clip_qkv=6.0" in message and "attn_config.alibi_bias_max=4" in message
+    assert_nothing_written(out)

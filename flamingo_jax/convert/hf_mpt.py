@@ -2,18 +2,19 @@
 
     transformer.wte                         embedding (tied: lm_head is the same matrix)
     transformer.blocks.L.*                  layers/* (stacked, layer L)
-        norm_1, norm_2                          attention_norm, ffw_norm (LayerNorm; bias only
-                                                without `no_bias`)
+        norm_1, norm_2                          attention_norm, ffw_norm (LayerNorm without bias)
         attn.Wqkv                               attention/{query,key,value}: q, k, v row blocks
         attn.out_proj                           attention/out
         ffn.up_proj, ffn.down_proj              ffw/wi, ffw/wo (erf GELU)
     transformer.norm_f                      final_norm
 
-Positions are ALiBi with MPT's slopes (`alibi_bias_max`). transformers' MPT adds
+Positions are ALiBi with MPT's slopes (max bias 8: transformers ignores
+`alibi_bias_max`, so other values are refused). transformers' MPT adds
 the penalty relative to the last key rather than the query: that differs from
-ours by a constant per query row, which softmax cancels. Its linears never have
-biases. Options its module does not implement the same way (clip_qkv, a
-softmax_scale other than 1/sqrt(head_dim), logit_scale, no ALiBi) are refused.
+ours by a constant per query row, which softmax cancels. Neither its linears nor
+its LayerNorms have biases, whatever `no_bias` says. Options its module does not
+implement the same way (clip_qkv, a softmax_scale other than 1/sqrt(head_dim),
+logit_scale, no ALiBi) are refused.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ def table(d: DecoderConfig, description: str) -> Table:
                                  ("final_norm", "transformer.norm_f", False)):
         stacked = layers if prefix else ()
         rules.append(Rule(f"{ours}/scale", f"{theirs}.weight", layers=stacked))
-        if d.norm_bias:
-            rules.append(Rule(f"{ours}/bias", f"{theirs}.bias", layers=stacked))
     for part, ours in enumerate(("query", "key", "value")):
         rules.append(Rule(f"layers/attention/{ours}/kernel", f"{layer}.attn.Wqkv.weight",
                           t.compose(t.split_fused(part), t.heads_out(d.num_heads)), layers))
@@ -73,6 +72,9 @@ def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderAr
         unsupported.append(f"attn_config.clip_qkv={attn['clip_qkv']}")
     if attn["softmax_scale"] is not None and abs(attn["softmax_scale"] - head_dim ** -0.5) > 1e-9:
         unsupported.append(f"attn_config.softmax_scale={attn['softmax_scale']}")
+    if attn["alibi_bias_max"] != 8:  # transformers builds its ALiBi with 8 whatever the config says
+        unsupported.append(f"attn_config.alibi_bias_max={attn['alibi_bias_max']} (transformers' MPT always "
+                           "uses 8, so the reference and the training code disagree on this checkpoint)")
     if attn["attn_type"] != "multihead_attention":
         unsupported.append(f"attn_config.attn_type={attn['attn_type']!r}")
     if c.get("logit_scale") is not None:
@@ -80,12 +82,13 @@ def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderAr
     if unsupported:
         raise ConversionError(f"{path}: config.json sets {', '.join(unsupported)}, which this converter does not "
                               "support for MPT.")
-    no_bias = get("no_bias", bool)
+    # transformers' MPT has no biases at all, whatever `no_bias` says (its LayerNorms drop theirs
+    # "for weights on the Hub"); a checkpoint that has them gets them listed as unexpected tensors.
     decoder = DecoderConfig(
         vocab_size=get("vocab_size"), dim=dim, num_layers=get("n_layers"), num_heads=heads, head_dim=head_dim,
         ffw_hidden=4 * dim,  # transformers' MptMLP is 4 x d_model whatever expansion_ratio says
         ffw="gelu_exact", positions="alibi", alibi_max_bias=float(attn["alibi_bias_max"]),
-        max_len=get("max_seq_len"), tie_embeddings=True, norm="layer", norm_bias=not no_bias,
+        max_len=get("max_seq_len"), tie_embeddings=True, norm="layer", norm_bias=False,
         norm_eps=get("layer_norm_epsilon", float))
     assumptions = []
     if c.get("expansion_ratio", 4) != 4:
@@ -93,5 +96,5 @@ def read_architecture(source: TensorSource, config: dict[str, Any]) -> DecoderAr
                            "(its MLP is 4 x d_model).")
     description = (f"dim {dim}, {decoder.num_layers} layers, {heads} heads x {head_dim}, ALiBi (max bias "
                    f"{decoder.alibi_max_bias:g}), MLP {decoder.ffw_hidden}, vocab {decoder.vocab_size}, LayerNorm "
-                   f"{'without' if no_bias else 'with'} bias")
+                   "without bias")
     return DecoderArchitecture(decoder, table(decoder, description), tuple(assumptions))
