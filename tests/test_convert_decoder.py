@@ -539,3 +539,24 @@ def test_mpt_options_transformers_computes_differently_are_refused(mpt, tmp_path
     message = capsys.readouterr().err
     assert "attn_config.clip_qkv=6.0" in message and "attn_config.alibi_bias_max=4" in message
     assert_nothing_written(out)
+
+
+def test_mistral_7b_maps_completely_and_notes_its_sliding_window():
+    """Mistral-7B-v0.1's config.json and shapes: LLaMA's table with 8 KV heads; the sliding window
+    our decoder does not apply is stated in the record's notes."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from flamingo_jax.convert import decoder as convert_decoder
+    from flamingo_jax.convert import mapping
+
+    config = MistralConfig(sliding_window=4096, max_position_embeddings=32768)  # the 7B's defaults otherwise
+    with torch.device("meta"):
+        model = MistralForCausalLM(config)
+    source = ShapeSource(model, {**config.to_diff_dict(), "architectures": ["MistralForCausalLM"]})
+    arch = convert_decoder.read_architecture(source)
+    d = arch.decoder
+    assert (d.dim, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, d.ffw_hidden) == (4096, 32, 32, 8, 128,
+                                                                                            14336)
+    assert any("sliding window (4096 tokens)" in note for note in arch.assumptions)
+    target = convert_decoder.decoder_weights(d)
+    assert len(mapping.plan(arch.table, source, target, fmt="llama")) == len(mapping.flatten_target(target))
