@@ -66,12 +66,11 @@ def read_architecture(source: TensorSource) -> DecoderArchitecture:
     except ConfigError as error:
         raise ConversionError(f"{source.path}: the architecture read from config.json is not one our decoder can "
                               f"build: {error}") from error
-    embedding = module.table(arch.decoder, "").rules[0]  # every family's first rule is the embedding
-    if embedding.source in source.names():
-        rows = source.shape(embedding.source)[0]
+    if module.EMBEDDING in source.names():  # (a missing one is listed with the others by mapping.plan)
+        rows = source.shape(module.EMBEDDING)[0]
         if rows != arch.decoder.vocab_size:
             raise ConversionError(f"{source.path}: config.json says vocab_size={arch.decoder.vocab_size} but "
-                                  f"{embedding.source} has {rows} rows; the weights and config.json do not belong "
+                                  f"{module.EMBEDDING} has {rows} rows; the weights and config.json do not belong "
                                   "together.")
     return arch
 

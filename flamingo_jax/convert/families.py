@@ -13,6 +13,8 @@ the Hugging Face `config.json` it reads, and defines
 
     FORMAT              its name in records and messages;
     ARCHITECTURES       the `architectures` / `model_type` values it converts;
+    EMBEDDING           the embedding table's tensor name (its rows: the vocabulary);
+    table(decoder, description) -> Table;
     read_architecture(source, config) -> DecoderArchitecture.
 """
 

@@ -29,6 +29,7 @@ from flamingo_jax.convert.sources import TensorSource
 from flamingo_jax.models.config import DecoderConfig
 
 FORMAT = "gpt_neox"
+EMBEDDING = "gpt_neox.embed_in.weight"  # its rows are the vocabulary
 ARCHITECTURES = ("GPTNeoXForCausalLM", "gpt_neox")
 # GPTNeoXConfig's defaults: `save_pretrained` writes only the fields that differ from them.
 HF_DEFAULTS = dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
@@ -43,7 +44,7 @@ def table(d: DecoderConfig, description: str) -> Table:
     layers = tuple(range(d.num_layers))
     layer = "gpt_neox.layers.{layer}"
     heads = d.num_heads
-    rules = [Rule("embedding", "gpt_neox.embed_in.weight")]
+    rules = [Rule("embedding", EMBEDDING)]
     rules += torch_layer_norm("layers/attention_norm", f"{layer}.input_layernorm", layers)
     rules += torch_layer_norm("layers/ffw_norm", f"{layer}.post_attention_layernorm", layers)
     rules += torch_layer_norm("final_norm", "gpt_neox.final_layer_norm")

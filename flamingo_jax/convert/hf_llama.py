@@ -30,6 +30,7 @@ from flamingo_jax.convert.sources import TensorSource
 from flamingo_jax.models.config import DecoderConfig, RopeScaling
 
 FORMAT = "llama"
+EMBEDDING = "model.embed_tokens.weight"  # its rows are the vocabulary
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "llama", "mistral")
 # LlamaConfig's defaults (MistralConfig's differ only where noted in `_defaults`).
 HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -71,7 +72,7 @@ def table(d: DecoderConfig, description: str) -> Table:
     kv_heads = d.num_kv_heads or d.num_heads
     layer = "model.layers.{layer}"
     heads = {"query": (d.num_heads, "q_proj"), "key": (kv_heads, "k_proj"), "value": (kv_heads, "v_proj")}
-    rules = [Rule("embedding", "model.embed_tokens.weight"),
+    rules = [Rule("embedding", EMBEDDING),
              Rule("layers/attention_norm/scale", f"{layer}.input_layernorm.weight", layers=layers),
              Rule("layers/ffw_norm/scale", f"{layer}.post_attention_layernorm.weight", layers=layers),
              Rule("final_norm/scale", "model.norm.weight")]

@@ -29,6 +29,7 @@ from flamingo_jax.convert.sources import TensorSource
 from flamingo_jax.models.config import DecoderConfig
 
 FORMAT = "mpt"
+EMBEDDING = "transformer.wte.weight"  # its rows are the vocabulary
 ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM", "mpt")
 # MptConfig's defaults: `save_pretrained` writes only the fields that differ from them.
 HF_DEFAULTS = dict(d_model=2048, n_heads=16, n_layers=24, expansion_ratio=4, max_seq_len=2048, vocab_size=50368,
@@ -40,7 +41,7 @@ ATTN_DEFAULTS = dict(alibi=True, alibi_bias_max=8, clip_qkv=None, softmax_scale=
 def table(d: DecoderConfig, description: str) -> Table:
     layers = tuple(range(d.num_layers))
     layer = "transformer.blocks.{layer}"
-    rules = [Rule("embedding", "transformer.wte.weight")]
+    rules = [Rule("embedding", EMBEDDING)]
     for ours, theirs, prefix in (("layers/attention_norm", f"{layer}.norm_1", True),
                                  ("layers/ffw_norm", f"{layer}.norm_2", True),
                                  ("final_norm", "transformer.norm_f", False)):

@@ -183,7 +183,7 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as RustTokenizer
 
         self.model_path = path
-        if not os.path.exists(path):
+        if "://" not in path and not os.path.exists(path):
             raise DataFileMissing(f"tokenizer {path!r} does not exist; pass a Hugging Face tokenizer.json or a "
                                   "SentencePiece .model.")
         try:
@@ -269,7 +269,7 @@ def train(
     if not input_files:
         raise DataError("tokenizer training needs at least one --input text file.")
     for path in input_files:
-        if not os.path.exists(path):
+        if "://" not in path and not os.path.exists(path):
             raise DataFileMissing(f"tokenizer training input {path!r} does not exist.")
     if not any(_holds_text(path) for path in input_files):
         raise DataError(f"tokenizer training input {', '.join(input_files)} holds no text: give UTF-8 text files "
