@@ -26,6 +26,7 @@ setup(
         "tensorflow-datasets==4.9.10",
         "tensorboard==2.21.0",  # tf.summary.scalar lives here; the CPU TF wheel does not pull it in
         "sentencepiece==0.2.3",
+        "tokenizers==0.22.2",  # Hugging Face tokenizer.json files (data/tokenizer.py's HFTokenizer)
         "ml_collections==1.1.0",
         "absl-py==2.5.1",
         "numpy>=2.0",

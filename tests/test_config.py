@@ -57,7 +57,25 @@ def test_exact_parameter_counts_of_every_shipped_config(name):
         assert param_counts(fewer)["trainable_xattn"] == counts["trainable_xattn"] - per_block
 
 
-@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b"])
+# Configs on converted public backbones: the frozen parts have the published checkpoints' exact sizes.
+PUBLIC = {
+    "llama_clip": dict(frozen_lm=1_235_814_400,  # Llama-3.2-1B (tied embeddings)
+                       frozen_vision=303_179_776),  # CLIP ViT-L/14's visual tower, no projection
+    "llama7b_nfnet": dict(frozen_lm=6_738_415_616,  # Llama-2-7B
+                          frozen_vision=435_286_116),  # NFNet-F6 with its final conv, no classifier
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_backbone_configs_have_the_published_sizes(name):
+    counts = param_counts(FlamingoConfig.from_dict(load_config(name).model))
+    for column, exact in PUBLIC[name].items():
+        assert counts[column] == exact, (column, counts[column])
+    assert counts["trainable_new_tokens"] == 2 * load_config(name).model.decoder.dim * (
+        1 if load_config(name).model.decoder.tie_embeddings else 2)
+
+
+@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b", "llama_clip", "llama7b_nfnet"])
 def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)
 

@@ -16,6 +16,8 @@ changes as small named functions (`transforms.py`). What every converter shares:
 
 Vision families: `timm_nfnet.py` (DeepMind's NFNets as timm ships them),
 `open_clip_vit.py` (open_clip's `VisionTransformer`), `hf_clip.py` (Hugging
-Face `CLIPVisionModel` / `CLIPModel`); `vision.py` runs them. A decoder family is
-one more table beside them. The command line: `python -m flamingo_jax.convert`.
+Face `CLIPVisionModel` / `CLIPModel`); `vision.py` runs them. Decoder families,
+picked by the Hugging Face config.json: `hf_llama.py` (LLaMA 2/3, Mistral),
+`hf_gpt_neox.py` (Pythia, RedPajama-INCITE), `hf_mpt.py` (MPT); `decoder.py` runs
+them. The command line: `python -m flamingo_jax.convert {vision,decoder}`.
 """

@@ -1,10 +1,10 @@
 """The converter's command line: one subcommand per component.
 
     python -m flamingo_jax.convert vision --from=<file or dir> --format={hf_clip,open_clip,timm_nfnet} --out=<dir>
+    python -m flamingo_jax.convert decoder --from=<HF model dir or weights> --out=<dir> [--tokenizer=tokenizer.json]
     python -m flamingo_jax.convert vision --help
 
-Each subcommand has its own absl flags (`decoder` and `openflamingo` join as
-more entries of SUBCOMMANDS). Errors a user can cause print one message naming
+Each subcommand has its own absl flags (one entry of SUBCOMMANDS each). Errors a user can cause print one message naming
 the problem and its fix, exit with status 1 (`flamingo_jax.cli`), and leave no
 output behind.
 """
@@ -22,6 +22,8 @@ from flamingo_jax.convert.errors import ConversionError
 USAGE = """usage: python -m flamingo_jax.convert <subcommand> [flags]
 
 subcommands:
+  decoder  a Hugging Face causal LM (LLaMA / Mistral, GPT-NeoX, MPT) -> an orbax backbone checkpoint for
+           config.backbones.decoder
   vision   a vision encoder checkpoint (timm dm_nfnet_*, open_clip ViT, HF CLIP) -> an orbax backbone
            checkpoint for config.backbones.vision
 
@@ -73,7 +75,42 @@ def _run_vision(fv: flags.FlagValues) -> int:
     return 0
 
 
+def _decoder_flags(fv: flags.FlagValues) -> None:
+    from flamingo_jax.convert import vision, writer
+
+    flags.DEFINE_string("from", None, "The source: a Hugging Face model directory (config.json and its weights), a "
+                        "weights file (.safetensors, .bin) or a shard index (*.index.json) with config.json beside "
+                        "it.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The orbax backbone checkpoint to write (a directory; refused if it exists).",
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "The checkpoint's tokenizer (tokenizer.json or a SentencePiece .model): "
+                        "checked against the embedding table before anything is written, and named in the printed "
+                        "flags.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (only once the new one is complete).",
+                      flag_values=fv)
+    flags.DEFINE_enum("dtype", "source", list(vision.DTYPES), "Dtype of the written weights ('source' keeps each "
+                      "tensor's; restoring casts to config.model.frozen_param_dtype either way).", flag_values=fv)
+    flags.DEFINE_integer("buffer_mb", writer.DEFAULT_BUFFER_BYTES >> 20, "Weights gathered per orbax write, in "
+                         "MiB. Peak memory is about 2x max(this, the largest stacked weight).", flag_values=fv)
+    flags.DEFINE_bool("compress", False, "zstd-compress the written chunks.", flag_values=fv)
+
+
+def _run_decoder(fv: flags.FlagValues) -> int:
+    from flamingo_jax.convert import decoder
+
+    missing = [f"--{name}" for name in ("from", "out") if fv[name].value is None]
+    if missing:
+        raise ConversionError(f"decoder: {', '.join(missing)} required; see --help.")
+    record = decoder.convert_decoder(fv["from"].value, fv.out, tokenizer=fv.tokenizer, dtype=fv.dtype,
+                                     overwrite=fv.overwrite, buffer_bytes=max(fv.buffer_mb, 0) << 20,
+                                     compress=fv.compress)
+    print(decoder.summary(record))
+    print(json.dumps({"out": record["out"], "overrides": record["overrides"]}))
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+    "decoder": (_decoder_flags, _run_decoder),
     "vision": (_vision_flags, _run_vision),
 }
 

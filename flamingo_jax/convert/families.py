@@ -1,13 +1,21 @@
 """What every family module provides, and the helpers their architecture readers share.
 
-A family module (`timm_nfnet.py`, `open_clip_vit.py`, `hf_clip.py`; a decoder
-family the same way) defines
+A vision family module (`timm_nfnet.py`, `open_clip_vit.py`, `hf_clip.py`) defines
 
     FORMAT              its --format name;
     SIGNATURE           what identifies its checkpoints, in words (error messages);
     looks_like(names)   whether a list of tensor names has that signature;
     read_architecture(source, options) -> Architecture
                         our config read from the source, and the table for it.
+
+A decoder family module (`hf_llama.py`, `hf_gpt_neox.py`, `hf_mpt.py`) is found by
+the Hugging Face `config.json` it reads, and defines
+
+    FORMAT              its name in records and messages;
+    ARCHITECTURES       the `architectures` / `model_type` values it converts;
+    EMBEDDING           the embedding table's tensor name (its rows: the vocabulary);
+    table(decoder, description) -> Table;
+    read_architecture(source, config) -> DecoderArchitecture.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.mapping import Table
-from flamingo_jax.models.config import VisionConfig, ViTConfig
+from flamingo_jax.models.config import DecoderConfig, VisionConfig, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,6 +52,24 @@ class Architecture:
     preprocessing: dict[str, Any]  # the image normalisation the weights were trained with
     image_size: int | None  # the resolution the weights fix (ViT positions) or the user chose; None: any
     assumptions: tuple[str, ...] = ()  # values not in the source, taken from defaults or options
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderArchitecture:
+    decoder: DecoderConfig  # our decoder's config
+    table: Table
+    assumptions: tuple[str, ...] = ()  # what the conversion does not carry over, in words
+
+
+def hf_value(config: dict[str, Any], name: str, default: Any, path: str, kind: type = int) -> Any:
+    """A config.json field (Hugging Face writes only those that differ from the class defaults),
+    checked to have the expected type."""
+    value = config.get(name, default)
+    if value is None or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+        return value if value is None else float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConversionError(f"{path}: config.json field {name}={value!r} is not a {kind.__name__}.")
+    return value
 
 
 def layer_indices(names: list[str], pattern: str, what: str, path: str) -> list[int]:

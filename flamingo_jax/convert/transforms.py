@@ -63,6 +63,21 @@ def heads_out(num_heads: int) -> Transform:
     return reshape
 
 
+def heads_interleaved(part: int, num_heads: int, parts: int = 3) -> Transform:
+    """A fused QKV projection laid out per head (GPT-NeoX's query_key_value: rows [H, 3, Dh]) ->
+    our per-head kernel [W, H, Dh] of `part` (0 query, 1 key, 2 value); a bias [3W] -> [H, Dh]."""
+
+    def take(x: Array) -> Array:
+        head_dim = x.shape[0] // (num_heads * parts)
+        if x.ndim == 1:
+            return x.reshape(num_heads, parts, head_dim)[:, part]
+        per_head = x.reshape(num_heads, parts, head_dim, x.shape[1])[:, part]  # [H, Dh, W]
+        return per_head.transpose(2, 0, 1)
+
+    take.__name__ = f"heads_interleaved_{part}_of_{parts}_{num_heads}"
+    return take
+
+
 def heads_in(num_heads: int) -> Transform:
     """torch Linear [W, H*Dh] (attention output projection) -> our kernel [H, Dh, W]."""
 

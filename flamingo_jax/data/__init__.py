@@ -1,7 +1,8 @@
 """Data side of flamingo_jax: records on disk -> batches for the train step.
 
 Modules, each one idea:
-  tokenizer    SentencePiece + `<EOC>` (id vocab_size) + the `<image>` marker; `train` CLI
+  tokenizer    SentencePiece (or a Hugging Face tokenizer.json) + `<EOC>` (id vocab_size) + the `<image>`
+               marker; `load_tokenizer` picks by file; `train` CLI
   formats      TFRecord schemas (interleaved docs, image-text, video-text) and their writers
   records      the TFRecord reader: checksum errors, cut-off and unreadable files become counted skips
   images       one decoder (training and inference), fit, mean-pad, normalise, augment

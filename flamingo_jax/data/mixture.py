@@ -46,7 +46,7 @@ from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
 from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
 from flamingo_jax.data.pipeline import RecordPipeline
 from flamingo_jax.data.tfds_source import TfdsFields, TfdsSource
-from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 TFDS = "tfds"  # a mixture entry read from a prepared TFDS builder (data/tfds_source.py)
 _DEFAULT_MAX_LEN = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 32, formats.VIDEO_TEXT: 32}
@@ -190,8 +190,8 @@ class Mixture:
             raise DataError(f"data config: unknown field {unknown[0]!r}; valid fields are {sorted(allowed)}.")
         if tokenizer is None:
             if not data_config.get("tokenizer"):
-                raise DataError("data config: set `tokenizer` to the SentencePiece .model path.")
-            tokenizer = Tokenizer(data_config["tokenizer"])
+                raise DataError("data config: set `tokenizer` to the SentencePiece .model or tokenizer.json path.")
+            tokenizer = load_tokenizer(data_config["tokenizer"])
         specs = [DatasetSpec.from_dict(d, i) for i, d in enumerate(data_config.get("datasets") or [])]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -26,6 +26,14 @@ Special ids: BOS starts every sequence if the model has one; EOS follows the
 final `<EOC>` if the model has one; `pad_id` is the model's pad piece if it has
 one, else 0 (padding is always masked out, so its id only has to be valid).
 
+Hugging Face tokenizers (`tokenizer.json`, the `tokenizers` package): `HFTokenizer`
+has the same interface, with the layout OpenFlamingo gives LLaMA / MPT tokenizers:
+  ids [0, vocab_size)   the tokenizer's own tokens, added ones included (`len(tokenizer)`);
+  id  vocab_size        `<EOC>` (OpenFlamingo's `<|endofchunk|>`), and
+  id  vocab_size + 1    `<image>`, both NEW special tokens with trainable rows:
+                        `num_new_tokens` = 2 (config.model.num_new_tokens must cover it).
+`load_tokenizer(path)` picks the class by the file (`.json`: Hugging Face).
+
 Command line (trains a model with byte fallback and `<image>` as a symbol):
   python -m flamingo_jax.data.tokenizer train --input=corpus.txt \
       --vocab_size=512 --out=/path/model_prefix     # writes model_prefix.model
@@ -48,6 +56,7 @@ IMAGE_TEXT = "<image>"
 EOC_TEXT = "<EOC>"
 # How a literal "<image>" in document text is written before encoding (see module docstring).
 _ESCAPED_IMAGE_TEXT = "< image>"
+_ESCAPED_EOC_TEXT = "< EOC>"
 
 
 def _read_bytes(path: str) -> bytes:
@@ -71,6 +80,8 @@ class Tokenizer:
     Thread-safe for encoding and decoding (the SentencePiece processor is
     read-only after loading), so tf.data may call it from several threads.
     """
+
+    num_new_tokens = 1  # <EOC>; the marker lives in the frozen vocabulary (a symbol or plain text)
 
     def __init__(self, model_path: str):
         self.model_path = model_path
@@ -147,6 +158,96 @@ class Tokenizer:
                 f"image_marker_ids={self.image_marker_ids}, bos_id={self.bos_id}, eos_id={self.eos_id})")
 
 
+def _special_token(config: dict, name: str) -> str | None:
+    """A tokenizer_config.json special token: a string, or an AddedToken dict's content."""
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` plus `<EOC>` and `<image>` as two new special tokens.
+
+    The ids of both are right after the tokenizer's vocabulary, in OpenFlamingo's
+    order (`add_special_tokens({"additional_special_tokens": ["<|endofchunk|>",
+    "<image>"]})`), so `<EOC>` is `vocab_size` as the model expects. BOS/EOS/pad
+    come from a `tokenizer_config.json` beside the file, if any. Thread-safe: the
+    `tokenizers` Tokenizer is immutable once loaded.
+    """
+
+    num_new_tokens = 2  # <EOC>, <image>
+
+    def __init__(self, path: str):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.model_path = path
+        if "://" not in path and not os.path.exists(path):
+            raise DataFileMissing(f"tokenizer {path!r} does not exist; pass a Hugging Face tokenizer.json or a "
+                                  "SentencePiece .model.")
+        try:
+            self.hf = RustTokenizer.from_str(_read_bytes(path).decode("utf-8"))
+        except Exception as error:  # tokenizers raises its own Exception subclass
+            raise DataError(f"{path!r} is not a Hugging Face tokenizer.json ({error}).") from error
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        for text in (EOC_TEXT, IMAGE_TEXT):
+            if self.hf.token_to_id(text) is not None:
+                raise DataError(f"tokenizer {path!r} already has {text!r} (id {self.hf.token_to_id(text)}); pass "
+                                "the checkpoint's original tokenizer.json: Flamingo adds it after the vocabulary.")
+        self.hf.add_special_tokens([AddedToken(EOC_TEXT, special=True), AddedToken(IMAGE_TEXT, special=True)])
+        self.eoc_id = self.vocab_size
+        self.image_id = self.vocab_size + 1
+        if (self.hf.token_to_id(EOC_TEXT), self.hf.token_to_id(IMAGE_TEXT)) != (self.eoc_id, self.image_id):
+            raise DataError(f"tokenizer {path!r}: its vocabulary has gaps, so the new tokens did not get ids "
+                            f"{self.eoc_id} and {self.image_id}.")
+        self.image_marker_is_symbol = True
+        self.image_marker_ids = (self.image_id,)
+        config = {}
+        config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            import json
+
+            with open(config_path) as f:
+                config = json.load(f)
+        ids = {name: self.hf.token_to_id(token) if (token := _special_token(config, name)) else None
+               for name in ("bos_token", "eos_token", "pad_token")}
+        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
+        self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else 0
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.vocab_size + self.num_new_tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids (no BOS/EOS); a literal "<image>" / "<EOC>" in the text stays text."""
+        text = text.replace(IMAGE_TEXT, _ESCAPED_IMAGE_TEXT).replace(EOC_TEXT, _ESCAPED_EOC_TEXT)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_markers(self, text: str) -> list[int]:
+        """Text whose "<image>" and "<EOC>" are the new tokens -> ids, as the reference tokenizer
+        with them added encodes it (prompts written by hand; pipelines insert the ids instead)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Ids -> text; `<EOC>` and `<image>` rendered as their text."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        for token in ids:
+            if not 0 <= token < self.total_vocab_size:
+                raise DataError(f"token id {token} is outside the vocabulary [0, {self.total_vocab_size}) "
+                                f"({self.vocab_size} ids + <EOC>, <image>); was it produced with another tokenizer?")
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size}, eoc_id={self.eoc_id}, "
+                f"image_id={self.image_id}, bos_id={self.bos_id}, eos_id={self.eos_id})")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer at `path`: a Hugging Face `tokenizer.json` (`.json`), else a SentencePiece `.model`."""
+    return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
+
 def train(
     input_files: Sequence[str],
     model_prefix: str,
@@ -168,7 +269,7 @@ def train(
     if not input_files:
         raise DataError("tokenizer training needs at least one --input text file.")
     for path in input_files:
-        if not os.path.exists(path):
+        if "://" not in path and not os.path.exists(path):
             raise DataFileMissing(f"tokenizer training input {path!r} does not exist.")
     if not any(_holds_text(path) for path in input_files):
         raise DataError(f"tokenizer training input {', '.join(input_files)} holds no text: give UTF-8 text files "

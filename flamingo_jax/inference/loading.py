@@ -23,7 +23,7 @@ from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute
 from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.mixture import image_config_from
-from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.data.tokenizer import Tokenizer, load_tokenizer
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
 
@@ -83,4 +83,4 @@ def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str |
     if not tokenizer_path or not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_path!r} is not there; pass --tokenizer=<the "
                                 "SentencePiece .model the run was trained with>.")
-    return TrainedModel(model, Tokenizer(tokenizer_path), image_config_from(config.data), config, int(step))
+    return TrainedModel(model, load_tokenizer(tokenizer_path), image_config_from(config.data), config, int(step))

@@ -175,6 +175,12 @@ class Trainer:
                 f"config field `model.decoder.vocab_size` = {self.model_config.decoder.vocab_size} but the "
                 f"tokenizer {self.run_config.data.get('tokenizer')!r} has {tokenizer.vocab_size} pieces; they must match "
                 "(<EOC> is the id right after the frozen vocabulary).")
+        if tokenizer is not None and getattr(tokenizer, "num_new_tokens", 1) > self.model_config.num_new_tokens:
+            raise ValueError(
+                f"config field `model.num_new_tokens` = {self.model_config.num_new_tokens} but the tokenizer "
+                f"{self.run_config.data.get('tokenizer')!r} adds {tokenizer.num_new_tokens} new ids (<EOC>, <image>) "
+                f"after its vocabulary; set --config.model.num_new_tokens={tokenizer.num_new_tokens} so each has a "
+                "trainable row.")
 
     # ------------------------------------------------------------------ state
     def initial_state(self) -> tuple[TrainState, Any, dict[str, Any]]:
