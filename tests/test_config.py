@@ -1,5 +1,6 @@
 """Configs: impossible values fail early and clearly; paper parameter counts."""
 
+import dataclasses
 
 import pytest
 
@@ -37,6 +38,10 @@ EXACT_COUNTS = {
                trainable_resampler=193_631_232, trainable_new_tokens=4_096, total=9_359_139_960),
     "80b": dict(frozen_lm=70_057_992_192, frozen_vision=435_286_116, trainable_xattn=9_966_059_544,
                 trainable_resampler=193_631_232, trainable_new_tokens=8_192, total=80_652_977_276),
+    "llama_clip": dict(frozen_lm=1_235_814_400, frozen_vision=303_179_776, trainable_xattn=192_970_760,
+                       trainable_resampler=190_485_504, trainable_new_tokens=4_096, total=1_922_454_536),
+    "llama7b_nfnet": dict(frozen_lm=6_738_415_616, frozen_vision=435_286_116, trainable_xattn=1_442_971_664,
+                          trainable_resampler=193_631_232, trainable_new_tokens=16_384, total=8_810_321_012),
 }
 PAPER_XATTN_BLOCKS = {"3b": 24, "9b": 10, "80b": 12}  # every layer of 24, every 4th of 40, every 7th of 80
 

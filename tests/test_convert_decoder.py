@@ -23,7 +23,7 @@ os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import Tens
 import jax
 import jax.numpy as jnp
 import torch
-import torchvision_cpu
+import torchvision_cpu  # noqa: F401 - lets transformers import torchvision on CPU torch
 from flax import nnx
 
 from flamingo_jax import cli as flamingo_cli
