@@ -24,7 +24,8 @@ def test_parameter_counts_match_paper_table5(name):
     assert counts["frozen_vision"] / 1e9 == pytest.approx(0.435, rel=0.02)
 
 
-@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b"])
+@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b", "openflamingo_3b", "openflamingo_4b",
+                                  "openflamingo_9b"])
 def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)
 
@@ -42,6 +43,9 @@ def tiny_dict():
 @pytest.mark.parametrize("edit, field, fix", [
     (lambda d: d["decoder"].update(num_heads=3, num_kv_heads=2), "model.decoder.num_heads", "multiple"),
     (lambda d: d["xattn"].update(every=9), "model.xattn.every", "between 1 and"),
+    (lambda d: d["xattn"].update(first_layer=4), "model.xattn.first_layer", "every - 1 as OpenFlamingo"),
+    (lambda d: d["xattn"].update(media_association="of"), "model.xattn.media_association", "'openflamingo'"),
+    (lambda d: d["resampler"].update(media_positions=-1), "model.resampler.media_positions", ">= 0"),
     (lambda d: d["vision"].update(encoder="resnet"), "model.vision.encoder", "'nfnet' or 'vit'"),
     (lambda d: d["vision"]["nfnet"].update(variant="F9"), "model.vision.nfnet.variant", "one of"),
     (lambda d: d["vision"]["nfnet"].update(variant="custom"), "model.vision.nfnet", "needs widths, depths"),

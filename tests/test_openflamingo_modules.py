@@ -280,3 +280,26 @@ def test_openflamingo_block_counts_in_params_and_flops(layers, every, blocks):
     per_block = flops.step_flops(dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, every=layers,
                                                                                     first_layer=0)), shape)
     assert flops.step_flops(cfg, shape).xattn.forward == blocks * per_block.xattn.forward
+
+
+@pytest.mark.parametrize("name, lm_dim, every, blocks", [("openflamingo_3b", 2048, 1, 24),
+                                                         ("openflamingo_4b", 2560, 2, 16),
+                                                         ("openflamingo_9b", 4096, 4, 8)])
+def test_openflamingo_configs_have_its_trainable_parameters(name, lm_dim, every, blocks):
+    """Our counts equal OpenFlamingo's own modules' at full size (built on torch's meta device:
+    nothing is allocated), and the blocks sit where its (i + 1) % n == 0 puts them."""
+    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
+
+    from helpers import load_config
+
+    cfg = FlamingoConfig.from_dict(load_config(name).model)
+    assert cfg.decoder.dim == lm_dim and cfg.num_xattn_blocks == blocks
+    assert cfg.xattn_layers == tuple(i for i in range(cfg.decoder.num_layers) if (i + 1) % every == 0)
+    numel = lambda module: sum(p.numel() for p in module.parameters())
+    with torch.device("meta"):
+        block = numel(GatedCrossAttentionBlock(dim=lm_dim, dim_visual=cfg.vision.vit.width))
+        resampler = numel(PerceiverResampler(dim=cfg.vision.vit.width))
+    counts = summary.param_counts(cfg)
+    assert counts["trainable_xattn"] == blocks * block
+    assert counts["trainable_resampler"] == resampler
+    assert counts["trainable_new_tokens"] == 3 * lm_dim * (1 if cfg.decoder.tie_embeddings else 2)
