@@ -13,12 +13,14 @@ import pytest
 import torch
 from flax import nnx
 
-from flamingo_jax.convert import openflamingo
+from flamingo_jax.convert import open_clip_vit, openflamingo
+from flamingo_jax.convert import transforms as tr
+from flamingo_jax.convert.mapping import Rule, Table
 from flamingo_jax.convert.errors import ConversionError
 from flamingo_jax.convert.sources import ArraySource
 from flamingo_jax.data.sequence import openflamingo_media_index
 from flamingo_jax.inference import decoding
-from flamingo_jax.models import summary
+from flamingo_jax.models import layers, summary
 from flamingo_jax.models.config import (DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig, ViTConfig,
                                         XAttnConfig)
 from flamingo_jax.models.decoder import uncached_slots
@@ -34,7 +36,8 @@ def our_config(**resampler) -> FlamingoConfig:
     8 x 64 (fixed by its Flamingo class), GELU, no frame table, blocks before layers 1, 3, 5."""
     return FlamingoConfig(
         vision=VisionConfig(encoder="vit", image_size=16, num_frames=resampler.pop("num_frames", 1),
-                            vit=ViTConfig(width=VIS, num_layers=1, num_heads=2, patch_size=8)),
+                            vit=ViTConfig(width=VIS, num_layers=1, num_heads=2, patch_size=8,
+                                          activation="gelu_exact")),
         resampler=ResamplerConfig(num_layers=6, dim=VIS, num_heads=8, head_dim=64, num_latents=64,
                                   activation="gelu_exact", **{"frame_embedding": False, **resampler}),
         xattn=XAttnConfig(every=EVERY, first_layer=EVERY - 1, num_heads=8, head_dim=64, activation="gelu_exact",
@@ -304,3 +307,67 @@ def test_openflamingo_configs_have_its_trainable_parameters(name, lm_dim, every,
     assert counts["trainable_xattn"] == blocks * block
     assert counts["trainable_resampler"] == resampler
     assert counts["trainable_new_tokens"] == 3 * lm_dim * (1 if cfg.decoder.tie_embeddings else 2)
+
+
+def llama_decoder_table(cfg: FlamingoConfig) -> Table:
+    """Test-only stand-in for the Hugging Face decoder converter: LLaMA's layers, as OpenFlamingo
+    wraps them (`<layers>.I.decoder_layer`), into our frozen `decoder/*`; the vocabulary rows
+    come from `openflamingo.frozen_embedding_table`."""
+    d, stacked = cfg.decoder, tuple(range(cfg.decoder.num_layers))
+    p = "lang_encoder.model.layers.{layer}.decoder_layer"
+    rules = [Rule("decoder/layers/attention_norm/scale", f"{p}.input_layernorm.weight", layers=stacked),
+             Rule("decoder/layers/ffw_norm/scale", f"{p}.post_attention_layernorm.weight", layers=stacked),
+             Rule("decoder/layers/attention/query/kernel", f"{p}.self_attn.q_proj.weight", tr.heads_out(d.num_heads),
+                  stacked),
+             Rule("decoder/layers/attention/key/kernel", f"{p}.self_attn.k_proj.weight", tr.heads_out(d.num_heads),
+                  stacked),
+             Rule("decoder/layers/attention/value/kernel", f"{p}.self_attn.v_proj.weight",
+                  tr.heads_out(d.num_heads), stacked),
+             Rule("decoder/layers/attention/out/kernel", f"{p}.self_attn.o_proj.weight", tr.heads_in(d.num_heads),
+                  stacked),
+             Rule("decoder/layers/ffw/wi/kernel", f"{p}.mlp.gate_proj.weight", tr.torch_linear, stacked),
+             Rule("decoder/layers/ffw/wg/kernel", f"{p}.mlp.up_proj.weight", tr.torch_linear, stacked),
+             Rule("decoder/layers/ffw/wo/kernel", f"{p}.mlp.down_proj.weight", tr.torch_linear, stacked),
+             Rule("decoder/final_norm/scale", "lang_encoder.model.norm.weight")]
+    embeddings = openflamingo.frozen_embedding_table(cfg, openflamingo.LM_LAYOUTS["llama"])
+    return Table(tuple(rules) + embeddings.rules, ignored=(".*",), description="tiny LLaMA (test)")
+
+
+def test_whole_forward_equals_openflamingo(reference, converted):
+    """OpenFlamingo's logits on two left-padded rows with 3 images each, text before the first
+    image and several `<|endofchunk|>`: its vision tower by our open_clip table, its LM by the
+    test's LLaMA table, everything trainable by convert/openflamingo.py."""
+    source = ArraySource("openflamingo", reference.state_dict())
+    model = nnx.clone(converted)
+    frozen = nnx.state(model, layers.Frozen)
+    pure = nnx.to_pure_dict(frozen)
+    vision = openflamingo.convert(open_clip_vit.table(model.cfg.vision.vit, "vision_encoder.", "tiny ViT"), source,
+                                  pure["vision_encoder"])
+    decoder = openflamingo.convert(llama_decoder_table(model.cfg), source, {"decoder": pure["decoder"]})
+    nnx.replace_by_pure_dict(frozen, {"vision_encoder": vision, **decoder})
+    nnx.update(model, frozen)
+
+    rng = np.random.default_rng(6)
+    ids = token_ids(rng)
+    valid = ids != 0
+    valid[0] = True
+    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
+    # A plain forward of the HF decoder numbers positions 0..T-1 in every row, padding included.
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
+                                        jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions),
+                                        jnp.asarray(valid))
+    got = np.asarray(got)
+    with torch.no_grad():  # the images matter: other pixels change OpenFlamingo's logits after the first image
+        other = reference(torch.from_numpy(-pixels), torch.from_numpy(ids),
+                          attention_mask=torch.from_numpy(valid).long()).logits.numpy()
+    seen = openflamingo_media_index(ids, IMAGE) >= 0
+    assert float(np.abs(other - expected).max(-1)[seen & valid].min()) > 1e-3
+    np.testing.assert_allclose(other[~seen & valid], expected[~seen & valid], atol=1e-6)
+    assert got.shape == expected.shape == (B, T, VOCAB + NEW)
+    error = float(np.abs(got - expected)[valid].max())
+    print(f"whole Flamingo vs OpenFlamingo: max abs logit error {error:.2e}")  # shown with -s
+    assert error < 1e-4, error
