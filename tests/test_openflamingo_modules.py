@@ -333,20 +333,11 @@ def llama_decoder_table(cfg: FlamingoConfig) -> Table:
     return Table(tuple(rules) + embeddings.rules, ignored=(".*",), description="tiny LLaMA (test)")
 
 
-def test_whole_forward_equals_openflamingo(reference, converted):
+def test_whole_forward_equals_openflamingo(reference, whole):
     """OpenFlamingo's logits on two left-padded rows with 3 images each, text before the first
     image and several `<|endofchunk|>`: its vision tower by our open_clip table, its LM by the
     test's LLaMA table, everything trainable by convert/openflamingo.py."""
-    source = ArraySource("openflamingo", reference.state_dict())
-    model = nnx.clone(converted)
-    frozen = nnx.state(model, layers.Frozen)
-    pure = nnx.to_pure_dict(frozen)
-    vision = openflamingo.convert(open_clip_vit.table(model.cfg.vision.vit, "vision_encoder.", "tiny ViT"), source,
-                                  pure["vision_encoder"])
-    decoder = openflamingo.convert(llama_decoder_table(model.cfg), source, {"decoder": pure["decoder"]})
-    nnx.replace_by_pure_dict(frozen, {"vision_encoder": vision, **decoder})
-    nnx.update(model, frozen)
-
+    model = whole
     rng = np.random.default_rng(6)
     ids = token_ids(rng)
     valid = ids != 0
@@ -371,3 +362,49 @@ def test_whole_forward_equals_openflamingo(reference, converted):
     error = float(np.abs(got - expected)[valid].max())
     print(f"whole Flamingo vs OpenFlamingo: max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-4, error
+
+
+@pytest.fixture(scope="module")
+def whole(reference, converted):
+    """Our converted model with OpenFlamingo's frozen towers too (see the forward test)."""
+    source = ArraySource("openflamingo", reference.state_dict())
+    model = nnx.clone(converted)
+    frozen = nnx.state(model, layers.Frozen)
+    pure = nnx.to_pure_dict(frozen)
+    vision = openflamingo.convert(open_clip_vit.table(model.cfg.vision.vit, "vision_encoder.", "tiny ViT"), source,
+                                  pure["vision_encoder"])
+    decoder = openflamingo.convert(llama_decoder_table(model.cfg), source, {"decoder": pure["decoder"]})
+    nnx.replace_by_pure_dict(frozen, {"vision_encoder": vision, **decoder})
+    nnx.update(model, frozen)
+    return model
+
+
+def test_greedy_generation_equals_openflamingo_generate(reference, whole):
+    """20 greedy tokens after left-padded prompts ending in text after their last image: the
+    same ids as OpenFlamingo's `generate` (HF numbers positions from the attention mask there)."""
+    rng = np.random.default_rng(7)
+    ids = token_ids(rng)
+    valid = ids != 0
+    valid[0] = True
+    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
+    new = 20
+    with torch.no_grad():
+        theirs = reference.generate(torch.from_numpy(pixels), torch.from_numpy(ids),
+                                    attention_mask=torch.from_numpy(valid).long(), max_new_tokens=new,
+                                    num_beams=1, do_sample=False, pad_token_id=0).numpy()[:, T:]
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+
+    @nnx.jit
+    def greedy(model, tokens, media, media_index, positions, valid):
+        context = decoding.prefill(model, tokens, media, media_index, positions, valid, T + new)
+        return decoding.decode(model, context, jax.random.key(0), max_new_tokens=new, stop_ids=(EOC,), pad_id=0,
+                               choose=decoding.greedy_chooser())
+
+    ours = greedy(whole, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
+                  jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
+    print(f"greedy generation: {np.asarray(ours.lengths).tolist()} tokens equal OpenFlamingo's")  # shown with -s
+    for row in range(B):
+        length = int(ours.lengths[row])
+        np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])
+        assert length == new or theirs[row, length - 1] == EOC  # both stopped at <|endofchunk|>
+    assert len({tuple(np.asarray(r)) for r in ours.tokens}) == B  # rows differ: no mixed-up batch
