@@ -408,3 +408,30 @@ def test_greedy_generation_equals_openflamingo_generate(reference, whole):
         np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])
         assert length == new or theirs[row, length - 1] == EOC  # both stopped at <|endofchunk|>
     assert len({tuple(np.asarray(r)) for r in ours.tokens}) == B  # rows differ: no mixed-up batch
+
+
+def test_beam_search_best_sequence_equals_openflamingo_generate(reference, whole):
+    """3 beams, no length penalty (HF's length_penalty=0, our alpha=0): the same best sequence."""
+    rng = np.random.default_rng(8)
+    ids = token_ids(rng)
+    valid = ids != 0
+    valid[0] = True
+    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
+    new = 8
+    with torch.no_grad():
+        theirs = reference.generate(torch.from_numpy(pixels), torch.from_numpy(ids),
+                                    attention_mask=torch.from_numpy(valid).long(), max_new_tokens=new,
+                                    num_beams=3, length_penalty=0.0, do_sample=False, pad_token_id=0).numpy()[:, T:]
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+
+    @nnx.jit
+    def beams(model, tokens, media, media_index, positions, valid):
+        context = decoding.prefill(model, tokens, media, media_index, positions, valid, T + new)
+        return decoding.beam_search(model, context, num_beams=3, max_new_tokens=new, stop_ids=(EOC,), pad_id=0)
+
+    ours = beams(whole, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
+                 jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
+    print("beam search:", np.asarray(ours.tokens).tolist(), theirs.tolist())
+    for row in range(B):
+        length = int(ours.lengths[row])
+        np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])
