@@ -435,3 +435,38 @@ def test_beam_search_best_sequence_equals_openflamingo_generate(reference, whole
     for row in range(B):
         length = int(ours.lengths[row])
         np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])
+
+
+def test_export_round_trips_into_openflamingo(reference, whole):
+    """Our trainable state exported in OpenFlamingo's layout loads with strict=False into an
+    OpenFlamingo model whose trainable weights were scrambled and gives back its logits."""
+    import copy
+
+    layout = openflamingo.LM_LAYOUTS["llama"]
+    exported = openflamingo.export_trainable(
+        nnx.to_pure_dict(nnx.state(whole, nnx.Param)), whole.cfg, layout,
+        embedding=np.asarray(whole.decoder.embedding[...]), unembedding=np.asarray(whole.decoder.unembedding[...]))
+    original = reference.state_dict()
+    assert set(exported) <= set(original)
+    assert {n for n in original if n.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers."))} <= set(
+        exported)
+    for name, value in exported.items():  # the round trip is exact: only layouts change
+        np.testing.assert_array_equal(value, original[name].numpy(), err_msg=name)
+
+    target = copy.deepcopy(reference)
+    rng = np.random.default_rng(9)
+    ids, pixels = token_ids(rng), torch.from_numpy(rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        for module in (target.perceiver, target.lang_encoder.gated_cross_attn_layers,
+                       target.lang_encoder.get_input_embeddings(), target.lang_encoder.get_output_embeddings()):
+            for parameter in module.parameters():
+                parameter.normal_()
+        before = reference(pixels, torch.from_numpy(ids)).logits
+        assert float((target(pixels, torch.from_numpy(ids)).logits - before).abs().max()) > 1e-2  # scrambled
+    result = target.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        after = target(pixels, torch.from_numpy(ids)).logits
+    error = float((after - before).abs().max())
+    print(f"export round trip: max abs logit error {error:.2e}")  # shown with -s
+    assert error < 1e-5

@@ -26,6 +26,7 @@ to the list's and not converted again. Rows [0, V) of the embeddings are the fro
 vocabulary (`frozen_embedding_table`): OpenFlamingo trains the whole input embedding, so
 a checkpoint's rows replace the base LM's. The vision tower and the decoder layers are the
 backbone converters' (`vision_encoder.*`, `lang_encoder.*` outside the above).
+`export_trainable` goes the other way, for OpenFlamingo's `load_state_dict(strict=False)`.
 """
 
 from __future__ import annotations
@@ -202,3 +203,78 @@ def convert_trainable(source: TensorSource, cfg: FlamingoConfig, dtype: Any = np
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     check_aliases(source, layout)
     return convert(trainable_table(cfg, layout), source, target, dtype)
+
+
+# ------------------------------------------------------------------ export (ours -> OpenFlamingo)
+
+
+def _torch_q(kernel: np.ndarray) -> np.ndarray:
+    """Our per-head kernel [D, H, Dh] -> torch Linear weight [H*Dh, D]."""
+    return kernel.reshape(kernel.shape[0], -1).T
+
+
+def _torch_out(kernel: np.ndarray) -> np.ndarray:
+    """Our output kernel [H, Dh, D] -> torch Linear weight [D, H*Dh]."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def _export_attention(prefix: str, ours: dict[str, Any], index: int) -> dict[str, np.ndarray]:
+    at = lambda name: np.asarray(ours[name]["kernel"][index])
+    return {f"{prefix}.to_q.weight": _torch_q(at("query")),
+            f"{prefix}.to_kv.weight": np.concatenate([_torch_q(at("key")), _torch_q(at("value"))], axis=0),
+            f"{prefix}.to_out.weight": _torch_out(at("out"))}
+
+
+def _export_norm(prefix: str, norm: dict[str, Any], index: int | None = None) -> dict[str, np.ndarray]:
+    pick = (lambda a: np.asarray(a)) if index is None else (lambda a: np.asarray(a[index]))
+    return {f"{prefix}.weight": pick(norm["scale"]), f"{prefix}.bias": pick(norm["bias"])}
+
+
+def _export_feed_forward(prefix: str, norm: dict[str, Any], ffw: dict[str, Any], index: int) -> dict[str, np.ndarray]:
+    return {**_export_norm(f"{prefix}.0", norm, index),
+            f"{prefix}.1.weight": np.asarray(ffw["wi"]["kernel"][index]).T,
+            f"{prefix}.3.weight": np.asarray(ffw["wo"]["kernel"][index]).T}
+
+
+def export_trainable(trainable: dict[str, Any], cfg: FlamingoConfig, layout: LMLayout, *,
+                     embedding: np.ndarray, unembedding: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Our trainable state (a pure dict) -> OpenFlamingo state-dict entries (numpy, torch layouts)
+    for `load_state_dict(..., strict=False)`: the Perceiver, every xattn block under
+    `gated_cross_attn_layers.I` and its FlamingoLayer alias, and the LM embeddings, which
+    OpenFlamingo keeps whole: our frozen vocabulary rows (`embedding` [V, D], `unembedding`
+    [D, V] when untied) followed by the new-token rows."""
+    resampler, xattn = trainable["resampler"], trainable["xattn"]
+    out = {"perceiver.latents": np.asarray(resampler["latents"])}
+    if cfg.resampler.frame_embedding:
+        out["perceiver.frame_embs"] = np.asarray(resampler["temporal_embedding"])
+    if cfg.resampler.media_positions:
+        table = np.asarray(resampler["media_position_embedding"])
+        out["perceiver.media_time_embs"] = table.reshape(table.shape[0], 1, table.shape[1])
+    stacked = resampler["layers"]
+    for layer in range(cfg.resampler.num_layers):
+        prefix = f"perceiver.layers.{layer}"
+        out.update(_export_norm(f"{prefix}.0.norm_media", stacked["media_norm"], layer))
+        out.update(_export_norm(f"{prefix}.0.norm_latents", stacked["latent_norm"], layer))
+        out.update(_export_attention(f"{prefix}.0", stacked, layer))
+        out.update(_export_feed_forward(f"{prefix}.1", stacked["ffw_norm"], stacked["ffw"], layer))
+    out.update(_export_norm("perceiver.norm", resampler["final_norm"]))
+
+    for block, layer in enumerate(cfg.xattn_layers):
+        entries = {**_export_norm("attn.norm", xattn["attention_norm"], block),
+                   **_export_attention("attn", xattn, block),
+                   **_export_feed_forward("ff", xattn["ffw_norm"], xattn["ffw"], block),
+                   "attn_gate": np.asarray(xattn["attention_gate"][block]).reshape(1),
+                   "ff_gate": np.asarray(xattn["ffw_gate"][block]).reshape(1)}
+        for name, value in entries.items():
+            out[f"lang_encoder.gated_cross_attn_layers.{layer}.{name}"] = value
+            out[f"lang_encoder.{layout.layers}.{layer}.gated_cross_attn_layer.{name}"] = value
+
+    out[f"lang_encoder.{layout.input_embedding}.weight"] = np.concatenate(
+        [np.asarray(embedding), np.asarray(trainable["new_token_embedding"])], axis=0)
+    if not cfg.decoder.tie_embeddings:
+        if unembedding is None or layout.output_embedding is None:
+            raise ConversionError("an untied model's export needs its frozen `unembedding` and an LM with an "
+                                  "output embedding.")
+        out[f"lang_encoder.{layout.output_embedding}.weight"] = np.concatenate(
+            [np.asarray(unembedding), np.asarray(trainable["new_token_unembedding"])], axis=1).T
+    return {name: np.ascontiguousarray(value) for name, value in out.items()}
