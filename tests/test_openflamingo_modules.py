@@ -431,7 +431,6 @@ def test_beam_search_best_sequence_equals_openflamingo_generate(reference, whole
 
     ours = beams(whole, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
                  jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
-    print("beam search:", np.asarray(ours.tokens).tolist(), theirs.tolist())
     for row in range(B):
         length = int(ours.lengths[row])
         np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])

@@ -277,4 +277,4 @@ def export_trainable(trainable: dict[str, Any], cfg: FlamingoConfig, layout: LML
                                   "output embedding.")
         out[f"lang_encoder.{layout.output_embedding}.weight"] = np.concatenate(
             [np.asarray(unembedding), np.asarray(trainable["new_token_unembedding"])], axis=1).T
-    return {name: np.ascontiguousarray(value) for name, value in out.items()}
+    return {name: np.array(value, order="C") for name, value in out.items()}  # writable copies (torch.from_numpy)
