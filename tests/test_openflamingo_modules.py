@@ -469,3 +469,22 @@ def test_export_round_trips_into_openflamingo(reference, whole):
     error = float((after - before).abs().max())
     print(f"export round trip: max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-5
+
+
+def test_params_cli_reads_an_openflamingo_config(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, load_config
+
+    out = tmp_path / "counts.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "flamingo_jax.params", "--config=configs/openflamingo_9b.py",
+                           f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(out.read_text())
+    assert counts["config"] == "openflamingo-9b"
+    cfg = FlamingoConfig.from_dict(load_config("openflamingo_9b").model)
+    assert counts["trainable_xattn"] == summary.param_counts(cfg)["trainable_xattn"] > 0
