@@ -1,6 +1,9 @@
-"""OpenFlamingo's trainable modules against ours: OpenFlamingo's own `Flamingo` (a tiny
-open_clip tower and a tiny LLaMA, random weights, gates opened), its state dict mapped
-by convert/openflamingo.py; and OpenFlamingo's xattn placement in our model."""
+"""OpenFlamingo against ours: its own `Flamingo` (a tiny open_clip tower and a tiny LLaMA,
+random weights, gates opened), its state dict mapped by convert/openflamingo.py. Its
+Perceiver and xattn blocks, the whole forward pass, greedy and beam generation, the export
+back; OpenFlamingo's xattn placement in our model (a loop over layers, cached decoding,
+parameter and FLOP counts) and the configs of its released models. Run with -s to see
+the max abs errors."""
 
 import dataclasses
 
@@ -266,22 +269,22 @@ def test_cached_decoding_equals_the_uncached_forward_under_openflamingo_placemen
     np.testing.assert_allclose(got, np.asarray(full)[:, 7:T - 1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layers, every, blocks", [(24, 1, 24), (32, 2, 16), (32, 4, 8), (7, 3, 2)])
-def test_openflamingo_block_counts_in_params_and_flops(layers, every, blocks):
+@pytest.mark.parametrize("num_layers, every, blocks", [(24, 1, 24), (32, 2, 16), (32, 4, 8), (7, 3, 2)])
+def test_openflamingo_block_counts_in_params_and_flops(num_layers, every, blocks):
     from flamingo_jax.core import flops
 
     base = our_config()
-    decoder = dataclasses.replace(base.decoder, num_layers=layers)
+    decoder = dataclasses.replace(base.decoder, num_layers=num_layers)
     cfg = dataclasses.replace(base, decoder=decoder, xattn=dataclasses.replace(base.xattn, every=every,
                                                                                first_layer=every - 1))
-    assert cfg.xattn_layers == tuple(i for i in range(layers) if (i + 1) % every == 0)
+    assert cfg.xattn_layers == tuple(i for i in range(num_layers) if (i + 1) % every == 0)
     assert cfg.num_xattn_blocks == blocks
     one_block = summary.param_counts(dataclasses.replace(cfg, decoder=dataclasses.replace(decoder, num_layers=1),
                                                          xattn=dataclasses.replace(cfg.xattn, every=1,
                                                                                    first_layer=0)))
     assert summary.param_counts(cfg)["trainable_xattn"] == blocks * one_block["trainable_xattn"]
     shape = {"x": flops.BatchShape(batch_size=1, seq_len=8, num_media=1, num_frames=1)}
-    per_block = flops.step_flops(dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, every=layers,
+    per_block = flops.step_flops(dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, every=num_layers,
                                                                                     first_layer=0)), shape)
     assert flops.step_flops(cfg, shape).xattn.forward == blocks * per_block.xattn.forward
 
@@ -333,6 +336,21 @@ def llama_decoder_table(cfg: FlamingoConfig) -> Table:
     return Table(tuple(rules) + embeddings.rules, ignored=(".*",), description="tiny LLaMA (test)")
 
 
+@pytest.fixture(scope="module")
+def whole(reference, converted):
+    """Our converted model with OpenFlamingo's frozen towers too (see the forward test)."""
+    source = ArraySource("openflamingo", reference.state_dict())
+    model = nnx.clone(converted)
+    frozen = nnx.state(model, layers.Frozen)
+    pure = nnx.to_pure_dict(frozen)
+    vision = openflamingo.convert(open_clip_vit.table(model.cfg.vision.vit, "vision_encoder.", "tiny ViT"), source,
+                                  pure["vision_encoder"])
+    decoder = openflamingo.convert(llama_decoder_table(model.cfg), source, {"decoder": pure["decoder"]})
+    nnx.replace_by_pure_dict(frozen, {"vision_encoder": vision, **decoder})
+    nnx.update(model, frozen)
+    return model
+
+
 def test_whole_forward_equals_openflamingo(reference, whole):
     """OpenFlamingo's logits on two left-padded rows with 3 images each, text before the first
     image and several `<|endofchunk|>`: its vision tower by our open_clip table, its LM by the
@@ -362,21 +380,6 @@ def test_whole_forward_equals_openflamingo(reference, whole):
     error = float(np.abs(got - expected)[valid].max())
     print(f"whole Flamingo vs OpenFlamingo: max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-4, error
-
-
-@pytest.fixture(scope="module")
-def whole(reference, converted):
-    """Our converted model with OpenFlamingo's frozen towers too (see the forward test)."""
-    source = ArraySource("openflamingo", reference.state_dict())
-    model = nnx.clone(converted)
-    frozen = nnx.state(model, layers.Frozen)
-    pure = nnx.to_pure_dict(frozen)
-    vision = openflamingo.convert(open_clip_vit.table(model.cfg.vision.vit, "vision_encoder.", "tiny ViT"), source,
-                                  pure["vision_encoder"])
-    decoder = openflamingo.convert(llama_decoder_table(model.cfg), source, {"decoder": pure["decoder"]})
-    nnx.replace_by_pure_dict(frozen, {"vision_encoder": vision, **decoder})
-    nnx.update(model, frozen)
-    return model
 
 
 def test_greedy_generation_equals_openflamingo_generate(reference, whole):
