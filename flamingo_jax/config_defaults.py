@@ -47,6 +47,28 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
+def openflamingo_config(name: str, *, every: int, lm_dim: int) -> ml_collections.ConfigDict:
+    """`base()` with what OpenFlamingo's released models share (its factory and Flamingo class):
+    open_clip ViT-L/14 (OpenAI weights: QuickGELU) at 224 px, one frame, its ln_post'd patch
+    tokens; the Resampler at the ViT's width (1024, no input projection), 6 layers of 8 heads of
+    64, 64 latents, GELU FFW x4, no frame or media-position table; GATED XATTN-DENSE blocks of
+    8 heads of 64 with a GELU FFW of 4 x the LM width, before LM layer i when (i + 1) % every == 0;
+    media association from the `<image>` ids; new rows `<|endofchunk|>`, `<image>`, `<PAD>`.
+    LayerNorms are torch's (eps 1e-5, weight and bias), as ours. Each config sets its LM."""
+    config = base()
+    config.name = name
+    m = config.model
+    m.vision.update(encoder="vit", image_size=224, num_frames=1)
+    m.vision.vit.update(width=1024, num_layers=24, num_heads=16, patch_size=14, mlp_ratio=4.0,
+                        activation="quick_gelu", include_class_token=True, norm_eps=1e-5, norm_output=True)
+    m.resampler.update(num_layers=6, dim=1024, num_heads=8, head_dim=64, num_latents=64, ffw_mult=4,
+                       activation="gelu_exact", frame_embedding=False, media_positions=0)
+    m.xattn.update(every=every, first_layer=every - 1, num_heads=8, head_dim=64, ffw_hidden=4 * lm_dim,
+                   activation="gelu_exact", media_association="openflamingo")
+    m.num_new_tokens = 3
+    return config
+
+
 def base() -> ml_collections.ConfigDict:
     """`RunConfig()`'s defaults as a ConfigDict (see flamingo_jax/core/config.py for each field)."""
     config = ml_collections.ConfigDict(defaults())

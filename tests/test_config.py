@@ -42,6 +42,12 @@ EXACT_COUNTS = {
                        trainable_resampler=190_485_504, trainable_new_tokens=4_096, total=1_922_454_536),
     "llama7b_nfnet": dict(frozen_lm=6_738_415_616, frozen_vision=435_286_116, trainable_xattn=1_442_971_664,
                           trainable_resampler=193_631_232, trainable_new_tokens=16_384, total=8_810_321_012),
+    "openflamingo_3b": dict(frozen_lm=1_311_027_200, frozen_vision=303_179_776, trainable_xattn=881_000_496,
+                            trainable_resampler=63_019_008, trainable_new_tokens=6_144, total=2_558_232_624),
+    "openflamingo_4b": dict(frozen_lm=2_775_070_720, frozen_vision=303_179_776, trainable_xattn=897_744_928,
+                            trainable_resampler=63_019_008, trainable_new_tokens=15_360, total=4_039_029_792),
+    "openflamingo_9b": dict(frozen_lm=6_648_651_776, frozen_vision=303_179_776, trainable_xattn=1_115_815_952,
+                            trainable_resampler=63_019_008, trainable_new_tokens=12_288, total=8_130_678_800),
 }
 PAPER_XATTN_BLOCKS = {"3b": 24, "9b": 10, "80b": 12}  # every layer of 24, every 4th of 40, every 7th of 80
 
@@ -80,7 +86,8 @@ def test_public_backbone_configs_have_the_published_sizes(name):
         1 if load_config(name).model.decoder.tie_embeddings else 2)
 
 
-@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b", "llama_clip", "llama7b_nfnet"])
+@pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b", "llama_clip", "llama7b_nfnet",
+                                  "openflamingo_3b", "openflamingo_4b", "openflamingo_9b"])
 def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)
 
@@ -98,6 +105,9 @@ def tiny_dict():
 @pytest.mark.parametrize("edit, field, fix", [
     (lambda d: d["decoder"].update(num_heads=3, num_kv_heads=2), "model.decoder.num_heads", "multiple"),
     (lambda d: d["xattn"].update(every=9), "model.xattn.every", "between 1 and"),
+    (lambda d: d["xattn"].update(first_layer=4), "model.xattn.first_layer", "every - 1 as OpenFlamingo"),
+    (lambda d: d["xattn"].update(media_association="of"), "model.xattn.media_association", "'openflamingo'"),
+    (lambda d: d["resampler"].update(media_positions=-1), "model.resampler.media_positions", ">= 0"),
     (lambda d: d["vision"].update(encoder="resnet"), "model.vision.encoder", "'nfnet' or 'vit'"),
     (lambda d: d["vision"]["nfnet"].update(variant="F9"), "model.vision.nfnet.variant", "one of"),
     (lambda d: d["vision"]["nfnet"].update(variant="custom"), "model.vision.nfnet", "needs widths, depths"),

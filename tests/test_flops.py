@@ -1,6 +1,7 @@
 """Analytic FLOPs: a hand-computed step, published NFNet figures, agreement with
 the traced train step under every remat policy, MFU, and the Trainer's MFU metric."""
 
+import dataclasses
 import json
 
 import jax
@@ -92,12 +93,17 @@ def abstract_step(model_config, batches, num_microbatches):
     return step, (state, frozen, arrays), {name: flops.BatchShape.of(a) for name, a in arrays.items()}
 
 
-@pytest.mark.parametrize("remat_policy,llama", [("none", False), ("full", False), ("dots_no_batch", True)])
-def test_analytic_equals_the_traced_train_step(remat_policy, llama):
+@pytest.mark.parametrize("remat_policy,llama,first_layer", [("none", False, 0), ("full", False, 0),
+                                                            ("dots_no_batch", True, 0), ("full", False, 2)])
+def test_analytic_equals_the_traced_train_step(remat_policy, llama, first_layer):
     """configs/tiny.py (NFNet, Transformer-XL LM) or a LLaMA-style variant (ViT, rotary, SwiGLU, grouped
-    queries); three datasets, two micro-batches. Every matmul of the program JAX hands to XLA is counted."""
+    queries); three datasets, two micro-batches. Every matmul of the program JAX hands to XLA is counted.
+    first_layer=2 with a block every 3rd of 4 layers is OpenFlamingo's placement with a lead of two
+    plain layers, no full group and a tail of two: one block."""
     config = load_config("tiny")
     config.model.remat_policy = remat_policy
+    if first_layer:
+        config.model.xattn.update(every=3, first_layer=first_layer)
     if llama:
         config.model.vision.encoder = "vit"
         config.model.vision.vit.update(width=32, num_layers=2, num_heads=2, patch_size=16)
@@ -148,8 +154,8 @@ def test_trainer_logs_mfu_where_the_chip_is_known(trained_run):
         assert record["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("positions", ["relative", "rotary"])
-def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_attention(positions):
+@pytest.mark.parametrize("positions, first_layer", [("relative", 0), ("rotary", 0), ("relative", 1)])
+def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_attention(positions, first_layer):
     """One decoding step traced at two cache sizes: equal to `decode_step_flops` at each, and the
     extra slots cost only attention over them (no slots x width x width position projection)."""
     from flax import nnx
@@ -160,6 +166,7 @@ def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_
     from helpers import tiny_model_config
 
     cfg = tiny_model_config(positions=positions)
+    cfg = dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, first_layer=first_layer))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Flamingo(cfg, rngs=nnx.Rngs(0))))
     batch, num_media, prompt = 2, 2, 8
 

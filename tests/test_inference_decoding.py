@@ -31,7 +31,12 @@ def fast_config():
 
 @pytest.fixture(scope="module")
 def setup():
-    model = Flamingo(fast_config(), rngs=nnx.Rngs(0))
+    return gates_open_with_prompt(fast_config(), seed=0)
+
+
+def gates_open_with_prompt(cfg, seed):
+    """A model of `cfg` with its gates open and the left-padded two-row prompt."""
+    model = Flamingo(cfg, rngs=nnx.Rngs(seed))
     set_gates(model, 0.8)
     vocab = model.cfg.decoder.vocab_size
     pads = P - np.array(LENGTHS)
@@ -101,6 +106,20 @@ def test_cached_greedy_equals_uncached_argmax_for_left_padded_batch(setup):
     if stop not in expected[other]:
         np.testing.assert_array_equal(stopped.tokens[other], expected[other])
         assert stopped.lengths[other] == NEW
+
+
+def test_cached_greedy_equals_uncached_argmax_under_openflamingo_placement():
+    """Blocks before layers 1, 3 (OpenFlamingo's (i + 1) % 2 == 0 of 4 layers): a lead layer
+    without a block, then two groups; the cache holds the lead layer's keys apart."""
+    cfg = fast_config()
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=4),
+                              xattn=dataclasses.replace(cfg.xattn, every=2, first_layer=1))
+    assert cfg.xattn_layers == (1, 3) and cfg.xattn_layout == (1, 1, 2, 1)
+    graphdef, state, prompt = gates_open_with_prompt(cfg, seed=3)
+    _, cached = run_decoding(graphdef, state, prompt, "greedy")
+    expected, expected_scores = uncached_greedy(graphdef, state, prompt)
+    np.testing.assert_array_equal(cached.tokens, expected)
+    np.testing.assert_allclose(cached.scores, expected_scores, rtol=1e-5, atol=1e-4)
 
 
 def test_beam_one_is_greedy_and_beam_three_scores_at_least_greedy(setup):

@@ -2,6 +2,7 @@
 
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -35,6 +36,20 @@ def test_encode_prompt_marks_images_and_what_each_token_sees(tokenizer):
     expected[markers[1]:] = 1
     np.testing.assert_array_equal(encoded.media_index, expected)  # text before any image sees none
     assert tokenizer.decode(ids[markers[1] + len(tokenizer.image_marker_ids):]).strip() == "Output:"
+
+
+def test_openflamingo_association_counts_image_ids_and_needs_a_one_id_marker(tokenizer):
+    items = ["a photo", image(1), "Output: a cat", END_OF_CHUNK, image(2), image(3), "Output:"]
+    ours = prompting.encode_prompt(items, tokenizer)
+    theirs = prompting.encode_prompt(items, tokenizer, media_association="openflamingo")
+    np.testing.assert_array_equal(theirs.ids, ours.ids)
+    assert len(tokenizer.image_marker_ids) == 1  # trained with <image> as a symbol: the two rules agree
+    np.testing.assert_array_equal(theirs.media_index, ours.media_index)
+    marker = tokenizer.image_marker_ids[0]
+    np.testing.assert_array_equal(theirs.media_index, np.cumsum(theirs.ids == marker) - 1)
+    plain_text_marker = types.SimpleNamespace(image_marker_ids=(7, 8, 9))
+    with pytest.raises(prompting.PromptError, match="one token id"):
+        prompting.encode_prompt(items, plain_text_marker, media_association="openflamingo")
 
 
 def test_encode_prompt_rejects_unknown_items_and_empty_prompts(tokenizer):

@@ -141,6 +141,33 @@ class TorchSource(TensorSource):
         self._tensors.clear()
 
 
+class ArraySource(TensorSource):
+    """Tensors already in memory: a name -> numpy array (or torch tensor) mapping, e.g. a
+    state dict a test or a caller holds."""
+
+    def __init__(self, path: str, tensors: dict[str, Any], config=None):
+        super().__init__(path, config)
+        self._tensors = dict(tensors)
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        tensor = self._tensors[name]
+        if not hasattr(tensor, "detach"):
+            return np.asarray(tensor)
+        tensor = tensor.detach()
+        if str(tensor.dtype) == "torch.bfloat16":  # as TorchSource: the bits as ml_dtypes' bfloat16
+            import ml_dtypes
+            import torch
+
+            return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+
 def _load_state_dict(file: str) -> dict[str, Any]:
     """A torch file's name -> tensor dict: weights only, memory-mapped; a training
     checkpoint's 'state_dict' / 'model' entry and a DataParallel 'module.' prefix unwrapped."""

@@ -109,6 +109,16 @@ def media_association(document: Document, next_image: bool) -> np.ndarray:
     return np.where(upcoming == big, -1, upcoming).astype(np.int32)
 
 
+def openflamingo_media_index(ids: np.ndarray, image_id: int) -> np.ndarray:
+    """OpenFlamingo's media association for token ids [..., n]: int32 [..., n].
+
+    OpenFlamingo marks `media_locations = ids == <image>` and lets token t see image
+    cumsum(media_locations)[t] (1-based, 0 = none): the `<image>` token sees its own image,
+    text before the first `<image>` sees nothing. As a media slot: that count minus one."""
+    ids = np.asarray(ids)
+    return (np.cumsum(ids == image_id, axis=-1) - 1).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     tokens: np.ndarray  # int32 [L]

@@ -62,9 +62,10 @@ class Context:
 
 
 def _take_cache_rows(cache: StackCache, rows: Array) -> StackCache:
-    # head leaves are [G, k, B, ...], tail leaves [t, B, ...].
+    # head leaves are [G, k, B, ...], tail and lead leaves [t, B, ...].
     return StackCache(jax.tree.map(lambda a: jnp.take(a, rows, axis=2), cache.head),
-                      jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache.tail))
+                      jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache.tail),
+                      jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache.lead))
 
 
 def prefill(model: Flamingo, tokens: Array, media: Array, media_index: Array, positions: Array, valid: Array,

@@ -119,7 +119,8 @@ class Engine:
     def batch(self, prompts: Sequence[Sequence[object]], *, batch_size: int | None = None,
               reserve: int = 0) -> prompting.PromptBatch:
         """Encodes and pads prompts; `reserve` tokens of the context stay free for what follows."""
-        encoded = [prompting.encode_prompt(items, self.tokenizer) for items in prompts]
+        encoded = [prompting.encode_prompt(items, self.tokenizer, media_association=self.cfg.xattn.media_association)
+                   for items in prompts]
         return prompting.make_batch(encoded, self.load_media, pad_id=self.tokenizer.pad_id,
                                     min_length=self.min_length, max_length=self.cfg.decoder.max_len - reserve,
                                     batch_size=batch_size)

@@ -42,8 +42,17 @@ class EncodedPrompt:
     media: list[Media]
 
 
-def encode_prompt(items: Sequence[object], tokenizer: Tokenizer) -> EncodedPrompt:
-    """Items -> token ids with their media association. BOS first if the vocabulary has one."""
+def encode_prompt(items: Sequence[object], tokenizer: Tokenizer, *,
+                  media_association: str = "flamingo") -> EncodedPrompt:
+    """Items -> token ids with their media association (`model.xattn.media_association`:
+    'flamingo' from the marker positions, 'openflamingo' from the `<image>` ids as
+    OpenFlamingo computes it). BOS first if the vocabulary has one."""
+    if media_association == "openflamingo" and len(tokenizer.image_marker_ids) != 1:
+        raise PromptError(f"an OpenFlamingo-style model needs `<image>` as one token id, but this tokenizer "
+                          f"encodes it as {len(tokenizer.image_marker_ids)} ids {tokenizer.image_marker_ids}; "
+                          "load the tokenizer the model was converted with.")
+    if media_association not in ("flamingo", "openflamingo"):
+        raise PromptError(f"media_association {media_association!r} is unknown; use 'flamingo' or 'openflamingo'.")
     ids: list[int] = []
     roles: list[int] = []
     ordinals: list[int] = []
@@ -71,7 +80,11 @@ def encode_prompt(items: Sequence[object], tokenizer: Tokenizer) -> EncodedPromp
         raise PromptError("the prompt is empty; give it at least some text or an image.")
     document = sequence.Document(np.asarray(ids, np.int32), np.asarray(roles, np.int8),
                                  np.asarray(ordinals, np.int32))
-    return EncodedPrompt(document.ids, sequence.media_association(document, next_image=False), media)
+    if media_association == "openflamingo":
+        media_index = sequence.openflamingo_media_index(document.ids, tokenizer.image_marker_ids[0])
+    else:
+        media_index = sequence.media_association(document, next_image=False)
+    return EncodedPrompt(document.ids, media_index, media)
 
 
 MEDIA_TAG = re.compile(r"<(image|video):([^<>]+)>|<EOC>")

@@ -212,17 +212,37 @@ class ResamplerConfig:
     num_latents: int = 64
     ffw_mult: int = 4
     activation: str = "squared_relu"
+    # Learned per-frame embedding (`vision.num_frames` rows) added to the features (the paper's
+    # temporal embedding; OpenFlamingo's `frame_embs`, absent from the models its factory builds).
+    frame_embedding: bool = True
+    # Rows of a learned per-media-slot embedding added to each item's features (OpenFlamingo's
+    # `media_time_embs`, `max_num_media`); 0: none (the paper, and OpenFlamingo's factory).
+    media_positions: int = 0
+
+
+MEDIA_ASSOCIATIONS = ("flamingo", "openflamingo")
 
 
 @dataclasses.dataclass(frozen=True)
 class XAttnConfig:
-    """GATED XATTN-DENSE blocks; their width is the decoder's."""
+    """GATED XATTN-DENSE blocks; their width is the decoder's.
 
-    every: int = 1  # a block before every `every`-th LM layer, starting at the first
+    Placement: a block before LM layers first_layer, first_layer + every, ... The paper puts
+    one before the first layer (first_layer=0); OpenFlamingo before layer i when
+    (i + 1) % every == 0 (first_layer = every - 1: the first every - 1 layers run plain).
+    """
+
+    every: int = 1  # a block before every `every`-th LM layer, starting at `first_layer`
+    first_layer: int = 0  # the LM layer the first block precedes; the layers before it see no media
     num_heads: int = 16
     head_dim: int = 128
     ffw_hidden: int = 0  # 0 means 4 x decoder dim
     activation: str = "squared_relu"
+    # How prompts assign tokens to media (`media_index`): 'flamingo' from the marker positions
+    # (the marker may be several tokens), 'openflamingo' as OpenFlamingo's `media_locations`:
+    # token t sees the n-th image when t is at or after the n-th `<image>` id and before the
+    # next one (the marker must be one id). The two agree for a one-id marker.
+    media_association: str = "flamingo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +340,20 @@ class FlamingoConfig:
 
     @property
     def num_xattn_blocks(self) -> int:
-        return -(-self.decoder.num_layers // self.xattn.every)
+        return len(self.xattn_layers)
+
+    @property
+    def xattn_layers(self) -> tuple[int, ...]:
+        """The LM layers that a GATED XATTN-DENSE block precedes, in order (block j before the j-th)."""
+        return tuple(range(self.xattn.first_layer, self.decoder.num_layers, self.xattn.every))
+
+    @property
+    def xattn_layout(self) -> tuple[int, int, int, int]:
+        """(lead, groups, every, tail): `lead` plain LM layers, then `groups` groups of `every`
+        layers each preceded by a block, then one block before a tail of `tail` layers (if any)."""
+        lead = self.xattn.first_layer
+        groups, tail = divmod(self.decoder.num_layers - lead, self.xattn.every)
+        return lead, groups, self.xattn.every, tail
 
     def dtypes(self) -> tuple[Any, Any, Any]:
         """(activation dtype, frozen param dtype, trainable param dtype)."""
@@ -367,6 +400,8 @@ class FlamingoConfig:
             _require(getattr(r, name) >= 1, f"model.resampler.{name}", "must be >= 1.")
         _require(r.activation in layers.ACTIVATIONS, "model.resampler.activation",
                  f"unknown activation {r.activation!r}; use one of {sorted(layers.ACTIVATIONS)}.")
+        _require(r.media_positions >= 0, "model.resampler.media_positions",
+                 "must be >= 0 (0: no per-media-slot embedding).")
 
         validate_decoder(self.decoder)
         d = self.decoder
@@ -374,7 +409,12 @@ class FlamingoConfig:
         x = self.xattn
         _require(1 <= x.every <= d.num_layers, "model.xattn.every",
                  f"{x.every} must be between 1 and model.decoder.num_layers={d.num_layers}; "
-                 "a block is placed before every `every`-th LM layer starting at the first.")
+                 "a block is placed before every `every`-th LM layer starting at `first_layer`.")
+        _require(0 <= x.first_layer < d.num_layers, "model.xattn.first_layer",
+                 f"{x.first_layer} must be between 0 and model.decoder.num_layers - 1 = {d.num_layers - 1}; "
+                 "0 places the first block before the first LM layer (the paper), every - 1 as OpenFlamingo.")
+        _require(x.media_association in MEDIA_ASSOCIATIONS, "model.xattn.media_association",
+                 f"{x.media_association!r} is unknown; use one of {MEDIA_ASSOCIATIONS}.")
         _require(x.num_heads >= 1 and x.head_dim >= 1, "model.xattn.num_heads",
                  "num_heads and head_dim must be >= 1.")
         _require(x.activation in layers.ACTIVATIONS, "model.xattn.activation",

@@ -3,12 +3,14 @@
 Composition (paper Fig. 3): a frozen vision encoder turns each frame into a grid
 of features; the Perceiver Resampler turns each media item into 64 visual
 tokens; the frozen LM runs with a GATED XATTN-DENSE block before every
-`xattn.every`-th layer, starting at the first.
+`xattn.every`-th layer, starting at layer `xattn.first_layer` (0 in the paper;
+every - 1 in OpenFlamingo, whose blocks precede layer i when (i + 1) % every == 0).
 
-Depth does not grow the program: LM layers are grouped as [G, k] (G = L // k
-groups of k layers, each preceded by one xattn block) and scanned; when k does
-not divide L, one tail group of L % k layers follows with the last xattn block.
-80 layers with k=7 gives 11 groups of 7 plus a tail of 3: exactly 12 blocks.
+Depth does not grow the program: after a lead of `first_layer` plain LM layers,
+the layers are grouped as [G, k] (G = (L - lead) // k groups of k layers, each
+preceded by one xattn block) and scanned; when k does not divide L - lead, one
+tail group of the remaining layers follows with the last xattn block. 80 layers
+with k=7 gives 11 groups of 7 plus a tail of 3: exactly 12 blocks.
 
 New tokens (<EOC> first) get trainable input and output rows beside the frozen
 vocabulary: ids >= vocab_size index the trainable table.
@@ -35,10 +37,13 @@ Array = jax.Array
 
 class StackCache(NamedTuple):
     """The LM's KV cache in the scanned layout: `head` [G, k, B, S, K, H] for the G
-    groups of k layers, `tail` [L % k, B, S, K, H] (None when k divides L)."""
+    groups of k layers, `tail` [t, B, S, K, H] for the t layers after them (None when
+    t = 0), `lead` [first_layer, B, S, K, H] for the plain layers before the first
+    block (None when first_layer = 0)."""
 
     head: LayerCache
     tail: LayerCache | None
+    lead: LayerCache | None = None
 
 
 class MediaKV(NamedTuple):
@@ -126,26 +131,31 @@ class Flamingo(nnx.Module):
     # ---------------------------------------------------------------- layers
     def _groups(self) -> tuple[Any, Array, Any, Array | None]:
         """The scanned groups and the tail: (head xattn states [G], LM layer indices [G, k],
-        tail xattn state, tail LM layer indices [L % k] or None).
+        tail xattn state, tail LM layer indices [t] or None). The lead layers are `_lead_layers`.
 
         LM weights are indexed inside the scans, never sliced or reshaped into groups:
         XLA copies a reshaped weight fed to a scan on every call, which for a frozen
         LM is all of its weights per step."""
-        k = self.cfg.xattn.every
-        num_groups, tail = divmod(self.cfg.decoder.num_layers, k)
+        lead, num_groups, k, tail = self.cfg.xattn_layout
         _, xattn_state = nnx.split(self.xattn)
         head_xattn = jax.tree.map(lambda a: a[:num_groups], xattn_state)
-        head_layers = jnp.arange(num_groups * k, dtype=jnp.int32).reshape(num_groups, k)
+        head_layers = lead + jnp.arange(num_groups * k, dtype=jnp.int32).reshape(num_groups, k)
         if not tail:
             return head_xattn, head_layers, None, None
         tail_xattn = jax.tree.map(lambda a: a[num_groups], xattn_state)
-        return head_xattn, head_layers, tail_xattn, jnp.arange(num_groups * k, num_groups * k + tail, dtype=jnp.int32)
+        start = lead + num_groups * k
+        return head_xattn, head_layers, tail_xattn, jnp.arange(start, start + tail, dtype=jnp.int32)
+
+    def _lead_layers(self) -> Array | None:
+        """Indices of the plain LM layers before the first xattn block (None: there are none)."""
+        lead = self.cfg.xattn.first_layer
+        return jnp.arange(lead, dtype=jnp.int32) if lead else None
 
     def _stack(self, x: Array, positions: Array, slots: CacheSlots, media_index: Array, *,
                visual: Array | None = None, media_kv: MediaKV | None = None, cache: StackCache | None = None,
                position_keys: Array | None = None) -> tuple[Array, StackCache | None]:
-        """The conditioned LM, the one path of training, prefill and decoding: for each group,
-        its GATED XATTN-DENSE block, then its LM layers.
+        """The conditioned LM, the one path of training, prefill and decoding: the lead LM
+        layers, then for each group its GATED XATTN-DENSE block and its LM layers.
 
         x [B, T, D] at `positions` [B, T]; `media_index` [B, T]. The blocks' visual keys/values
         are projected from `visual` [B, M, R, Dr] inside each block (training: rematerialised
@@ -153,6 +163,7 @@ class Flamingo(nnx.Module):
         tokens' keys/values are written at `slots.start` and the extended cache is returned."""
         xattn_graph, _ = nnx.split(self.xattn)
         head_xattn, head_layers, tail_xattn, tail_layers = self._groups()
+        lead_layers = self._lead_layers()
         num_media = visual.shape[1] if visual is not None else media_kv.head.keys.shape[2]
 
         def xattn_step(xattn_state, x, kv):
@@ -170,18 +181,23 @@ class Flamingo(nnx.Module):
             x = constrain(xattn_step(xattn_state, x, kv), HIDDEN_AXES)
             return self.decoder.run_layers(x, positions, slots, layer_cache, layer_indices, layer_position_keys)
 
+        lead = 0 if lead_layers is None else lead_layers.shape[0]
         num_groups, k = head_layers.shape
+        keys = lambda start, stop: None if position_keys is None else position_keys[start:stop]
+        lead_cache = None
+        if lead_layers is not None:
+            x, lead_cache = self.decoder.run_layers(x, positions, slots, None if cache is None else cache.lead,
+                                                    lead_layers, keys(0, lead))
         split = lambda tree, head: None if tree is None else getattr(tree, "head" if head else "tail")
-        head_keys = None if position_keys is None else position_keys[:num_groups * k].reshape(
+        head_keys = None if position_keys is None else keys(lead, lead + num_groups * k).reshape(
             num_groups, k, *position_keys.shape[1:])
         x, head_cache = jax.lax.scan(group, x, (head_xattn, head_layers, split(media_kv, True), split(cache, True),
                                                 head_keys))
         tail_cache = None
         if tail_layers is not None:
-            tail_keys = None if position_keys is None else position_keys[num_groups * k:]
             x, tail_cache = group(x, (tail_xattn, tail_layers, split(media_kv, False), split(cache, False),
-                                      tail_keys))
-        return x, (None if cache is None else StackCache(head_cache, tail_cache))
+                                      keys(lead + num_groups * k, None)))
+        return x, (None if cache is None else StackCache(head_cache, tail_cache, lead_cache))
 
     # ---------------------------------------------------------------- inference
     def project_media(self, visual: Array) -> MediaKV:
@@ -201,12 +217,12 @@ class Flamingo(nnx.Module):
     def empty_cache(self, batch: int, num_slots: int, dtype=None) -> StackCache:
         """A zeroed KV cache for `num_slots` tokens, laid out like the scanned groups."""
         cfg = self.cfg.decoder
-        k = self.cfg.xattn.every
-        num_groups, tail = divmod(cfg.num_layers, k)
+        lead, num_groups, k, tail = self.cfg.xattn_layout
         slot_shape = (batch, num_slots, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim)
-        zeros = lambda *lead: jnp.zeros((*lead, *slot_shape), dtype or self.dtype)
-        return StackCache(LayerCache(zeros(num_groups, k), zeros(num_groups, k)),
-                          LayerCache(zeros(tail), zeros(tail)) if tail else None)
+        zeros = lambda *layer_axes: jnp.zeros((*layer_axes, *slot_shape), dtype or self.dtype)
+        layer_cache = lambda *layer_axes: LayerCache(zeros(*layer_axes), zeros(*layer_axes))
+        return StackCache(layer_cache(num_groups, k), layer_cache(tail) if tail else None,
+                          layer_cache(lead) if lead else None)
 
     def position_keys(self, num_slots: int) -> Array | None:
         """The LM's relative-position tables for `num_slots` key slots (None unless the decoder

@@ -2,8 +2,10 @@
 
 Per media item (an image is a one-frame video): frame features [T, S, Dv] get a
 learned temporal embedding per frame (no spatial position encoding, as the
-paper), are flattened to T*S tokens, and a set of learned latents attends to
-them. Each layer is
+paper; `frame_embedding=False` drops it, as OpenFlamingo's released models),
+optionally a learned embedding of the item's media slot (`media_positions`, as
+OpenFlamingo's `media_time_embs`), are flattened to T*S tokens, and a set of
+learned latents attends to them. Each layer is
 
     x = x + attn(q=x, kv=concat(features, x));   x = x + ffw(x)
 
@@ -77,7 +79,11 @@ class PerceiverResampler(nnx.Module):
         )
         normal = nnx.initializers.normal(0.02)
         self.temporal_embedding = layers.make_variable(
-            nnx.Param, normal, rngs.params(), (num_frames, cfg.dim), param_dtype, ("frames", "media_embed"))
+            nnx.Param, normal, rngs.params(), (num_frames, cfg.dim), param_dtype, ("frames", "media_embed")
+        ) if cfg.frame_embedding else None
+        self.media_position_embedding = layers.make_variable(
+            nnx.Param, normal, rngs.params(), (cfg.media_positions, cfg.dim), param_dtype, ("media", "media_embed")
+        ) if cfg.media_positions else None
         self.latents = layers.make_variable(
             nnx.Param, normal, rngs.params(), (cfg.num_latents, cfg.dim), param_dtype, ("latents", "media_embed"))
         self.layers = layers.stack_modules(
@@ -94,7 +100,14 @@ class PerceiverResampler(nnx.Module):
         x = features.astype(self.dtype)
         if self.input_projection is not None:
             x = self.input_projection(x)
-        x = x + interpolate_frames(self.temporal_embedding[...], num_frames).astype(self.dtype)[:, None, :]
+        if self.temporal_embedding is not None:
+            x = x + interpolate_frames(self.temporal_embedding[...], num_frames).astype(self.dtype)[:, None, :]
+        if self.media_position_embedding is not None:
+            rows = self.media_position_embedding.shape[0]
+            if num_media > rows:
+                raise ValueError(f"{num_media} media slots but the Resampler's media-position table has {rows} "
+                                 "rows (model.resampler.media_positions); pass at most that many media per example.")
+            x = x + self.media_position_embedding[:num_media].astype(self.dtype)[:, None, None, :]
         x = x.reshape(batch * num_media, num_frames * num_patches, x.shape[-1])
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (x.shape[0],) + self.latents.shape)
 
