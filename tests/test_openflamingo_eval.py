@@ -9,6 +9,7 @@ the strings OpenFlamingo's evaluator joins from its eval model's prompt methods.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flamingo_jax.errors import UserError
@@ -299,3 +301,72 @@ def test_evaluate_cli_takes_the_flags_and_refuses_tasks_openflamingo_lacks(tmp_p
     done = subprocess.run(base + ["--vqa_normalization=sometimes"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "vqa_normalization" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# The evaluator with --prompts=openflamingo (a recording engine, no model)
+# ---------------------------------------------------------------------------
+
+# Candidate -> summed log-probability of its tokens (one token per word). The sum prefers
+# "tench"; OpenFlamingo's mean per token prefers "great white shark" (-4.5 / 3 tokens).
+SUMMED_LOG_PROBS = {"tench": -2.0, "goldfish": -3.0, "great white shark": -4.5, "tiger shark": -5.0}
+
+
+class RecordingEngine:
+    """What Evaluator uses of an Engine: a word tokenizer, recorded prompts, canned outputs."""
+
+    def __init__(self, generation: str = ""):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(decoder=SimpleNamespace(max_len=10_000))
+        self.tokenizer = SimpleNamespace(encode=lambda text: [1] * len(text.split()), bos_id=None,
+                                         image_marker_ids=(2,), eoc_id=3, pad_id=0)
+        self.generation = generation
+        self.prompts: list[str] = []
+        self.end_with_eoc: set[bool] = set()
+
+    def generate(self, prompts, options, *, batch_size=None):
+        self.prompts += [OF.render(p) for p in prompts]
+        return [self.generation] * len(prompts)
+
+    def score(self, prompts, candidates, *, end_with_eoc=True, batch_size=None):
+        self.prompts += [OF.render(p) for p in prompts]
+        self.end_with_eoc.add(end_with_eoc)
+        return [np.array([SUMMED_LOG_PROBS[c.strip()] for c in row]) for row in candidates]
+
+    def media_features(self, media, *, batch_size=16):
+        return np.random.default_rng(len(media)).normal(size=(len(media), 4))
+
+
+def run_evaluator(task: T.Task, support: list, queries: list, engine: RecordingEngine, shots=(0, 2)) -> dict:
+    from flamingo_jax.evaluation.evaluator import EvalSettings, Evaluator
+
+    task = dataclasses.replace(task, load=lambda data_dir: (support, queries))
+    return Evaluator(engine, EvalSettings(shots=shots, ensemble=1, batch_size=2)).evaluate(task, Path("."))
+
+
+def test_evaluator_ranks_as_openflamingo_does() -> None:
+    classes = tuple(SUMMED_LOG_PROBS)
+    examples = [T.ClassNameExample(e.id, e.image_path, e.text, e.label, classes) for e in imagenet_examples()]
+    queries = [e for e in examples if e.label == "great white shark"]
+    ours, theirs = RecordingEngine(), RecordingEngine()
+    flamingo = run_evaluator(T.get_task("imagenet"), examples, queries, ours)
+    openflamingo = run_evaluator(T.with_protocol(T.get_task("imagenet"), prompts="openflamingo"),
+                                 examples, queries, theirs)
+    assert [flamingo[s]["top1_accuracy"] for s in ("0", "2")] == [0.0, 0.0]  # the sum picks "tench"
+    assert [openflamingo[s]["top1_accuracy"] for s in ("0", "2")] == [100.0, 100.0]
+    assert ours.end_with_eoc == {True} and theirs.end_with_eoc == {False}
+    assert all(p.endswith("<image>Output:") and "<|endofchunk|>\n" not in p for p in theirs.prompts)
+
+
+def test_evaluator_generates_from_openflamingo_prompts_and_postprocesses() -> None:
+    examples = vqa_examples()
+    engine = RecordingEngine(generation="Other, or not Question: why")
+    task = T.with_protocol(T.get_task("vqav2"), prompts="openflamingo")
+    results = run_evaluator(task, examples[:3], examples[3:], engine)
+    # "Other" after post-processing, normalised to "other", which 2 of the 3 annotators gave: leaving
+    # out " answer 3" leaves 2 matches (2/3), leaving out either "other" leaves 1 (1/3).
+    assert results["2"]["vqa_accuracy"] == pytest.approx(100 * (2 / 3 + 1 / 3 + 1 / 3) / 3)
+    zero_shot, two_shot = engine.prompts
+    assert zero_shot.count("<image>") == 1 and two_shot.count("<image>") == 3
+    assert two_shot.endswith("<|endofchunk|>\n<image>Question:What is on table 3? Short answer:")

@@ -19,6 +19,12 @@ Media and `<|endofchunk|>` is END_OF_CHUNK, which the tokenizer writes as the
 token ids are those of OpenFlamingo's string. Zero-shot is the same as ours
 (two text-only support examples before the query): `build_prompt` applies.
 
+Close-ended tasks (HatefulMemes, ImageNet) rank the candidates as OpenFlamingo
+does: the candidate follows the open slot with no space, nothing follows it, and
+its score is the mean log-probability of its tokens (`Task.rank_with_eoc`,
+`Task.rank_mean_over_tokens`). OpenFlamingo ranks one support order unless its
+prompt ensembling is on; `--ensemble=1` does the same here.
+
 Post-processing follows OpenFlamingo's too: generation stops at the end of
 chunk, captions are cut at a further "Output" and lose double quotes, answers
 are cut at "Question"/"Answer"/"Short" and then at the first ", "; case and

@@ -94,6 +94,10 @@ class Task:
     rices: bool = False  # the paper selects classification support examples with RICES
     primary_metric: str = ""  # the metric of the paper's table
     layout: str = ""  # the files `load` expects under data_dir
+    # Rank mode: a candidate's score is the sum of its tokens' log-probabilities followed by <EOC>
+    # (ours), or, OpenFlamingo's way, their mean without <EOC>.
+    rank_with_eoc: bool = True
+    rank_mean_over_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mode not in MODES:
@@ -476,7 +480,7 @@ def with_protocol(task: Task, *, prompts: str = "flamingo", vqa_normalization: s
         if task.mode == "generate":
             changes["postprocess"] = openflamingo.POSTPROCESS[kind]
         else:
-            changes["candidates"] = template.candidates
+            changes.update(candidates=template.candidates, rank_with_eoc=False, rank_mean_over_tokens=True)
     return dataclasses.replace(task, **changes)
 
 
