@@ -9,6 +9,7 @@ the strings OpenFlamingo's evaluator joins from its eval model's prompt methods.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -26,13 +27,16 @@ from flamingo_jax.evaluation import readers as R
 from flamingo_jax.evaluation import tasks as T
 from flamingo_jax.evaluation.templates import build_prompt
 
-# OpenFlamingo's evaluate.py imports its siblings flat ("from vqa_metric import ..."), so
-# its eval directory goes on sys.path, as running evaluate.py from there would do.
+import torchvision_cpu  # noqa: F401  (open_flamingo's package imports open_clip, which imports torchvision)
+
+# The modules used here import nothing of their siblings, so they import as a package without
+# putting eval/ on sys.path (only evaluate.py, read below as text, imports them flat).
+from open_flamingo.eval import coco_metric as of_coco
+from open_flamingo.eval import utils as of_utils
+from open_flamingo.eval import vqa_metric as of_vqa
+from open_flamingo.eval.eval_model import BaseEvalModel
+
 OF_EVAL_DIR = Path(importlib.util.find_spec("open_flamingo").submodule_search_locations[0]) / "eval"
-sys.path.insert(0, str(OF_EVAL_DIR))
-import coco_metric as of_coco  # noqa: E402
-import vqa_metric as of_vqa  # noqa: E402
-from eval_model import BaseEvalModel  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -370,3 +374,33 @@ def test_evaluator_generates_from_openflamingo_prompts_and_postprocesses() -> No
     zero_shot, two_shot = engine.prompts
     assert zero_shot.count("<image>") == 1 and two_shot.count("<image>") == 3
     assert two_shot.endswith("<|endofchunk|>\n<image>Question:What is on table 3? Short answer:")
+
+
+def _joined_context_ends_with_newline(function: ast.FunctionDef) -> bool:
+    """Whether the `"".join(...)` that builds `context_text` in one of evaluate.py's functions
+    appends "\\n" to each demo prompt."""
+    for node in ast.walk(function):
+        if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "context_text" for t in node.targets)
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "attr", "") == "join"):
+            element = node.value.args[0].elt
+            return (isinstance(element, ast.BinOp) and isinstance(element.op, ast.Add)
+                    and isinstance(element.right, ast.Constant) and element.right.value == "\n")
+    raise AssertionError(f"{function.name}: no context_text join found; has OpenFlamingo's evaluate.py changed?")
+
+
+def test_the_joins_above_are_those_of_openflamingos_evaluate_py() -> None:
+    """`openflamingo_prompt` reconstructs how evaluate.py joins demos; this reads evaluate.py's
+    own syntax tree so that the reconstruction cannot drift from the installed OpenFlamingo."""
+    tree = ast.parse((OF_EVAL_DIR / "evaluate.py").read_text())
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert _joined_context_ends_with_newline(functions["evaluate_captioning"])
+    assert _joined_context_ends_with_newline(functions["evaluate_vqa"])
+    assert not _joined_context_ends_with_newline(functions["evaluate_classification"])
+    calls = {name: {ast.unparse(c) for c in ast.walk(f) if isinstance(c, ast.Call)} for name, f in functions.items()}
+    # the demo's caption is stripped, its first annotator answer shown, zero-shot drops "<image>" text
+    assert any("get_caption_prompt(caption=x['caption'].strip())" in c for c in calls["evaluate_captioning"])
+    assert any("answer=x['answers'][0]" in c for c in calls["evaluate_vqa"])
+    for name in ("evaluate_captioning", "evaluate_vqa", "evaluate_classification"):
+        assert "context_text.replace('<image>', '')" in calls[name]
+    # zero shots are two text-only demos (utils.compute_effective_num_shots)
+    assert of_utils.compute_effective_num_shots(0, "open_flamingo") == 2
