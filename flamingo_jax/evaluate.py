@@ -14,6 +14,10 @@ replaces a larger one's results. Without `--data_dir`, a run trained on the
 project's synthetic corpus is evaluated on that corpus's held-out tasks. `--source=tfds`
 (or per task, `--source=coco=tfds,vqav2=files`) reads the tasks TFDS has from prepared
 builders in `--tfds_data_dir` (flamingo_jax/evaluation/tfds_readers.py).
+`--prompts=openflamingo` evaluates with OpenFlamingo's prompts, post-processing and
+ranking (flamingo_jax/evaluation/openflamingo.py) instead of the paper's;
+`--vqa_normalization` chooses how VQA accuracy normalises answers (always, as
+EvalAI and OpenFlamingo do, or official); the results JSON's meta records both.
 """
 
 import dataclasses

@@ -40,6 +40,10 @@ TFDS: of these, TFDS 4.9 has coco_captions (Karpathy splits) and imagenet2012; w
 prepared builders instead (`evaluation/tfds_readers.py`: how the support pool and the
 queries are drawn from a stream).
 
+`with_protocol(task, prompts=..., vqa_normalization=...)` gives a task OpenFlamingo's
+templates, post-processing and ranking (`evaluation/openflamingo.py`) and chooses
+how VQA accuracy normalises answers (the evaluate CLI's --prompts, --vqa_normalization).
+
 Scope: queries come from the split the paper reports on; the paper's DEV
 protocol (validation on training-split subsets) would be separate task names.
 """
