@@ -14,6 +14,10 @@ replaces a larger one's results. Without `--data_dir`, a run trained on the
 project's synthetic corpus is evaluated on that corpus's held-out tasks. `--source=tfds`
 (or per task, `--source=coco=tfds,vqav2=files`) reads the tasks TFDS has from prepared
 builders in `--tfds_data_dir` (flamingo_jax/evaluation/tfds_readers.py).
+`--prompts=openflamingo` evaluates with OpenFlamingo's prompts, post-processing and
+ranking (flamingo_jax/evaluation/openflamingo.py) instead of the paper's;
+`--vqa_normalization` chooses how VQA accuracy normalises answers (always, as
+EvalAI and OpenFlamingo do, or official); the results JSON's meta records both.
 """
 
 import dataclasses
@@ -46,6 +50,14 @@ _NUM_BEAMS = flags.DEFINE_integer("num_beams", 3, "Beam size for open-ended task
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0, "GNMT length-penalty alpha for beam search.")
 _ENSEMBLE = flags.DEFINE_integer("ensemble", 6, "Support-order permutations averaged for ranked tasks.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for query, support and permutation sampling.")
+_PROMPTS = flags.DEFINE_enum("prompts", "flamingo", ["flamingo", "openflamingo"],
+                             "Prompt wording and post-processing: the paper's (flamingo) or OpenFlamingo's "
+                             "open_flamingo/eval (openflamingo: '<image>Output:{caption}<|endofchunk|>', "
+                             "'Question:{q} Short answer:{a}', ...), for models trained with OpenFlamingo.")
+_VQA_NORMALIZATION = flags.DEFINE_enum("vqa_normalization", "always", ["always", "official"],
+                                       "VQA accuracy's answer normalisation: always (default; as the EvalAI "
+                                       "server and OpenFlamingo compute it) or official (the VQA API script's "
+                                       "quirk: only when the annotators disagree).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: <workdir>/eval).")
 
 
@@ -54,7 +66,7 @@ def main(argv):
     from flamingo_jax import runtime
     from flamingo_jax.errors import UserError
     from flamingo_jax.evaluation import evaluator, tfds_readers
-    from flamingo_jax.evaluation.tasks import get_task
+    from flamingo_jax.evaluation.tasks import get_task, with_protocol
     from flamingo_jax.inference.engine import Engine
     from flamingo_jax.inference.loading import workdir_path
 
@@ -64,7 +76,8 @@ def main(argv):
         shots=evaluator.parse_ints(_SHOTS.value), num_queries=_NUM_QUERIES.value, support_size=_SUPPORT_SIZE.value,
         batch_size=_BATCH_SIZE.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
         ensemble=_ENSEMBLE.value, seed=_SEED.value)
-    tasks = [get_task(name.strip()) for name in _TASKS.value.split(",") if name.strip()]  # unknown names fail here
+    tasks = [with_protocol(get_task(name.strip()), prompts=_PROMPTS.value, vqa_normalization=_VQA_NORMALIZATION.value)
+             for name in _TASKS.value.split(",") if name.strip()]  # unknown names fail here
     if not tasks:
         raise UserError(f"--tasks={_TASKS.value!r} names no task; give comma-separated names such as "
                         f"{SYNTHETIC_TASKS}.")
@@ -93,12 +106,18 @@ def main(argv):
     workdir = workdir_path(_WORKDIR.value)
     meta = dict(workdir=str(workdir), step=step, data_dir=os.path.abspath(data_dir) if data_dir else None,
                 sources=sources, tfds_data_dir=_TFDS_DATA_DIR.value if from_tfds else None,
-                settings=dataclasses.asdict(settings), seconds=round(time.time() - started, 1))
+                settings=dataclasses.asdict(settings), prompts=_PROMPTS.value,
+                vqa_normalization=_VQA_NORMALIZATION.value, seconds=round(time.time() - started, 1))
     out_dir = workdir_path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir / "eval"
     metric_of = {task.name: task.primary_metric for task in tasks}
     # a task read from TFDS writes beside, not over, its annotation-file results
-    stem = evaluator.results_stem(step, [t.name + ("-tfds" if sources[t.name] == "tfds" else "") for t in tasks],
-                                  settings)
+    # so do other prompts and the official VQA normalisation (the defaults keep their names)
+    def tagged(task) -> str:
+        return (task.name + ("-tfds" if sources[task.name] == "tfds" else "")
+                + ("-openflamingo" if _PROMPTS.value == "openflamingo" else "")
+                + ("-official" if _VQA_NORMALIZATION.value == "official" and task.primary_metric == "vqa_accuracy"
+                   else ""))
+    stem = evaluator.results_stem(step, [tagged(t) for t in tasks], settings)
     json_path, table_path = evaluator.write_results(out_dir, stem, results, meta, metric_of)
     print(table_path.read_text())
     logging.info("results: %s and %s", json_path, table_path)

@@ -91,6 +91,7 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     assert json_path.name.startswith("step_2.synthetic_captioning+synthetic_vqa+synthetic_classification.shots-0-4.")
     results = json.loads(json_path.read_text())
     assert results["meta"]["step"] == 2
+    assert results["meta"]["prompts"] == "flamingo" and results["meta"]["vqa_normalization"] == "always"
     # CIDEr is reported x100 (a perfect caption set scores up to 1000); the others are percentages.
     for task, metric, top in (("synthetic_captioning", "cider", 1000), ("synthetic_vqa", "vqa_accuracy", 100),
                               ("synthetic_classification", "roc_auc", 100)):

@@ -139,6 +139,9 @@ class Evaluator:
         rng = np.random.default_rng([settings.seed, shots])
         generating = task.mode == "generate"
         candidates = None if generating else [task.template.continuation(c) for c in task.candidates(support_pool)]
+        # OpenFlamingo's ranking: the mean log-probability of a candidate's tokens (no <EOC>)
+        divisors = 1.0 if generating or not task.rank_mean_over_tokens else np.array(
+            [max(1, len(self.engine.tokenizer.encode(c)) + task.rank_with_eoc) for c in candidates])
         reserve = task.max_new_tokens if generating else 16
         orders = [None] if generating or shots < 2 else support_lib.ensemble_orders(shots, settings.ensemble, rng)
         progress = Progress(len(queries), f"{task.name} {shots}-shot")
@@ -171,7 +174,8 @@ class Evaluator:
                         prompts.append(items)
                         dropped += (cut > 0) and order is orders[0]
                     total += np.stack(self.engine.score(prompts, [candidates] * len(batch),
-                                                        batch_size=settings.batch_size))
+                                                        end_with_eoc=task.rank_with_eoc,
+                                                        batch_size=settings.batch_size)) / divisors
                 outputs.extend(total / len(orders))
             progress.advance(len(batch))
         return outputs, int(dropped)

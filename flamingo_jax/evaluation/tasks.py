@@ -40,12 +40,18 @@ TFDS: of these, TFDS 4.9 has coco_captions (Karpathy splits) and imagenet2012; w
 prepared builders instead (`evaluation/tfds_readers.py`: how the support pool and the
 queries are drawn from a stream).
 
+`with_protocol(task, prompts=..., vqa_normalization=...)` gives a task OpenFlamingo's
+templates, post-processing and ranking (`evaluation/openflamingo.py`) and chooses
+how VQA accuracy normalises answers (the evaluate CLI's --prompts, --vqa_normalization).
+
 Scope: queries come from the split the paper reports on; the paper's DEV
 protocol (validation on training-split subsets) would be separate task names.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +60,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from flamingo_jax.errors import UserError
-from flamingo_jax.evaluation import metrics, readers
+from flamingo_jax.evaluation import metrics, openflamingo, readers
 from flamingo_jax.evaluation.templates import (
     YES_NO,
     CaptioningTemplate,
@@ -92,6 +98,10 @@ class Task:
     rices: bool = False  # the paper selects classification support examples with RICES
     primary_metric: str = ""  # the metric of the paper's table
     layout: str = ""  # the files `load` expects under data_dir
+    # Rank mode: a candidate's score is the sum of its tokens' log-probabilities followed by <EOC>
+    # (ours), or, OpenFlamingo's way, their mean without <EOC>.
+    rank_with_eoc: bool = True
+    rank_mean_over_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.mode not in MODES:
@@ -292,15 +302,25 @@ def score_captioning(outputs: list[str], queries: list) -> dict[str, float]:
     return {"cider": cider}
 
 
-def score_vqa(outputs: list[str], queries: list) -> dict[str, float]:
-    """Official VQA accuracy (x100) over every annotator's answer."""
+VQA_NORMALIZATIONS = ("always", "official")
+"""How VQA accuracy normalises answers: 'always' (the EvalAI server and
+OpenFlamingo: prediction and answers are always normalised) or 'official' (the
+VQA API's vqaEval.py: only when the annotators disagree)."""
+
+
+def score_vqa(outputs: list[str], queries: list, *, normalization: str = "always") -> dict[str, float]:
+    """VQA accuracy (x100) over every annotator's answer, normalised as `normalization` says
+    (one of VQA_NORMALIZATIONS)."""
+    if normalization not in VQA_NORMALIZATIONS:
+        raise UserError(f"--vqa_normalization={normalization!r}: choose one of {', '.join(VQA_NORMALIZATIONS)}.")
     _check_outputs(outputs, queries, "score_vqa")
     unanswered = [q.question_id for q in queries if not q.answers]
     if unanswered:
         raise ValueError(f"score_vqa: queries without ground-truth answers (a test split?), e.g. {unanswered[:5]}.")
     predictions = dict(enumerate(outputs))
     answers = {i: q.answers for i, q in enumerate(queries)}
-    return {"vqa_accuracy": metrics.vqa_accuracy_corpus(predictions, answers)}
+    return {"vqa_accuracy": metrics.vqa_accuracy_corpus(predictions, answers,
+                                                        always_normalize=normalization == "always")}
 
 
 def score_video_qa(outputs: list[str], queries: list) -> dict[str, float]:
@@ -432,6 +452,42 @@ def _registry() -> dict[str, Task]:
 TASKS: dict[str, Task] = _registry()
 
 
+PROMPT_STYLES = ("flamingo", "openflamingo")
+"""Whose evaluation protocol builds prompts and post-processes generations: the
+paper's (templates.py) or OpenFlamingo's open_flamingo/eval (openflamingo.py)."""
+
+# Registered task -> its OpenFlamingo template / post-processing (openflamingo.TEMPLATES keys).
+_OPENFLAMINGO_TASKS = {
+    "coco": "captioning", "flickr30k": "captioning", "vqav2": "vqa", "okvqa": "vqa", "vizwiz": "vqa",
+    "textvqa": "vqa", "hateful_memes": "hateful_memes", "imagenet": "imagenet",
+}
+
+
+def with_protocol(task: Task, *, prompts: str = "flamingo", vqa_normalization: str = "always") -> Task:
+    """`task` with the prompt style and VQA normalisation of the evaluate CLI's
+    --prompts and --vqa_normalization flags."""
+    if prompts not in PROMPT_STYLES:
+        raise UserError(f"--prompts={prompts!r}: choose one of {', '.join(PROMPT_STYLES)}.")
+    if vqa_normalization not in VQA_NORMALIZATIONS:
+        raise UserError(f"--vqa_normalization={vqa_normalization!r}: choose one of "
+                        f"{', '.join(VQA_NORMALIZATIONS)}.")
+    changes: dict[str, Any] = {}
+    if task.score is score_vqa:
+        changes["score"] = functools.partial(score_vqa, normalization=vqa_normalization)
+    if prompts == "openflamingo":
+        kind = _OPENFLAMINGO_TASKS.get(task.name)
+        if kind is None:
+            raise UserError(f"--prompts=openflamingo: OpenFlamingo has no prompts for task {task.name!r}; "
+                            f"it evaluates {', '.join(_OPENFLAMINGO_TASKS)}. Use --prompts=flamingo for it.")
+        template = openflamingo.TEMPLATES[kind]
+        changes.update(template=template, media=template.media)
+        if task.mode == "generate":
+            changes["postprocess"] = openflamingo.POSTPROCESS[kind]
+        else:
+            changes.update(candidates=template.candidates, rank_with_eoc=False, rank_mean_over_tokens=True)
+    return dataclasses.replace(task, **changes)
+
+
 class UnknownTask(UserError, ValueError):
     """A task name that is not registered."""
 
@@ -444,6 +500,7 @@ def get_task(name: str) -> Task:
 
 
 __all__ = [
-    "ClassNameExample", "KINDS", "MODES", "TASKS", "Task", "get_task",
+    "ClassNameExample", "KINDS", "MODES", "PROMPT_STYLES", "TASKS", "Task", "VQA_NORMALIZATIONS", "get_task",
+    "with_protocol",
     "score_captioning", "score_class_names", "score_video_qa", "score_vqa", "score_yes_no",
 ]
