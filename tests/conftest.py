@@ -1,6 +1,7 @@
 """Test-wide settings and shared fixtures.
 
 * fp32 matmuls on CPU, so equivalence tests can be exact.
+* Unoptimised XLA code generation for every program (compiles are most of the suite's time).
 * The 'rbg' PRNG: XLA:CPU compiles threefry-based initialisers several times
   slower, and model construction dominates the suite's time otherwise.
 * A persistent compilation cache for the session: tests that build the same
@@ -20,6 +21,12 @@ import pickle
 import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates the suite on XLA:CPU; unoptimised code generation about halves it. Every
+# program of the session (and of the subprocesses, which inherit the flags) is compiled alike, so
+# equalities within a test still hold; FAST_COMPILE in helpers.py names the same options for jit.
+_FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_XLA}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
