@@ -210,7 +210,10 @@ class Trainer:
         if recorded != self.backbone_paths:
             logging.warning("resuming with backbones %s but the checkpoint was trained with %s",
                             self.backbone_paths, recorded)
-        self.mixture.set_state(this_process_state(meta["data"]))
+        if meta.get("data") is None:  # a converted model's step 0 (`convert openflamingo`): no data position yet
+            logging.info("the checkpoint records no data position: the data streams start from the beginning")
+        else:
+            self.mixture.set_state(this_process_state(meta["data"]))
         logging.info("resumed from step %d in %s", int(state.step), self.checkpointer.directory)
         return state, frozen, meta
 

@@ -1,0 +1,199 @@
+"""`python -m flamingo_jax.convert openflamingo` and `to-openflamingo` end to end: OpenFlamingo's
+own `Flamingo` (a tiny open_clip ViT and a tiny MPT, GPT-NeoX or LLaMA from transformers, random
+weights, gates opened), its checkpoint saved as its training script saves it, the HF decoder,
+open_clip weights and a tokenizer.json on disk; the CLI's workdir loaded by `Engine.from_workdir`
+gives its logits, exports back into a fresh OpenFlamingo, fine-tunes, and bad inputs are refused
+with one line and no output. Run with -s to see the max abs errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("USE_TF", "0")
+import torchvision_cpu  # noqa: F401,E402  (before transformers / open_clip import torchvision)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from flamingo_jax import cli as flamingo_cli  # noqa: E402
+from flamingo_jax.convert import cli  # noqa: E402
+from flamingo_jax.data.sequence import openflamingo_media_index  # noqa: E402
+
+VIS, LM, VOCAB = 16, 24, 40
+B, T, M = 2, 12, 3
+# family -> (--arch, LM layers, OpenFlamingo's cadence, HF embedding rows: padded beyond the tokenizer's)
+FAMILIES = {"mpt": ("of-3b", 2, 1, 48), "gpt_neox": ("of-4b", 4, 2, 48), "llama": ("of-9b-v1", 4, 4, VOCAB)}
+
+
+def word_tokenizer(directory, size: int) -> str:
+    """A word-level tokenizer.json with exactly `size` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return str(directory)
+
+
+def hf_decoder(family: str, layers: int, rows: int):
+    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig,
+                              MptForCausalLM)
+
+    if family == "mpt":
+        return MptForCausalLM(MptConfig(d_model=LM, n_heads=2, n_layers=layers, expansion_ratio=2, vocab_size=rows,
+                                        max_seq_len=64))
+    if family == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=rows, hidden_size=LM, num_hidden_layers=layers,
+                                                num_attention_heads=2, intermediate_size=48, rotary_pct=0.5,
+                                                max_position_embeddings=64, tie_word_embeddings=False))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=LM, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """What OpenFlamingo's train script saves (train_utils.filter_state_dict_to_trainable, which
+    imports wandb): every trainable weight and every embedding, without the `gated_cross_attn_layers`
+    list (its FlamingoLayer aliases stay), `old_decoder_blocks` or the vision tower."""
+    state = model.state_dict()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and "embed" not in n}
+    return {n: v for n, v in state.items() if n not in frozen and not any(
+        part in n for part in ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers",
+                               "vision_encoder"))}
+
+
+def build_openflamingo(family: str, root, *, vocab: int = VOCAB, image_size: int = 16, seed: int = 0):
+    """OpenFlamingo's Flamingo as its factory assembles it (without downloads), gates opened,
+    and on disk what `convert openflamingo` reads: checkpoint.pt, the HF decoder, the open_clip
+    tower (with open_clip_config.json) and tokenizer.json."""
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    from open_flamingo import Flamingo as OpenFlamingo
+    from open_flamingo.src.factory import _infer_decoder_layers_attr_name
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    _, layers, every, rows = FAMILIES[family]
+    rows = max(rows, vocab)
+    torch.manual_seed(seed)
+    vision = torch.nn.Module()
+    vision.visual = _build_vision_tower(8, CLIPVisionCfg(layers=1, width=VIS, head_width=8, patch_size=8,
+                                                         image_size=image_size))
+    vision.visual.output_tokens = True
+    (root / "vision").mkdir(parents=True)
+    torch.save({f"visual.{k}": v for k, v in vision.visual.state_dict().items()}, root / "vision" / "clip.pt")
+    (root / "vision" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "vision_cfg": {"width": VIS, "head_width": 8, "layers": 1, "patch_size": 8, "image_size": image_size},
+        "quick_gelu": False}}))
+    lm = hf_decoder(family, layers, rows)
+    lm.save_pretrained(root / "lm")  # safetensors
+    tokenizer = word_tokenizer(root / "tokenizer", vocab)
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(_infer_decoder_layers_attr_name(lm))
+    lm.resize_token_embeddings(vocab + 3)  # + <|endofchunk|>, <image>, <PAD>
+    model = OpenFlamingo(vision, lm, vocab, vocab + 1, vis_dim=VIS, cross_attn_every_n_layers=every).eval()
+    with torch.no_grad():
+        for block in model.lang_encoder.gated_cross_attn_layers:
+            if block is not None:
+                block.attn_gate.uniform_(0.3, 1.0)
+                block.ff_gate.uniform_(-1.0, -0.3)
+    model.requires_grad_(False)  # the factory's trainable set
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    if family == "llama":  # torch.save(model.state_dict()): everything, the list and the untied lm_head included
+        torch.save(model.state_dict(), root / "checkpoint.pt")
+    else:  # the train script's {'model_state_dict': filtered}
+        torch.save({"model_state_dict": trainable_state_dict(model), "epoch": 0}, root / "checkpoint.pt")
+    return model, tokenizer
+
+
+def convert(*flags) -> int:
+    return flamingo_cli.guard(lambda: cli.main(["convert", *flags]))
+
+
+def convert_flags(root, tokenizer, arch, out):
+    return ["openflamingo", f"--checkpoint={root / 'checkpoint.pt'}", f"--lm={root / 'lm'}",
+            f"--vision={root / 'vision'}", f"--tokenizer={tokenizer}", f"--arch={arch}", f"--out={out}", "--precision=float32"]
+
+
+def token_ids(rng, vocab=VOCAB) -> np.ndarray:
+    """Two rows with 3 `<image>` each: text before the first image, `<|endofchunk|>`s, and
+    row 1 left-padded by 3 (pad id 0)."""
+    eoc, image = vocab, vocab + 1
+    ids = rng.integers(1, vocab, (B, T))
+    ids[0, [1, 5, 9]] = image
+    ids[0, [4, 8]] = eoc
+    ids[1, :3] = 0
+    ids[1, [4, 6, 10]] = image
+    ids[1, 9] = eoc
+    return ids
+
+
+def our_logits(model, ids, valid, pixels):
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))  # HF's plain forward: 0..T-1, pads too
+    media_index = openflamingo_media_index(ids, VOCAB + 1)
+    return np.asarray(nnx.jit(lambda m, *a: m(*a))(
+        model, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)), jnp.asarray(media_index),
+        jnp.asarray(positions), jnp.asarray(valid)))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def converted(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(f"of_{family}")
+    reference, tokenizer = build_openflamingo(family, root)
+    out = root / "workdir"
+    assert convert(*convert_flags(root, tokenizer, FAMILIES[family][0], out)) == 0
+    return family, root, reference, out
+
+
+def test_converted_workdir_gives_openflamingo_logits(converted):
+    from flamingo_jax.inference.engine import Engine
+
+    family, _, reference, out = converted
+    assert not [p for p in os.listdir(out.parent) if p.startswith(".")]  # no staging left behind
+    engine = Engine.from_workdir(str(out))
+    assert engine.step == 0 and engine.tokenizer.vocab_size == VOCAB
+    model = nnx.merge(engine.graphdef, engine.state)
+    rng = np.random.default_rng(6)
+    ids = token_ids(rng)
+    valid = ids != 0
+    valid[0] = True
+    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
+    got = our_logits(model, ids, valid, pixels)
+    assert got.shape == expected.shape == (B, T, VOCAB + 3)
+    error = float(np.abs(got - expected)[valid].max())
+    print(f"convert openflamingo ({family}): max abs logit error {error:.2e}")  # shown with -s
+    assert error < 1e-4, error
+
+
+def test_to_openflamingo_round_trips_into_a_fresh_openflamingo(converted, tmp_path):
+    family, root, reference, out = converted
+    exported = tmp_path / "exported.pt"
+    assert convert("to-openflamingo", f"--workdir={out}", f"--out={exported}") == 0
+    fresh, _ = build_openflamingo(family, tmp_path / "fresh", seed=1)  # other random trainable weights
+    rng = np.random.default_rng(9)
+    ids = torch.from_numpy(token_ids(rng))
+    pixels = torch.from_numpy(rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32))
+    # The frozen towers are the original's (OpenFlamingo reloads them from the same pretrained files).
+    trained = ("perceiver.", "lang_encoder.gated_cross_attn", "embed", "wte.", "lm_head.")
+    fresh.load_state_dict({n: v for n, v in reference.state_dict().items()
+                           if n.startswith("vision_encoder.") or not any(p in n for p in trained)}, strict=False)
+    with torch.no_grad():
+        before = reference(pixels, ids).logits
+        assert float((fresh(pixels, ids).logits - before).abs().max()) > 1e-2
+    result = fresh.load_state_dict(torch.load(exported, weights_only=True), strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        after = fresh(pixels, ids).logits
+    error = float((after - before).abs().max())
+    print(f"to-openflamingo round trip ({family}): max abs logit error {error:.2e}")  # shown with -s
+    assert error < 1e-5, error
