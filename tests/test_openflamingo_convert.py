@@ -113,7 +113,11 @@ def build_openflamingo(family: str, root, *, vocab: int = VOCAB, image_size: int
 
 
 def convert(*flags) -> int:
-    return flamingo_cli.guard(lambda: cli.main(["convert", *flags]))
+    """`python -m flamingo_jax.convert ...` in-process: its exit status."""
+    try:
+        return flamingo_cli.guard(lambda: cli.main(["flamingo_jax.convert", *flags]))
+    except SystemExit as exit:
+        return exit.code
 
 
 def convert_flags(root, tokenizer, arch, out):
@@ -197,3 +201,94 @@ def test_to_openflamingo_round_trips_into_a_fresh_openflamingo(converted, tmp_pa
     error = float((after - before).abs().max())
     print(f"to-openflamingo round trip ({family}): max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-5, error
+
+
+def assert_nothing_written(out) -> None:
+    assert not os.path.lexists(out)
+    assert not [e for e in os.listdir(os.path.dirname(out)) if e.startswith(f".{os.path.basename(out)}.")]
+
+
+@pytest.fixture(scope="module")
+def mpt_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("of_bad")
+    model, tokenizer = build_openflamingo("mpt", root)
+    return root, model, tokenizer
+
+
+def test_a_checkpoint_of_another_cadence_is_refused(mpt_sources, tmp_path, capsys):
+    root, _, tokenizer = mpt_sources  # xattn before every layer (of-3b)
+    out = tmp_path / "workdir"
+    assert convert(*convert_flags(root, tokenizer, "of-4b", out)) == 1
+    message = capsys.readouterr().err.strip()
+    assert "gated xattn blocks before LM layers [0, 1] but --arch=of-4b places them before [1]" in message
+    assert len(message.splitlines()) == 1, message
+    assert_nothing_written(str(out))
+
+
+def test_a_missing_tensor_is_named(mpt_sources, tmp_path, capsys):
+    root, _, tokenizer = mpt_sources
+    state = torch.load(root / "checkpoint.pt", weights_only=True)["model_state_dict"]
+    del state["perceiver.layers.2.0.to_kv.weight"]
+    (tmp_path / "lm").symlink_to(root / "lm")
+    (tmp_path / "vision").symlink_to(root / "vision")
+    torch.save(state, tmp_path / "checkpoint.pt")  # a plain state dict this time
+    out = tmp_path / "workdir"
+    assert convert(*convert_flags(tmp_path, tokenizer, "of-3b", out)) == 1
+    message = capsys.readouterr().err
+    assert "perceiver.layers.2.0.to_kv.weight" in message and "Nothing was written" in message, message
+    assert_nothing_written(str(out))
+
+
+def test_a_tokenizer_of_the_wrong_size_is_refused(mpt_sources, tmp_path, capsys):
+    root, _, _ = mpt_sources
+    tokenizer = word_tokenizer(tmp_path / "tokenizer", VOCAB - 5)
+    out = tmp_path / "workdir"
+    assert convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
+    message = capsys.readouterr().err.strip()
+    assert f"has {VOCAB - 5} tokens but the checkpoint's lang_encoder.transformer.wte.weight has {VOCAB + 3} rows" \
+        in message
+    assert len(message.splitlines()) == 1, message
+    assert_nothing_written(str(out))
+
+
+def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path):
+    """The converted workdir resumes at step 0 with the synthetic corpus as its data: the loss
+    falls, the trainable weights move, the frozen ones are the converted ones."""
+    import ml_collections
+
+    from flamingo_jax.core.checkpoint import Checkpointer
+    from flamingo_jax.data.tokenizer import load_tokenizer
+    from flamingo_jax.inference.loading import load_trained
+    from flamingo_jax.training.trainer import Trainer
+
+    from helpers import train_config
+
+    spm = os.path.join(synthetic_corpus, "spm.model")
+    vocab = load_tokenizer(spm).vocab_size
+    build_openflamingo("mpt", tmp_path, vocab=vocab, image_size=32)
+    out = tmp_path / "workdir"
+    assert convert(*convert_flags(tmp_path, str(tmp_path / "tokenizer"), "of-3b", out)) == 0
+    before = load_trained(str(out))
+    checkpointer = Checkpointer(str(out / "checkpoints"), async_save=False)
+    config = ml_collections.ConfigDict(checkpointer.read_meta(0)["config"])
+    checkpointer.close()
+    data = train_config(synthetic_corpus, datasets=("interleaved",), steps=4)
+    config.data, config.train = data.data, data.train
+    config.train.learning_rate = 3e-3
+    config.checkpoint.update(every_steps=1000, keep=2, async_save=False)
+    trainer = Trainer(config, str(out))
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert sorted(result.losses) == [1, 2, 3, 4]
+    assert result.losses[4] < result.losses[1], result.losses
+    after = load_trained(str(out))
+    assert after.step == 4
+    frozen = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+    for a, b in zip(jax.tree.leaves(frozen(before.model)), jax.tree.leaves(frozen(after.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(nnx.to_pure_dict(nnx.state(before.model, nnx.Param))),
+        jax.tree.leaves(nnx.to_pure_dict(nnx.state(after.model, nnx.Param))))]
+    assert all(moved)

@@ -205,17 +205,20 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
             if "image_size" in vision_record["model"]["vision"]:
                 config.data.image_size = vision_record["model"]["vision"]["image_size"]
             assumptions += vision_record["assumptions"]
+            every = config.model.xattn.every
+            blocks, wanted = checkpoint_blocks(source.names()), [i for i in range(decoder.num_layers)
+                                                                 if (i + 1) % every == 0]
+            if blocks != wanted:
+                raise ConversionError(
+                    f"{checkpoint} has gated xattn blocks before LM layers {blocks} but --arch={arch} places them "
+                    f"before {wanted} (every {every}); pass the --arch the checkpoint was trained with (of-3b: "
+                    "every layer, of-4b: every 2nd, of-9b / of-9b-v1: every 4th).")
             try:
                 cfg = FlamingoConfig.from_dict(config.model)
             except ConfigError as error:
                 raise ConversionError(f"--arch={arch} with these backbones is not a model we can build: {error}") \
                     from error
-            blocks = checkpoint_blocks(source.names())
-            if blocks != list(cfg.xattn_layers):
-                raise ConversionError(
-                    f"{checkpoint} has gated xattn blocks before LM layers {blocks} but --arch={arch} places them "
-                    f"before {list(cfg.xattn_layers)} (every {cfg.xattn.every}); pass the --arch the checkpoint was "
-                    "trained with (of-3b: every layer, of-4b: every 2nd, of-9b / of-9b-v1: every 4th).")
+            assert list(cfg.xattn_layers) == wanted
 
             target = decoder_convert.decoder_weights(decoder)
             lm_source = _decoder_source(hf, source, module, layout, vocab, decoder.tie_embeddings)
