@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("USE_TF", "0")
 import torchvision_cpu  # noqa: F401,E402  (before transformers / open_clip import torchvision)
@@ -203,6 +205,15 @@ def test_to_openflamingo_round_trips_into_a_fresh_openflamingo(converted, tmp_pa
     assert error < 1e-5, error
 
 
+def load_config_file(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("converted_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def assert_nothing_written(out) -> None:
     assert not os.path.lexists(out)
     assert not [e for e in os.listdir(os.path.dirname(out)) if e.startswith(f".{os.path.basename(out)}.")]
@@ -252,16 +263,15 @@ def test_a_tokenizer_of_the_wrong_size_is_refused(mpt_sources, tmp_path, capsys)
 
 
 def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path):
-    """The converted workdir resumes at step 0 with the synthetic corpus as its data: the loss
-    falls, the trainable weights move, the frozen ones are the converted ones."""
+    """`python -m flamingo_jax.train --workdir=<converted> --config=<its config.py with the synthetic
+    corpus as data>` resumes step 0: the loss falls, the trainable weights move, the frozen ones
+    are the converted ones."""
     import ml_collections
 
     from flamingo_jax.core.checkpoint import Checkpointer
     from flamingo_jax.data.tokenizer import load_tokenizer
     from flamingo_jax.inference.loading import load_trained
-    from flamingo_jax.training.trainer import Trainer
-
-    from helpers import train_config
+    from helpers import ROOT, train_config
 
     spm = os.path.join(synthetic_corpus, "spm.model")
     vocab = load_tokenizer(spm).vocab_size
@@ -270,19 +280,31 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     assert convert(*convert_flags(tmp_path, str(tmp_path / "tokenizer"), "of-3b", out)) == 0
     before = load_trained(str(out))
     checkpointer = Checkpointer(str(out / "checkpoints"), async_save=False)
-    config = ml_collections.ConfigDict(checkpointer.read_meta(0)["config"])
+    recorded = checkpointer.read_meta(0)["config"]
     checkpointer.close()
+    config = load_config_file(out / "config.py")  # what `train --config=<workdir>/config.py` reads
+    assert config.to_dict() == ml_collections.ConfigDict(recorded).to_dict()
     data = train_config(synthetic_corpus, datasets=("interleaved",), steps=4)
-    config.data, config.train = data.data, data.train
-    config.train.learning_rate = 3e-3
-    config.checkpoint.update(every_steps=1000, keep=2, async_save=False)
-    trainer = Trainer(config, str(out))
-    try:
-        result = trainer.run()
-    finally:
-        trainer.close()
-    assert sorted(result.losses) == [1, 2, 3, 4]
-    assert result.losses[4] < result.losses[1], result.losses
+    fine_tune = tmp_path / "fine_tune.py"  # the converted config with the synthetic corpus as its data
+    fine_tune.write_text(
+        "import importlib.util, json\nimport ml_collections\n\n\ndef get_config():\n"
+        f"    spec = importlib.util.spec_from_file_location('converted', {str(out / 'config.py')!r})\n"
+        "    module = importlib.util.module_from_spec(spec)\n    spec.loader.exec_module(module)\n"
+        "    config = module.get_config()\n"
+        f"    config.data = ml_collections.ConfigDict(json.loads({json.dumps(data.data.to_dict())!r}))\n"
+        f"    config.train.update(json.loads({json.dumps(data.train.to_dict())!r}))\n"
+        "    config.train.learning_rate = 3e-3\n"
+        "    config.checkpoint.update(every_steps=1000, keep=2, async_save=False)\n"
+        "    return config\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "flamingo_jax.train", f"--config={fine_tune}", f"--workdir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 0" in done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses[4] < losses[1], losses
     after = load_trained(str(out))
     assert after.step == 4
     frozen = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))

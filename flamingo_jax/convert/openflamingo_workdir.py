@@ -40,6 +40,21 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 TOKENIZER_FILE = "tokenizer.json"
 RECORD_FILE = "openflamingo_conversion.json"
 _XATTN_LIST = "lang_encoder.gated_cross_attn_layers."
+CONFIG_PY = '''"""The run config of this converted OpenFlamingo workdir (config.json beside this file): the
+model exactly as converted, for `python -m flamingo_jax.train --workdir=<here> --config=<here>/config.py`
+with your data (--config.data.* flags, or a copy of this file that sets config.data).
+The model fields and the seed must stay as they are to resume the converted checkpoint."""
+
+import json
+import os
+
+import ml_collections
+
+
+def get_config():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")) as f:
+        return ml_collections.ConfigDict(json.load(f))
+'''
 
 
 class _Overlay(TensorSource):
@@ -240,6 +255,8 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
         run = RunConfig.from_config(config)
         params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), trainable)
         state = new_train_state(params, make_optimizer(run.train), run.seed)
+        # The RNG as `python -m flamingo_jax.train` makes it (jax's default threefry key), whatever this process uses.
+        state = state.replace(rng=jax.random.key_data(jax.random.key(run.seed, impl="threefry2x32")))
         record = {"component": "openflamingo", "checkpoint": os.path.abspath(checkpoint), "lm": os.path.abspath(lm),
                   "vision": os.path.abspath(vision_path), "tokenizer": os.path.abspath(tokenizer_file),
                   "arch": arch, "precision": precision, "out": out, "lm_family": layout.family, "vocab_size": vocab,
@@ -254,6 +271,10 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
             checkpointer.close()
         with open(os.path.join(staging, RECORD_FILE), "w") as f:
             json.dump(record, f, indent=2)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(meta["config"], f, indent=2)
+        with open(os.path.join(staging, "config.py"), "w") as f:
+            f.write(CONFIG_PY)
         ml_collections.ConfigDict(meta["config"])  # the record loads back as load_trained reads it
         if os.path.lexists(out):  # --overwrite, only now that the new one is complete
             shutil.rmtree(out)
@@ -269,8 +290,8 @@ def summary(record: dict[str, Any]) -> str:
     lines += [f"  note: {a}" for a in record["assumptions"]]
     lines.append(f"  evaluate: python -m flamingo_jax.evaluate --workdir={record['out']} --prompts=openflamingo "
                  "--ensemble=1 ...")
-    lines.append(f"  fine-tune: python -m flamingo_jax.train --workdir={record['out']} --config=<the run config with "
-                 "your data>")
+    lines.append(f"  fine-tune: python -m flamingo_jax.train --workdir={record['out']} "
+                 f"--config={os.path.join(record['out'], 'config.py')} (with your data: --config.data.*)")
     return "\n".join(lines)
 
 
