@@ -300,7 +300,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     done = subprocess.run([sys.executable, "-m", "flamingo_jax.train", f"--config={fine_tune}", f"--workdir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from step 0" in done.stderr
+    assert "starting from the converted weights of step 0" in done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records}
     assert sorted(losses) == [1, 2, 3, 4]

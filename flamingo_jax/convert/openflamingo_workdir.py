@@ -9,9 +9,10 @@
                  tokenizer's size, so a padded HF table (MPT, NeoX) is cut to it);
     vision       the open_clip tower, by `convert.vision`;
     trainable    Perceiver, xattn blocks, new-token rows by `openflamingo.convert_trainable`,
-                 saved as step 0 of an orbax run checkpoint in the trainer's layout
-                 (`core.checkpoint`), its record holding the run config with
-                 `config.backbones` naming the converted backbones.
+                 saved as step 0 of an orbax run checkpoint (`core.checkpoint`) holding
+                 only the weights (`params_only`: the trainer gives them a fresh optimizer
+                 state; evaluation reads only the weights anyway), its record holding the
+                 run config with `config.backbones` naming the converted backbones.
 
 The workdir is built under a hidden sibling and renamed into place only when complete.
 """
@@ -166,8 +167,6 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
     from flamingo_jax.data.errors import DataError
     from flamingo_jax.data.tokenizer import load_tokenizer
     from flamingo_jax.models.config import ConfigError, FlamingoConfig
-    from flamingo_jax.training.optimizer import make_optimizer
-    from flamingo_jax.training.state import new_train_state
 
     config = load_arch_config(arch)
     if precision not in ("config", "float32"):
@@ -252,20 +251,18 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
         shutil.copy(tokenizer_file, os.path.join(staging, TOKENIZER_FILE))
         config.data.tokenizer = os.path.join(out, TOKENIZER_FILE)
         config.backbones.vision, config.backbones.decoder = final["vision"], final["decoder"]
-        run = RunConfig.from_config(config)
-        params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), trainable)
-        state = new_train_state(params, make_optimizer(run.train), run.seed)
-        # The RNG as `python -m flamingo_jax.train` makes it (jax's default threefry key), whatever this process uses.
-        state = state.replace(rng=jax.random.key_data(jax.random.key(run.seed, impl="threefry2x32")))
+        RunConfig.from_config(config)  # the recorded config is one the trainer accepts
+        params = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable)
         record = {"component": "openflamingo", "checkpoint": os.path.abspath(checkpoint), "lm": os.path.abspath(lm),
                   "vision": os.path.abspath(vision_path), "tokenizer": os.path.abspath(tokenizer_file),
                   "arch": arch, "precision": precision, "out": out, "lm_family": layout.family, "vocab_size": vocab,
                   "num_new_tokens": rows - vocab, "xattn_layers": blocks, "assumptions": assumptions}
-        meta = {"rollbacks": 0, "step": 0, "data": None, "config": json.loads(config.to_json_best_effort()),
+        # Only the weights: the trainer starts a fresh optimizer state on them (`params_only`).
+        meta = {"params_only": True, "rollbacks": 0, "step": 0, "data": None, "config": json.loads(config.to_json_best_effort()),
                 "backbones": final, "skipped_records": {}, "nonfinite_in_row": 0, "converted_from": record}
         checkpointer = Checkpointer(os.path.join(staging, "checkpoints"), async_save=False)
         try:
-            checkpointer.save(0, state, meta, force=True)
+            checkpointer.save(0, {"params": params}, meta, force=True)
             checkpointer.wait()
         finally:
             checkpointer.close()
@@ -298,24 +295,53 @@ def summary(record: dict[str, Any]) -> str:
 def export_openflamingo(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """The trained model in `workdir` -> OpenFlamingo's state dict at `out` (torch.save), for
     `load_state_dict(..., strict=False)` after its `create_model_and_transforms`."""
+    import jax
+    import ml_collections
     import torch
-    from flax import nnx
 
-    from flamingo_jax.inference.loading import load_trained
+    from flamingo_jax.core import backbones
+    from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+    from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.models.config import FlamingoConfig
 
     out = os.path.abspath(out)
     if os.path.lexists(out) and not overwrite:
         raise ConversionError(f"--out={out} already exists; pass --overwrite to replace it, or choose a new path.")
     if not os.path.isdir(os.path.dirname(out)):
         raise ConversionError(f"--out={out}: its parent directory does not exist; create it first.")
-    trained = load_trained(workdir, step=step)
-    model, cfg = trained.model, trained.model.cfg
-    family = _family_of_decoder(trained.config)
-    layout = openflamingo.LM_LAYOUTS[family]
-    trainable = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    unembedding = None if cfg.decoder.tie_embeddings else np.asarray(model.decoder.unembedding[...], np.float32)
-    exported = openflamingo.export_trainable(jax_to_numpy(trainable), cfg, layout,
-                                             embedding=np.asarray(model.decoder.embedding[...], np.float32),
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"--workdir={workdir} has no checkpoints/ directory; point it at a training run's or "
+                              "`convert openflamingo`'s workdir.")
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps there: "
+                                  f"{sorted(checkpointer.manager.all_steps())}.")
+        meta = checkpointer.read_meta(step)
+        config = ml_collections.ConfigDict(meta["config"])
+        cfg = FlamingoConfig.from_dict(config.model)
+        parts = ModelParts.flamingo(cfg)
+        abstract_params, abstract_frozen = parts.abstract()
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        on_device = lambda tree: jax.tree.map(lambda _: device, tree)
+        params = checkpointer.restore_params(abstract_with_shardings(abstract_params, on_device(abstract_params)),
+                                             step)
+    finally:
+        checkpointer.close()
+    decoder_path = (meta.get("backbones") or {}).get("decoder")
+    if not decoder_path:
+        raise ConversionError(f"{workdir}'s run used a random decoder; OpenFlamingo's embeddings hold its vocabulary "
+                              "rows, so only a run on a converted decoder (config.backbones.decoder) exports.")
+    family = _family_of_decoder(decoder_path)
+    as_float32 = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), tree)
+    decoder = backbones.restore(decoder_path, as_float32(abstract_frozen["decoder"]),
+                                on_device(abstract_frozen["decoder"]))
+    unembedding = None if cfg.decoder.tie_embeddings else np.asarray(decoder["unembedding"], np.float32)
+    exported = openflamingo.export_trainable(jax.tree.map(lambda a: np.asarray(a, np.float32), params), cfg,
+                                             openflamingo.LM_LAYOUTS[family],
+                                             embedding=np.asarray(decoder["embedding"], np.float32),
                                              unembedding=unembedding)
     staging = f"{out}.exporting-{uuid.uuid4().hex[:8]}"
     try:
@@ -324,26 +350,19 @@ def export_openflamingo(workdir: str, out: str, *, step: int | None = None, over
     finally:
         if os.path.exists(staging):
             os.remove(staging)
-    return {"out": out, "workdir": os.path.abspath(workdir), "step": trained.step, "tensors": len(exported),
+    return {"out": out, "workdir": os.path.abspath(workdir), "step": int(step), "tensors": len(exported),
             "lm_family": family}
 
 
-def jax_to_numpy(tree: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
-
-
-def _family_of_decoder(config) -> str:
-    """OpenFlamingo's LM family from the run's decoder backbone record (written by the converters)."""
-    path = config.backbones.get("decoder") or ""
+def _family_of_decoder(path: str) -> str:
+    """OpenFlamingo's LM family from the decoder backbone's record (written by the converters)."""
     try:
         family = writer.read_record(path)["format"]
     except (OSError, KeyError, ValueError):
         family = None
     if family not in openflamingo.LM_LAYOUTS:
-        raise ConversionError(f"cannot tell which Hugging Face decoder family the run's decoder ({path or 'random'}) "
-                              f"is; OpenFlamingo's state dict names depend on it ({sorted(openflamingo.LM_LAYOUTS)}). "
+        raise ConversionError(f"cannot tell which Hugging Face decoder family the run's decoder {path} is; "
+                              f"OpenFlamingo's state dict names depend on it ({sorted(openflamingo.LM_LAYOUTS)}). "
                               "Export a run whose config.backbones.decoder was written by `convert decoder` or "
                               "`convert openflamingo`.")
     return family
