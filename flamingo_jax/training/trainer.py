@@ -204,7 +204,10 @@ class Trainer:
         if not resuming:
             return self._init_state(params), frozen, {}
         latest = self.checkpointer.latest_step()
-        meta = self.checkpointer.read_meta(latest)
+        try:
+            meta = self.checkpointer.read_meta(latest)
+        except Exception:  # noqa: BLE001 - a damaged record: restore_usable reports it and sets it aside
+            meta = {}
         if meta.get("params_only"):  # a converted model (`convert openflamingo`): its weights, a fresh optimizer
             self._check_resumable(latest, meta)
             abstract_params = abstract_with_shardings(self.parts.abstract()[0], self.param_shardings)
