@@ -242,11 +242,12 @@ def test_a_missing_tensor_is_named(mpt_sources, tmp_path, capsys):
     del state["perceiver.layers.2.0.to_kv.weight"]
     (tmp_path / "lm").symlink_to(root / "lm")
     (tmp_path / "vision").symlink_to(root / "vision")
-    torch.save(state, tmp_path / "checkpoint.pt")  # a plain state dict this time
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "checkpoint.pt")  # plain, DDP-prefixed
     out = tmp_path / "workdir"
     assert convert(*convert_flags(tmp_path, tokenizer, "of-3b", out)) == 1
     message = capsys.readouterr().err
     assert "perceiver.layers.2.0.to_kv.weight" in message and "Nothing was written" in message, message
+    assert "module." not in message  # the prefix was stripped: only the deleted tensor is missing
     assert_nothing_written(str(out))
 
 
