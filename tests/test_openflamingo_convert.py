@@ -13,18 +13,17 @@ import subprocess
 import sys
 
 os.environ.setdefault("USE_TF", "0")
-import torchvision_cpu  # noqa: F401,E402  (before transformers / open_clip import torchvision)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision_cpu  # noqa: F401  (before transformers / open_clip import torchvision)
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from flamingo_jax import cli as flamingo_cli  # noqa: E402
-from flamingo_jax.convert import cli  # noqa: E402
-from flamingo_jax.data.sequence import openflamingo_media_index  # noqa: E402
+from flamingo_jax import cli as flamingo_cli
+from flamingo_jax.convert import cli
+from flamingo_jax.data.sequence import openflamingo_media_index
 
 VIS, LM, VOCAB = 16, 24, 40
 B, T, M = 2, 12, 3
@@ -44,8 +43,7 @@ def word_tokenizer(directory, size: int) -> str:
 
 
 def hf_decoder(family: str, layers: int, rows: int):
-    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig,
-                              MptForCausalLM)
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
     if family == "mpt":
         return MptForCausalLM(MptConfig(d_model=LM, n_heads=2, n_layers=layers, expansion_ratio=2, vocab_size=rows,
@@ -182,7 +180,7 @@ def test_converted_workdir_gives_openflamingo_logits(converted):
 
 
 def test_to_openflamingo_round_trips_into_a_fresh_openflamingo(converted, tmp_path):
-    family, root, reference, out = converted
+    family, _, reference, out = converted
     exported = tmp_path / "exported.pt"
     assert convert("to-openflamingo", f"--workdir={out}", f"--out={exported}") == 0
     fresh, _ = build_openflamingo(family, tmp_path / "fresh", seed=1)  # other random trainable weights
@@ -272,6 +270,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     from flamingo_jax.core.checkpoint import Checkpointer
     from flamingo_jax.data.tokenizer import load_tokenizer
     from flamingo_jax.inference.loading import load_trained
+
     from helpers import ROOT, train_config
 
     spm = os.path.join(synthetic_corpus, "spm.model")
@@ -299,7 +298,8 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
         "    return config\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-m", "flamingo_jax.train", f"--config={fine_tune}", f"--workdir={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting from the converted weights of step 0" in done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

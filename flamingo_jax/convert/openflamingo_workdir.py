@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,7 @@ def _checkpoint_with_output_rows(checkpoint: TensorSource, hf: TensorSource, lay
 
 
 def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: str, arch: str, out: str, *,
-                         overwrite: bool = False, vision_options: Options = Options(),
+                         overwrite: bool = False, vision_options: Options | None = None,
                          precision: str = "config") -> dict[str, Any]:
     """Writes the Flamingo workdir `out` for an OpenFlamingo checkpoint; returns its record.
     `precision='float32'` runs activations and frozen weights in fp32 (OpenFlamingo's
@@ -212,7 +213,7 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
             final = {"vision": os.path.join(out, "backbones", "vision"),
                      "decoder": os.path.join(out, "backbones", "decoder")}
             vision_record = vision.convert_vision(vision_path, "open_clip", os.path.join(backbones, "vision"),
-                                                  options=vision_options)
+                                                  options=vision_options or Options())
             for name, value in vision_record["model"]["vision"].items():
                 _set(config.model.vision, name, value)
             config.model.resampler.dim = config.model.vision.vit.width
@@ -282,8 +283,8 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
 
 
 def summary(record: dict[str, Any]) -> str:
-    lines = [f"converted OpenFlamingo {record['arch']} ({record['lm_family']} LM, xattn before layers "
-             f"{record['xattn_layers']}) -> {record['out']}"]
+    lines = [(f"converted OpenFlamingo {record['arch']} ({record['lm_family']} LM, xattn before layers "
+              f"{record['xattn_layers']}) -> {record['out']}")]
     lines += [f"  note: {a}" for a in record["assumptions"]]
     lines.append(f"  evaluate: python -m flamingo_jax.evaluate --workdir={record['out']} --prompts=openflamingo "
                  "--ensemble=1 ...")
