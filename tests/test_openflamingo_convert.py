@@ -264,7 +264,7 @@ def test_a_tokenizer_of_the_wrong_size_is_refused(mpt_sources, tmp_path, capsys)
 def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path):
     """`python -m flamingo_jax.train --workdir=<converted> --config=<its config.py with the synthetic
     corpus as data>` resumes step 0: the loss falls, the trainable weights move, the frozen ones
-    are the converted ones."""
+    are the converted ones; then `python -m flamingo_jax.evaluate` reads it."""
     import ml_collections
 
     from flamingo_jax.core.checkpoint import Checkpointer
@@ -315,3 +315,11 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
         jax.tree.leaves(nnx.to_pure_dict(nnx.state(before.model, nnx.Param))),
         jax.tree.leaves(nnx.to_pure_dict(nnx.state(after.model, nnx.Param))))]
     assert all(moved)
+    # ... and `python -m flamingo_jax.evaluate` reads the workdir (synthetic held-out tasks, 0 shots).
+    command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={out}", f"--data_dir={synthetic_corpus}",
+               "--tasks=synthetic_captioning", "--shots=0", "--num_queries=2",
+               "--batch_size=2", "--ensemble=1", "--num_beams=1", f"--output_dir={tmp_path / 'eval'}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "eval").glob("step_4.*.json")
+    assert json.loads(results.read_text())
