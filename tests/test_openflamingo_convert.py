@@ -323,3 +323,16 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = (tmp_path / "eval").glob("step_4.*.json")
     assert json.loads(results.read_text())
+
+
+def test_an_existing_workdir_is_kept_unless_overwrite(mpt_sources, tmp_path, capsys):
+    root, _, tokenizer = mpt_sources
+    out = tmp_path / "workdir"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert convert(*convert_flags(root, tokenizer, "of-3b", out), "--overwrite") == 0
+    assert not (out / "mine.txt").exists() and (out / "checkpoints").is_dir()
+    assert [e for e in os.listdir(tmp_path) if e != "workdir"] == []  # nothing staged or set aside is left

@@ -274,9 +274,13 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
         with open(os.path.join(staging, "config.py"), "w") as f:
             f.write(CONFIG_PY)
         ml_collections.ConfigDict(meta["config"])  # the record loads back as load_trained reads it
-        if os.path.lexists(out):  # --overwrite, only now that the new one is complete
-            shutil.rmtree(out)
+        replaced = None
+        if os.path.lexists(out):  # --overwrite: the old one moves aside only now that the new one is complete
+            replaced = f"{staging}.replaced"
+            os.rename(out, replaced)
         os.rename(staging, out)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
