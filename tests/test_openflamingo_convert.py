@@ -336,3 +336,55 @@ def test_an_existing_workdir_is_kept_unless_overwrite(mpt_sources, tmp_path, cap
     assert convert(*convert_flags(root, tokenizer, "of-3b", out), "--overwrite") == 0
     assert not (out / "mine.txt").exists() and (out / "checkpoints").is_dir()
     assert [e for e in os.listdir(tmp_path) if e != "workdir"] == []  # nothing staged or set aside is left
+
+
+def hf_clip_from_open_clip(visual, directory, image_size: int = 16) -> None:
+    """OpenFlamingo's open_clip tower as a Hugging Face CLIPVisionModel with the same weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=VIS, intermediate_size=4 * VIS, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=image_size, patch_size=8,
+                                          hidden_act="gelu", layer_norm_eps=1e-5))
+    ours = visual.state_dict()
+    state = {"embeddings.patch_embedding.weight": ours["conv1.weight"],
+             "embeddings.class_embedding": ours["class_embedding"],
+             "embeddings.position_embedding.weight": ours["positional_embedding"]}
+    for theirs, name in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
+        state.update({f"{theirs}.{p}": ours[f"{name}.{p}"] for p in ("weight", "bias")})
+    block, layer = "transformer.resblocks.0", "encoder.layers.0"
+    for p in ("weight", "bias"):
+        for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            state[f"{layer}.self_attn.{name}.{p}"] = ours[f"{block}.attn.in_proj_{p}"].chunk(3)[part]
+        state.update({f"{layer}.self_attn.out_proj.{p}": ours[f"{block}.attn.out_proj.{p}"],
+                      f"{layer}.layer_norm1.{p}": ours[f"{block}.ln_1.{p}"],
+                      f"{layer}.layer_norm2.{p}": ours[f"{block}.ln_2.{p}"],
+                      f"{layer}.mlp.fc1.{p}": ours[f"{block}.mlp.c_fc.{p}"],
+                      f"{layer}.mlp.fc2.{p}": ours[f"{block}.mlp.c_proj.{p}"]})
+    missing, unexpected = hf.vision_model.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in name for name in missing), (missing, unexpected)
+    hf.save_pretrained(directory)
+
+
+def test_a_hugging_face_clip_tower_gives_the_same_logits(mpt_sources, tmp_path):
+    """--vision as a Hugging Face CLIP directory: its tokens are taken ln_post'd, as OpenFlamingo's."""
+    from flamingo_jax.inference.engine import Engine
+
+    root, reference, tokenizer = mpt_sources
+    hf_clip_from_open_clip(reference.vision_encoder, tmp_path / "clip")
+    out = tmp_path / "workdir"
+    flags = [f"--vision={tmp_path / 'clip'}" if f.startswith("--vision=") else f
+             for f in convert_flags(root, tokenizer, "of-3b", out)]
+    assert convert(*flags) == 0
+    engine = Engine.from_workdir(str(out))
+    rng = np.random.default_rng(6)
+    ids = token_ids(rng)
+    valid = ids != 0
+    valid[0] = True
+    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
+    got = our_logits(nnx.merge(engine.graphdef, engine.state), ids, valid, pixels)
+    error = float(np.abs(got - expected)[valid].max())
+    print(f"convert openflamingo (mpt, HF CLIP tower): max abs logit error {error:.2e}")  # shown with -s
+    assert error < 1e-4, error

@@ -122,8 +122,9 @@ def _openflamingo_flags(fv: flags.FlagValues) -> None:
                         "{'model_state_dict': ...}); read with torch.load(weights_only=True).", flag_values=fv)
     flags.DEFINE_string("lm", None, "The Hugging Face decoder directory it was built on (config.json and weights).",
                         flag_values=fv)
-    flags.DEFINE_string("vision", None, "The open_clip weights of its vision tower (a file or a directory; "
-                        "open_clip_config.json beside them records heads and activation).", flag_values=fv)
+    flags.DEFINE_string("vision", None, "Its vision tower: open_clip weights (a file or a directory; "
+                        "open_clip_config.json beside them records heads and activation) or a Hugging Face CLIP "
+                        "directory.", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "The directory holding its tokenizer.json (or the file).", flag_values=fv)
     flags.DEFINE_enum("arch", None, sorted(openflamingo_workdir.ARCHS), "Which OpenFlamingo release: of-3b (MPT-1B, "
                       "xattn every layer), of-4b (RedPajama-3B, every 2nd), of-9b (MPT-7B, every 4th), of-9b-v1 "
@@ -144,25 +145,14 @@ def _openflamingo_flags(fv: flags.FlagValues) -> None:
 def _run_openflamingo(fv: flags.FlagValues) -> int:
     from flamingo_jax.convert import openflamingo_workdir
     from flamingo_jax.convert.families import Options
-    from flamingo_jax.convert.sources import open_source
 
     missing = [f"--{name}" for name in ("checkpoint", "lm", "vision", "tokenizer", "arch", "out")
                if fv[name].value is None]
     if missing:
         raise ConversionError(f"openflamingo: {', '.join(missing)} required; see --help.")
-    heads, activation = fv.vision_num_heads, fv.vision_activation
-    if heads is None or activation is None:  # OpenFlamingo's ViT-L/14 (OpenAI weights) unless recorded
-        from flamingo_jax.convert import open_clip_vit
-
-        with open_source(fv.vision) as source:
-            recorded_heads, recorded_activation = open_clip_vit._recorded(source)
-            width = source.shape(f"{open_clip_vit._prefix(source.names())}conv1.weight")[0] if \
-                open_clip_vit.looks_like(source.names()) else None
-        heads = heads or recorded_heads or (width // 64 if width else None)
-        activation = activation or recorded_activation or "quick_gelu"
     record = openflamingo_workdir.convert_openflamingo(
         fv.checkpoint, fv.lm, fv.vision, fv.tokenizer, fv.arch, fv.out, overwrite=fv.overwrite,
-        vision_options=Options(num_heads=heads, activation=activation), precision=fv.precision)
+        vision_options=Options(num_heads=fv.vision_num_heads, activation=fv.vision_activation), precision=fv.precision)
     print(openflamingo_workdir.summary(record))
     print(json.dumps({"out": record["out"]}))
     return 0

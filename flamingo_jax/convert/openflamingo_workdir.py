@@ -7,7 +7,7 @@
                  the vocabulary rows [0, V) of the embeddings taken from the checkpoint
                  (OpenFlamingo trains and saves the whole input embedding; V is the
                  tokenizer's size, so a padded HF table (MPT, NeoX) is cut to it);
-    vision       the open_clip tower, by `convert.vision`;
+    vision       the open_clip tower (or HF CLIP's), by `convert.vision`;
     trainable    Perceiver, xattn blocks, new-token rows by `openflamingo.convert_trainable`,
                  saved as step 0 of an orbax run checkpoint (`core.checkpoint`) holding
                  only the weights (`params_only`: the trainer gives them a fresh optimizer
@@ -154,6 +154,26 @@ def _checkpoint_with_output_rows(checkpoint: TensorSource, hf: TensorSource, lay
                                         read)})
 
 
+def vision_source(path: str, options: Options) -> tuple[str, Options]:
+    """(format, options) of the --vision weights: open_clip's tower (heads and activation from
+    open_clip_config.json, else ViT-L/14's: width / 64 heads, QuickGELU for OpenAI's weights) or
+    HF CLIP's; either way with OpenFlamingo's ln_post'd patch tokens."""
+    from flamingo_jax.convert import open_clip_vit
+
+    with open_source(path) as source:
+        formats = [fmt for fmt in vision.guess_formats(source) if fmt in ("open_clip", "hf_clip")]
+        if not formats:
+            raise ConversionError(f"--vision={path} holds neither open_clip nor Hugging Face CLIP vision weights "
+                                  f"(e.g. {source.names()[:3]}); OpenFlamingo's tower is open_clip's ViT.")
+        fmt = formats[0]
+        if fmt == "open_clip":
+            heads, activation = open_clip_vit._recorded(source)
+            width = source.shape(f"{open_clip_vit._prefix(source.names())}conv1.weight")[0]
+            options = dataclasses.replace(options, num_heads=options.num_heads or heads or width // 64,
+                                          activation=options.activation or activation or "quick_gelu")
+    return fmt, dataclasses.replace(options, norm_output=True)
+
+
 def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: str, arch: str, out: str, *,
                          overwrite: bool = False, vision_options: Options | None = None,
                          precision: str = "config") -> dict[str, Any]:
@@ -212,8 +232,9 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
             os.makedirs(backbones)
             final = {"vision": os.path.join(out, "backbones", "vision"),
                      "decoder": os.path.join(out, "backbones", "decoder")}
-            vision_record = vision.convert_vision(vision_path, "open_clip", os.path.join(backbones, "vision"),
-                                                  options=vision_options or Options())
+            vision_format, vision_options = vision_source(vision_path, vision_options or Options())
+            vision_record = vision.convert_vision(vision_path, vision_format, os.path.join(backbones, "vision"),
+                                                  options=vision_options)
             for name, value in vision_record["model"]["vision"].items():
                 _set(config.model.vision, name, value)
             config.model.resampler.dim = config.model.vision.vit.width
