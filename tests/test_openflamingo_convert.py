@@ -122,7 +122,8 @@ def convert(*flags) -> int:
 
 def convert_flags(root, tokenizer, arch, out):
     return ["openflamingo", f"--checkpoint={root / 'checkpoint.pt'}", f"--lm={root / 'lm'}",
-            f"--vision={root / 'vision'}", f"--tokenizer={tokenizer}", f"--arch={arch}", f"--out={out}", "--precision=float32"]
+            f"--vision={root / 'vision'}", f"--tokenizer={tokenizer}", f"--arch={arch}", f"--out={out}",
+            "--precision=float32"]
 
 
 def token_ids(rng, vocab=VOCAB) -> np.ndarray:

@@ -280,8 +280,9 @@ def convert_openflamingo(checkpoint: str, lm: str, vision_path: str, tokenizer: 
                   "arch": arch, "precision": precision, "out": out, "lm_family": layout.family, "vocab_size": vocab,
                   "num_new_tokens": rows - vocab, "xattn_layers": blocks, "assumptions": assumptions}
         # Only the weights: the trainer starts a fresh optimizer state on them (`params_only`).
-        meta = {"params_only": True, "rollbacks": 0, "step": 0, "data": None, "config": json.loads(config.to_json_best_effort()),
-                "backbones": final, "skipped_records": {}, "nonfinite_in_row": 0, "converted_from": record}
+        meta = {"params_only": True, "rollbacks": 0, "step": 0, "data": None,
+                "config": json.loads(config.to_json_best_effort()), "backbones": final, "skipped_records": {},
+                "nonfinite_in_row": 0, "converted_from": record}
         checkpointer = Checkpointer(os.path.join(staging, "checkpoints"), async_save=False)
         try:
             checkpointer.save(0, {"params": params}, meta, force=True)
