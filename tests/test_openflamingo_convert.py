@@ -316,6 +316,10 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
         jax.tree.leaves(nnx.to_pure_dict(nnx.state(before.model, nnx.Param))),
         jax.tree.leaves(nnx.to_pure_dict(nnx.state(after.model, nnx.Param))))]
     assert all(moved)
+    # The fine-tuned step exports for OpenFlamingo.
+    assert convert("to-openflamingo", f"--workdir={out}", f"--out={tmp_path / 'tuned.pt'}") == 0
+    tuned = torch.load(tmp_path / "tuned.pt", weights_only=True)
+    np.testing.assert_array_equal(tuned["perceiver.latents"].numpy(), np.asarray(after.model.resampler.latents[...]))
     # ... and `python -m flamingo_jax.evaluate` reads the workdir (synthetic held-out tasks, 0 shots).
     command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={out}", f"--data_dir={synthetic_corpus}",
                "--tasks=synthetic_captioning", "--shots=0", "--num_queries=2",
