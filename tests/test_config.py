@@ -48,6 +48,8 @@ EXACT_COUNTS = {
                             trainable_resampler=63_019_008, trainable_new_tokens=15_360, total=4_039_029_792),
     "openflamingo_9b": dict(frozen_lm=6_648_651_776, frozen_vision=303_179_776, trainable_xattn=1_115_815_952,
                             trainable_resampler=63_019_008, trainable_new_tokens=12_288, total=8_130_678_800),
+    "openflamingo_9b_v1": dict(frozen_lm=6_738_415_616, frozen_vision=303_179_776, trainable_xattn=1_115_815_952,
+                               trainable_resampler=63_019_008, trainable_new_tokens=24_576, total=8_220_454_928),
 }
 PAPER_XATTN_BLOCKS = {"3b": 24, "9b": 10, "80b": 12}  # every layer of 24, every 4th of 40, every 7th of 80
 
@@ -74,6 +76,8 @@ PUBLIC = {
                        frozen_vision=303_179_776),  # CLIP ViT-L/14's visual tower, no projection
     "llama7b_nfnet": dict(frozen_lm=6_738_415_616,  # Llama-2-7B
                           frozen_vision=435_286_116),  # NFNet-F6 with its final conv, no classifier
+    "openflamingo_9b_v1": dict(frozen_lm=6_738_415_616,  # LLaMA-7B (untied)
+                               frozen_vision=303_179_776),  # open_clip ViT-L/14's visual tower
 }
 
 
@@ -82,12 +86,13 @@ def test_public_backbone_configs_have_the_published_sizes(name):
     counts = param_counts(FlamingoConfig.from_dict(load_config(name).model))
     for column, exact in PUBLIC[name].items():
         assert counts[column] == exact, (column, counts[column])
-    assert counts["trainable_new_tokens"] == 2 * load_config(name).model.decoder.dim * (
+    assert counts["trainable_new_tokens"] == load_config(name).model.num_new_tokens * load_config(
+        name).model.decoder.dim * (
         1 if load_config(name).model.decoder.tie_embeddings else 2)
 
 
 @pytest.mark.parametrize("name", ["tiny", "ref_cpu", "3b", "9b", "80b", "llama_clip", "llama7b_nfnet",
-                                  "openflamingo_3b", "openflamingo_4b", "openflamingo_9b"])
+                                  "openflamingo_3b", "openflamingo_4b", "openflamingo_9b", "openflamingo_9b_v1"])
 def test_shipped_configs_validate(name):
     FlamingoConfig.from_dict(load_config(name).model)
 

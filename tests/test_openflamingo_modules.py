@@ -291,7 +291,8 @@ def test_openflamingo_block_counts_in_params_and_flops(num_layers, every, blocks
 
 @pytest.mark.parametrize("name, lm_dim, every, blocks", [("openflamingo_3b", 2048, 1, 24),
                                                          ("openflamingo_4b", 2560, 2, 16),
-                                                         ("openflamingo_9b", 4096, 4, 8)])
+                                                         ("openflamingo_9b", 4096, 4, 8),
+                                                         ("openflamingo_9b_v1", 4096, 4, 8)])
 def test_openflamingo_configs_have_its_trainable_parameters(name, lm_dim, every, blocks):
     """Our counts equal OpenFlamingo's own modules' at full size (built on torch's meta device:
     nothing is allocated), and the blocks sit where its (i + 1) % n == 0 puts them."""

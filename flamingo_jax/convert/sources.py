@@ -170,7 +170,7 @@ class ArraySource(TensorSource):
 
 def _load_state_dict(file: str) -> dict[str, Any]:
     """A torch file's name -> tensor dict: weights only, memory-mapped; a training
-    checkpoint's 'state_dict' / 'model' entry and a DataParallel 'module.' prefix unwrapped."""
+    checkpoint's 'state_dict' / 'model_state_dict' (OpenFlamingo's) / 'model' entry and a DataParallel 'module.' prefix unwrapped."""
     try:
         import torch
     except ImportError as error:
@@ -190,7 +190,7 @@ def _load_state_dict(file: str) -> dict[str, Any]:
             "non-zip format) cannot be memory-mapped: re-save it with a current torch or convert it to "
             "safetensors.") from error
     if isinstance(loaded, dict):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(loaded.get(key), dict) and not _is_tensor(loaded[key]):
                 loaded = loaded[key]
                 break

@@ -203,6 +203,22 @@ class Trainer:
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
         if not resuming:
             return self._init_state(params), frozen, {}
+        latest = self.checkpointer.latest_step()
+        try:
+            meta = self.checkpointer.read_meta(latest)
+        except Exception:  # noqa: BLE001 - a damaged record: restore_usable reports it and sets it aside
+            meta = {}
+        if meta.get("params_only"):  # a converted model (`convert openflamingo`): its weights, a fresh optimizer
+            self._check_resumable(latest, meta)
+            abstract_params = abstract_with_shardings(self.parts.abstract()[0], self.param_shardings)
+            reader = Checkpointer(self.checkpointer.directory, async_save=False)  # its own handlers: saves are
+            try:  # the train state's, this restore is a partial PyTree one
+                state = self._init_state(reader.restore_params(abstract_params, latest))
+            finally:
+                reader.close()
+            logging.info("starting from the converted weights of step %d in %s (new optimizer state)", latest,
+                         self.checkpointer.directory)
+            return state, frozen, meta
         state, meta = self.checkpointer.restore_usable(
             abstract_with_shardings(self.abstract_state, self.state_shardings), check_meta=self._check_resumable)
         self.guard.rollbacks = int(meta.get("rollbacks", 0))
