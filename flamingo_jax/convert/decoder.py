@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 from typing import Any
 
 import jax.numpy as jnp
@@ -158,10 +157,5 @@ def convert_decoder(from_path: str, out: str, *, tokenizer: str = "", dtype: str
 
 
 def summary(record: dict[str, Any]) -> str:
-    lines = [f"converted {record['source']} ({record['format']}: {record['architecture']})",
-             f"  -> {record['out']}"]
-    for assumption in record["assumptions"]:
-        lines.append(f"  note: {assumption}")
-    lines.append(f"Use it with these flags (also in {os.path.join(record['out'], writer.RECORD_FILE)}):")
-    lines.append("  " + " \\\n  ".join(shlex.quote(flag) for flag in record["overrides"]))
-    return "\n".join(lines)
+    """What a user reads after converting a decoder: the config flags that use it."""
+    return writer.summary(record)

@@ -342,10 +342,7 @@ def export_openflamingo(workdir: str, out: str, *, step: int | None = None, over
                               "`convert openflamingo`'s workdir.")
     checkpointer = Checkpointer(directory, async_save=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.manager.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps there: "
-                                  f"{sorted(checkpointer.manager.all_steps())}.")
+        step = checkpointer.existing_step(step)
         meta = checkpointer.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
         cfg = FlamingoConfig.from_dict(config.model)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 from typing import Any
 
 import jax.numpy as jnp
@@ -133,14 +132,7 @@ def convert_vision(from_path: str, fmt: str, out: str, *, options: Options = Opt
 
 
 def summary(record: dict[str, Any]) -> str:
-    """What a user reads after a conversion: the config flags to use it, shell-quoted."""
-    lines = [f"converted {record['source']} ({record['format']}: {record['architecture']})",
-             f"  -> {record['out']}"]
-    for assumption in record["assumptions"]:
-        lines.append(f"  assumed: {assumption}")
+    """What a user reads after converting a vision encoder: the image normalisation and config flags."""
     prep = record["preprocessing"]
-    lines.append(f"  images: normalise with mean {prep['mean']} and std {prep['std']} "
-                 "(config.data.image_mean / image_std)")
-    lines.append(f"Use it with these flags (also in {os.path.join(record['out'], writer.RECORD_FILE)}):")
-    lines.append("  " + " \\\n  ".join(shlex.quote(flag) for flag in record["overrides"]))
-    return "\n".join(lines)
+    return writer.summary(record, (f"images: normalise with mean {prep['mean']} and std {prep['std']} "
+                                   "(config.data.image_mean / image_std)",))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -144,3 +145,15 @@ def read_record(path: str) -> dict[str, Any]:
     """The record a conversion wrote beside a backbone checkpoint."""
     with open(os.path.join(path, RECORD_FILE)) as f:
         return json.load(f)
+
+
+def summary(record: dict[str, Any], details: tuple[str, ...] = ()) -> str:
+    """What a user reads after a backbone conversion: source, output, assumptions, `details`, and the
+    config flags that use it (shell-quoted, also in the record file)."""
+    lines = [f"converted {record['source']} ({record['format']}: {record['architecture']})",
+             f"  -> {record['out']}"]
+    lines += [f"  assumed: {assumption}" for assumption in record["assumptions"]]
+    lines += [f"  {detail}" for detail in details]
+    lines.append(f"Use it with these flags (also in {os.path.join(record['out'], RECORD_FILE)}):")
+    lines.append("  " + " \\\n  ".join(shlex.quote(flag) for flag in record["overrides"]))
+    return "\n".join(lines)

@@ -93,6 +93,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def existing_step(self, step: int | None = None) -> int:
+        """`step` (default: the latest), checked to be saved here; an error listing the steps otherwise."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: "
+                                  f"{sorted(self.manager.all_steps())}.")
+        return step
+
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Starts an (asynchronous) save if the interval says so or `force`; returns whether it did."""
         return self.manager.save(

@@ -45,6 +45,7 @@ from flamingo_jax.evaluation.templates import (
     Example,
     PromptTemplate,
     media_of_example,
+    yes_or_no,
 )
 from flamingo_jax.inference.items import END_OF_CHUNK, Item, Media
 
@@ -114,9 +115,7 @@ class HatefulMemesTemplate(OpenFlamingoTemplate):
         return f"is an image with: '{example.text}' written on it. Is it hateful? Answer:"
 
     def answer(self, example: Example) -> str:
-        if example.label is None:
-            raise ValueError(f"Example {example.id} has no label (an unlabelled test split?).")
-        return YES_NO[0] if int(example.label) == 1 else YES_NO[1]
+        return yes_or_no(example)
 
     def candidates(self, support_pool: Sequence[Example]) -> list[str]:
         return list(YES_NO)

@@ -127,6 +127,13 @@ class VQATemplate(PromptTemplate):
 YES_NO: tuple[str, str] = ("yes", "no")
 
 
+def yes_or_no(example: Example) -> str:
+    """A binary example's answer: "yes" for label 1 (HatefulMemes: hateful), else "no"."""
+    if example.label is None:
+        raise ValueError(f"Example {example.id} has no label (an unlabelled test split?).")
+    return YES_NO[0] if int(example.label) == 1 else YES_NO[1]
+
+
 @dataclass(frozen=True)
 class HatefulMemesTemplate(PromptTemplate):
     """``<image>is an image with written: "{text}" on it. Is it hateful? Answer: {yes|no}<EOC>``.
@@ -143,9 +150,7 @@ class HatefulMemesTemplate(PromptTemplate):
         return f'is an image with written: "{example.text.strip()}" on it. {self.question} Answer:'
 
     def answer(self, example: Example) -> str:
-        if example.label is None:
-            raise ValueError(f"Example {example.id} has no label (an unlabelled test split?).")
-        return YES_NO[0] if int(example.label) == 1 else YES_NO[1]
+        return yes_or_no(example)
 
     def candidates(self, support_pool: Sequence[Example]) -> list[str]:
         return list(YES_NO)

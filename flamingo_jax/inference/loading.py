@@ -51,10 +51,7 @@ def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str |
                               "`python -m flamingo_jax.train --workdir=...`.")
     checkpointer = Checkpointer(str(directory), async_save=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.manager.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps there: "
-                                  f"{sorted(checkpointer.manager.all_steps())}.")
+        step = checkpointer.existing_step(step)
         meta = checkpointer.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
         model_config = FlamingoConfig.from_dict(config.model)
