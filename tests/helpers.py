@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import pathlib
 
 import jax
@@ -129,3 +130,21 @@ def count_lowerings(fn):
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)
     return len(lowered)
+
+
+def run_convert(*argv: str) -> int:
+    """`python -m flamingo_jax.convert <argv>` in-process, with the CLIs' one-line error handling: its exit status."""
+    from flamingo_jax import cli as flamingo_cli
+    from flamingo_jax.convert import cli
+
+    try:
+        return flamingo_cli.guard(lambda: cli.main(["flamingo_jax.convert", *argv]))
+    except SystemExit as exit:
+        return exit.code
+
+
+def assert_nothing_written(out) -> None:
+    """A refused conversion leaves neither `out` nor any hidden staging folder of it (`.<name>.*`) behind."""
+    parent, name = os.path.split(str(out))
+    assert not os.path.lexists(out)
+    assert not [entry for entry in os.listdir(parent) if entry.startswith(f".{name}.")]

@@ -26,11 +26,12 @@ import torch
 import torchvision_cpu  # noqa: F401 - lets transformers import torchvision on CPU torch
 from flax import nnx
 
-from flamingo_jax import cli as flamingo_cli
-from flamingo_jax.convert import cli, writer
+from flamingo_jax.convert import writer
 from flamingo_jax.core import backbones
 from flamingo_jax.models.config import DecoderConfig, build_config
 from flamingo_jax.models.decoder import Decoder
+
+from helpers import assert_nothing_written, run_convert
 
 TOLERANCE = 1e-4  # max abs, fp32
 VOCAB = 128
@@ -47,16 +48,7 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def convert(*flags: str) -> int:
     """`python -m flamingo_jax.convert decoder ...` in-process: its exit status."""
-    try:
-        return flamingo_cli.guard(lambda: cli.main(["flamingo_jax.convert", "decoder", *flags]))
-    except SystemExit as exit:
-        return exit.code
-
-
-def assert_nothing_written(out: str) -> None:
-    parent, name = os.path.split(out)
-    assert not os.path.lexists(out)
-    assert not [entry for entry in os.listdir(parent) if entry.startswith(f".{name}.converting-")]
+    return run_convert("decoder", *flags)
 
 
 def decoder_config(record: dict) -> DecoderConfig:

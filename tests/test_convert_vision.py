@@ -26,13 +26,14 @@ import torch
 import torchvision_cpu  # noqa: E402, F401  (before transformers / open_clip / timm import torchvision)
 from flax import nnx
 
-from flamingo_jax import cli as flamingo_cli
-from flamingo_jax.convert import cli, mapping, vision, writer
+from flamingo_jax.convert import mapping, vision, writer
 from flamingo_jax.convert.families import Options
 from flamingo_jax.convert.sources import TensorSource
 from flamingo_jax.core import backbones
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import build_vision_encoder
+
+from helpers import assert_nothing_written, run_convert
 
 TOLERANCE = 1e-4  # max abs, fp32
 
@@ -52,10 +53,7 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def convert(*flags: str) -> int:
     """`python -m flamingo_jax.convert vision ...` in-process: its exit status."""
-    try:
-        return flamingo_cli.guard(lambda: cli.main(["flamingo_jax.convert", "vision", *flags]))
-    except SystemExit as exit:
-        return exit.code
+    return run_convert("vision", *flags)
 
 
 def images(size: int, seed: int = 0) -> np.ndarray:
@@ -98,12 +96,6 @@ def weights(encoder: nnx.Module) -> dict:
 
 def run(encoder: nnx.Module, x: np.ndarray) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, x: m(x))(encoder, jnp.asarray(x)))
-
-
-def assert_nothing_written(out: str) -> None:
-    parent, name = os.path.split(out)
-    assert not os.path.lexists(out)
-    assert not [entry for entry in os.listdir(parent) if entry.startswith(f".{name}.converting-")]
 
 
 # ---------------------------------------------------------------- reference models (one per family)

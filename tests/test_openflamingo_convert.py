@@ -14,19 +14,17 @@ import sys
 
 os.environ.setdefault("USE_TF", "0")
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torchvision_cpu  # noqa: F401  (before transformers / open_clip import torchvision)
 from flax import nnx
 
-from flamingo_jax import cli as flamingo_cli
-from flamingo_jax.convert import cli
-from flamingo_jax.data.sequence import openflamingo_media_index
+import openflamingo_case as case
+from helpers import assert_nothing_written, run_convert
+from openflamingo_case import B, M, T
 
 VIS, LM, VOCAB = 16, 24, 40
-B, T, M = 2, 12, 3
 # family -> (--arch, LM layers, OpenFlamingo's cadence, HF embedding rows: padded beyond the tokenizer's)
 FAMILIES = {"mpt": ("of-3b", 2, 1, 48), "gpt_neox": ("of-4b", 4, 2, 48), "llama": ("of-9b-v1", 4, 4, VOCAB)}
 
@@ -112,39 +110,10 @@ def build_openflamingo(family: str, root, *, vocab: int = VOCAB, image_size: int
     return model, tokenizer
 
 
-def convert(*flags) -> int:
-    """`python -m flamingo_jax.convert ...` in-process: its exit status."""
-    try:
-        return flamingo_cli.guard(lambda: cli.main(["flamingo_jax.convert", *flags]))
-    except SystemExit as exit:
-        return exit.code
-
-
 def convert_flags(root, tokenizer, arch, out):
     return ["openflamingo", f"--checkpoint={root / 'checkpoint.pt'}", f"--lm={root / 'lm'}",
             f"--vision={root / 'vision'}", f"--tokenizer={tokenizer}", f"--arch={arch}", f"--out={out}",
             "--precision=float32"]
-
-
-def token_ids(rng, vocab=VOCAB) -> np.ndarray:
-    """Two rows with 3 `<image>` each: text before the first image, `<|endofchunk|>`s, and
-    row 1 left-padded by 3 (pad id 0)."""
-    eoc, image = vocab, vocab + 1
-    ids = rng.integers(1, vocab, (B, T))
-    ids[0, [1, 5, 9]] = image
-    ids[0, [4, 8]] = eoc
-    ids[1, :3] = 0
-    ids[1, [4, 6, 10]] = image
-    ids[1, 9] = eoc
-    return ids
-
-
-def our_logits(model, ids, valid, pixels):
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))  # HF's plain forward: 0..T-1, pads too
-    media_index = openflamingo_media_index(ids, VOCAB + 1)
-    return np.asarray(nnx.jit(lambda m, *a: m(*a))(
-        model, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)), jnp.asarray(media_index),
-        jnp.asarray(positions), jnp.asarray(valid)))
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -153,7 +122,7 @@ def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"of_{family}")
     reference, tokenizer = build_openflamingo(family, root)
     out = root / "workdir"
-    assert convert(*convert_flags(root, tokenizer, FAMILIES[family][0], out)) == 0
+    assert run_convert(*convert_flags(root, tokenizer, FAMILIES[family][0], out)) == 0
     return family, root, reference, out
 
 
@@ -165,15 +134,9 @@ def test_converted_workdir_gives_openflamingo_logits(converted):
     engine = Engine.from_workdir(str(out))
     assert engine.step == 0 and engine.tokenizer.vocab_size == VOCAB
     model = nnx.merge(engine.graphdef, engine.state)
-    rng = np.random.default_rng(6)
-    ids = token_ids(rng)
-    valid = ids != 0
-    valid[0] = True
-    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
-                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
-    got = our_logits(model, ids, valid, pixels)
+    ids, valid, pixels = case.inputs(VOCAB, 16)
+    expected = case.reference_logits(reference, ids, valid, pixels)
+    got = case.our_logits(model, ids, valid, pixels, VOCAB + 1)
     assert got.shape == expected.shape == (B, T, VOCAB + 3)
     error = float(np.abs(got - expected)[valid].max())
     print(f"convert openflamingo ({family}): max abs logit error {error:.2e}")  # shown with -s
@@ -183,10 +146,10 @@ def test_converted_workdir_gives_openflamingo_logits(converted):
 def test_to_openflamingo_round_trips_into_a_fresh_openflamingo(converted, tmp_path):
     family, _, reference, out = converted
     exported = tmp_path / "exported.pt"
-    assert convert("to-openflamingo", f"--workdir={out}", f"--out={exported}") == 0
+    assert run_convert("to-openflamingo", f"--workdir={out}", f"--out={exported}") == 0
     fresh, _ = build_openflamingo(family, tmp_path / "fresh", seed=1)  # other random trainable weights
     rng = np.random.default_rng(9)
-    ids = torch.from_numpy(token_ids(rng))
+    ids = torch.from_numpy(case.token_ids(rng, VOCAB))
     pixels = torch.from_numpy(rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32))
     # The frozen towers are the original's (OpenFlamingo reloads them from the same pretrained files).
     trained = ("perceiver.", "lang_encoder.gated_cross_attn", "embed", "wte.", "lm_head.")
@@ -213,11 +176,6 @@ def load_config_file(path):
     return module.get_config()
 
 
-def assert_nothing_written(out) -> None:
-    assert not os.path.lexists(out)
-    assert not [e for e in os.listdir(os.path.dirname(out)) if e.startswith(f".{os.path.basename(out)}.")]
-
-
 @pytest.fixture(scope="module")
 def mpt_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("of_bad")
@@ -228,7 +186,7 @@ def mpt_sources(tmp_path_factory):
 def test_a_checkpoint_of_another_cadence_is_refused(mpt_sources, tmp_path, capsys):
     root, _, tokenizer = mpt_sources  # xattn before every layer (of-3b)
     out = tmp_path / "workdir"
-    assert convert(*convert_flags(root, tokenizer, "of-4b", out)) == 1
+    assert run_convert(*convert_flags(root, tokenizer, "of-4b", out)) == 1
     message = capsys.readouterr().err.strip()
     assert "gated xattn blocks before LM layers [0, 1] but --arch=of-4b places them before [1]" in message
     assert len(message.splitlines()) == 1, message
@@ -243,7 +201,7 @@ def test_a_missing_tensor_is_named(mpt_sources, tmp_path, capsys):
     (tmp_path / "vision").symlink_to(root / "vision")
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "checkpoint.pt")  # plain, DDP-prefixed
     out = tmp_path / "workdir"
-    assert convert(*convert_flags(tmp_path, tokenizer, "of-3b", out)) == 1
+    assert run_convert(*convert_flags(tmp_path, tokenizer, "of-3b", out)) == 1
     message = capsys.readouterr().err
     assert "perceiver.layers.2.0.to_kv.weight" in message and "Nothing was written" in message, message
     assert "module." not in message  # the prefix was stripped: only the deleted tensor is missing
@@ -254,7 +212,7 @@ def test_a_tokenizer_of_the_wrong_size_is_refused(mpt_sources, tmp_path, capsys)
     root, _, _ = mpt_sources
     tokenizer = word_tokenizer(tmp_path / "tokenizer", VOCAB - 5)
     out = tmp_path / "workdir"
-    assert convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
+    assert run_convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
     message = capsys.readouterr().err.strip()
     assert f"has {VOCAB - 5} tokens but the checkpoint's lang_encoder.transformer.wte.weight has {VOCAB + 3} rows" \
         in message
@@ -278,7 +236,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     vocab = load_tokenizer(spm).vocab_size
     build_openflamingo("mpt", tmp_path, vocab=vocab, image_size=32)
     out = tmp_path / "workdir"
-    assert convert(*convert_flags(tmp_path, str(tmp_path / "tokenizer"), "of-3b", out)) == 0
+    assert run_convert(*convert_flags(tmp_path, str(tmp_path / "tokenizer"), "of-3b", out)) == 0
     before = load_trained(str(out))
     checkpointer = Checkpointer(str(out / "checkpoints"), async_save=False)
     recorded = checkpointer.read_meta(0)["config"]
@@ -317,7 +275,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
         jax.tree.leaves(nnx.to_pure_dict(nnx.state(after.model, nnx.Param))))]
     assert all(moved)
     # The fine-tuned step exports for OpenFlamingo.
-    assert convert("to-openflamingo", f"--workdir={out}", f"--out={tmp_path / 'tuned.pt'}") == 0
+    assert run_convert("to-openflamingo", f"--workdir={out}", f"--out={tmp_path / 'tuned.pt'}") == 0
     tuned = torch.load(tmp_path / "tuned.pt", weights_only=True)
     np.testing.assert_array_equal(tuned["perceiver.latents"].numpy(), np.asarray(after.model.resampler.latents[...]))
     # ... and `python -m flamingo_jax.evaluate` reads the workdir (synthetic held-out tasks, 0 shots).
@@ -335,10 +293,10 @@ def test_an_existing_workdir_is_kept_unless_overwrite(mpt_sources, tmp_path, cap
     out = tmp_path / "workdir"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    assert convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
+    assert run_convert(*convert_flags(root, tokenizer, "of-3b", out)) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "mine.txt").read_text() == "keep"
-    assert convert(*convert_flags(root, tokenizer, "of-3b", out), "--overwrite") == 0
+    assert run_convert(*convert_flags(root, tokenizer, "of-3b", out), "--overwrite") == 0
     assert not (out / "mine.txt").exists() and (out / "checkpoints").is_dir()
     assert [e for e in os.listdir(tmp_path) if e != "workdir"] == []  # nothing staged or set aside is left
 
@@ -379,17 +337,11 @@ def test_a_hugging_face_clip_tower_gives_the_same_logits(mpt_sources, tmp_path):
     out = tmp_path / "workdir"
     flags = [f"--vision={tmp_path / 'clip'}" if f.startswith("--vision=") else f
              for f in convert_flags(root, tokenizer, "of-3b", out)]
-    assert convert(*flags) == 0
+    assert run_convert(*flags) == 0
     engine = Engine.from_workdir(str(out))
-    rng = np.random.default_rng(6)
-    ids = token_ids(rng)
-    valid = ids != 0
-    valid[0] = True
-    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
-                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
-    got = our_logits(nnx.merge(engine.graphdef, engine.state), ids, valid, pixels)
+    ids, valid, pixels = case.inputs(VOCAB, 16)
+    expected = case.reference_logits(reference, ids, valid, pixels)
+    got = case.our_logits(nnx.merge(engine.graphdef, engine.state), ids, valid, pixels, VOCAB + 1)
     error = float(np.abs(got - expected)[valid].max())
     print(f"convert openflamingo (mpt, HF CLIP tower): max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-4, error

@@ -7,31 +7,38 @@ the max abs errors."""
 
 import dataclasses
 
-import torchvision_cpu  # noqa: F401  (before transformers / open_clip import torchvision)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torchvision_cpu  # noqa: F401  (before transformers / open_clip import torchvision)
 from flax import nnx
 
-from flamingo_jax.convert import open_clip_vit, openflamingo
-from flamingo_jax.convert import transforms as tr
-from flamingo_jax.convert.mapping import Rule, Table
+from flamingo_jax.convert import hf_llama, open_clip_vit, openflamingo
 from flamingo_jax.convert.errors import ConversionError
+from flamingo_jax.convert.mapping import Rule, Table
 from flamingo_jax.convert.sources import ArraySource
 from flamingo_jax.data.sequence import openflamingo_media_index
 from flamingo_jax.inference import decoding
 from flamingo_jax.models import layers, summary
-from flamingo_jax.models.config import (DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig, ViTConfig,
-                                        XAttnConfig)
+from flamingo_jax.models.config import (
+    DecoderConfig,
+    FlamingoConfig,
+    ResamplerConfig,
+    VisionConfig,
+    ViTConfig,
+    XAttnConfig,
+)
 from flamingo_jax.models.decoder import uncached_slots
 from flamingo_jax.models.flamingo import Flamingo
 
+import openflamingo_case as case
+from openflamingo_case import B, M, T
+
 VIS, LM, LAYERS, EVERY, VOCAB, NEW = 16, 24, 6, 2, 40, 3  # OpenFlamingo adds <|endofchunk|>, <image>, <PAD>
 EOC, IMAGE = VOCAB, VOCAB + 1
-B, T, M, PATCHES = 2, 12, 3, 5
+PATCHES = 5
 
 
 def our_config(**resampler) -> FlamingoConfig:
@@ -91,15 +98,22 @@ def converted(reference):
 
 
 def token_ids(rng) -> np.ndarray:
-    """Two rows with 3 `<image>` each: text before the first image, `<|endofchunk|>`s, and
-    row 1 left-padded by 3 (pad id 0)."""
-    ids = rng.integers(1, VOCAB, (B, T))
-    ids[0, [1, 5, 9]] = IMAGE
-    ids[0, [4, 8]] = EOC
-    ids[1, :3] = 0
-    ids[1, [4, 6, 10]] = IMAGE
-    ids[1, 9] = EOC
-    return ids
+    """The shared case's two rows (openflamingo_case.token_ids) at this file's vocabulary."""
+    return case.token_ids(rng, VOCAB)
+
+
+def generation_case(reference, seed: int, new: int, **generate):
+    """The shared case as generation prompts: OpenFlamingo's `generate` continuation [B, new] and our
+    prefill inputs, positions numbered from the attention mask as HF's generate does."""
+    ids, valid, pixels = case.inputs(VOCAB, 16, seed)
+    with torch.no_grad():
+        theirs = reference.generate(torch.from_numpy(pixels), torch.from_numpy(ids),
+                                    attention_mask=torch.from_numpy(valid).long(), max_new_tokens=new,
+                                    do_sample=False, pad_token_id=0, **generate).numpy()[:, T:]
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    prompt = (jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
+              jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
+    return theirs, prompt
 
 
 def test_openflamingo_media_index_is_the_cumsum_of_image_tokens():
@@ -314,27 +328,17 @@ def test_openflamingo_configs_have_its_trainable_parameters(name, lm_dim, every,
 
 
 def llama_decoder_table(cfg: FlamingoConfig) -> Table:
-    """Test-only stand-in for the Hugging Face decoder converter: LLaMA's layers, as OpenFlamingo
-    wraps them (`<layers>.I.decoder_layer`), into our frozen `decoder/*`; the vocabulary rows
-    come from `openflamingo.frozen_embedding_table`."""
-    d, stacked = cfg.decoder, tuple(range(cfg.decoder.num_layers))
-    p = "lang_encoder.model.layers.{layer}.decoder_layer"
-    rules = [Rule("decoder/layers/attention_norm/scale", f"{p}.input_layernorm.weight", layers=stacked),
-             Rule("decoder/layers/ffw_norm/scale", f"{p}.post_attention_layernorm.weight", layers=stacked),
-             Rule("decoder/layers/attention/query/kernel", f"{p}.self_attn.q_proj.weight", tr.heads_out(d.num_heads),
-                  stacked),
-             Rule("decoder/layers/attention/key/kernel", f"{p}.self_attn.k_proj.weight", tr.heads_out(d.num_heads),
-                  stacked),
-             Rule("decoder/layers/attention/value/kernel", f"{p}.self_attn.v_proj.weight",
-                  tr.heads_out(d.num_heads), stacked),
-             Rule("decoder/layers/attention/out/kernel", f"{p}.self_attn.o_proj.weight", tr.heads_in(d.num_heads),
-                  stacked),
-             Rule("decoder/layers/ffw/wi/kernel", f"{p}.mlp.gate_proj.weight", tr.torch_linear, stacked),
-             Rule("decoder/layers/ffw/wg/kernel", f"{p}.mlp.up_proj.weight", tr.torch_linear, stacked),
-             Rule("decoder/layers/ffw/wo/kernel", f"{p}.mlp.down_proj.weight", tr.torch_linear, stacked),
-             Rule("decoder/final_norm/scale", "lang_encoder.model.norm.weight")]
+    """The Hugging Face LLaMA converter's table (convert/hf_llama.py), its layers read where OpenFlamingo
+    wraps them (`lang_encoder.model.layers.I.decoder_layer`) into our frozen `decoder/*`; the
+    vocabulary rows come from `openflamingo.frozen_embedding_table` instead."""
+    def wrapped(rule: Rule) -> Rule:
+        source = "lang_encoder." + rule.source.replace("model.layers.{layer}.", "model.layers.{layer}.decoder_layer.")
+        return dataclasses.replace(rule, target=f"decoder/{rule.target}", source=source)
+
+    rules = tuple(wrapped(rule) for rule in hf_llama.table(cfg.decoder, "tiny LLaMA").rules
+                  if rule.target not in ("embedding", "unembedding"))
     embeddings = openflamingo.frozen_embedding_table(cfg, openflamingo.LM_LAYOUTS["llama"])
-    return Table(tuple(rules) + embeddings.rules, ignored=(".*",), description="tiny LLaMA (test)")
+    return Table(rules + embeddings.rules, ignored=(".*",), description="tiny LLaMA in OpenFlamingo")
 
 
 @pytest.fixture(scope="module")
@@ -357,20 +361,9 @@ def test_whole_forward_equals_openflamingo(reference, whole):
     image and several `<|endofchunk|>`: its vision tower by our open_clip table, its LM by the
     test's LLaMA table, everything trainable by convert/openflamingo.py."""
     model = whole
-    rng = np.random.default_rng(6)
-    ids = token_ids(rng)
-    valid = ids != 0
-    valid[0] = True
-    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(pixels), torch.from_numpy(ids),
-                             attention_mask=torch.from_numpy(valid).long()).logits.numpy()
-    # A plain forward of the HF decoder numbers positions 0..T-1 in every row, padding included.
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
-                                        jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions),
-                                        jnp.asarray(valid))
-    got = np.asarray(got)
+    ids, valid, pixels = case.inputs(VOCAB, 16)
+    expected = case.reference_logits(reference, ids, valid, pixels)
+    got = case.our_logits(model, ids, valid, pixels, IMAGE)
     with torch.no_grad():  # the images matter: other pixels change OpenFlamingo's logits after the first image
         other = reference(torch.from_numpy(-pixels), torch.from_numpy(ids),
                           attention_mask=torch.from_numpy(valid).long()).logits.numpy()
@@ -386,17 +379,8 @@ def test_whole_forward_equals_openflamingo(reference, whole):
 def test_greedy_generation_equals_openflamingo_generate(reference, whole):
     """20 greedy tokens after left-padded prompts ending in text after their last image: the
     same ids as OpenFlamingo's `generate` (HF numbers positions from the attention mask there)."""
-    rng = np.random.default_rng(7)
-    ids = token_ids(rng)
-    valid = ids != 0
-    valid[0] = True
-    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
     new = 20
-    with torch.no_grad():
-        theirs = reference.generate(torch.from_numpy(pixels), torch.from_numpy(ids),
-                                    attention_mask=torch.from_numpy(valid).long(), max_new_tokens=new,
-                                    num_beams=1, do_sample=False, pad_token_id=0).numpy()[:, T:]
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    theirs, prompt = generation_case(reference, 7, new, num_beams=1)
 
     @nnx.jit
     def greedy(model, tokens, media, media_index, positions, valid):
@@ -404,8 +388,7 @@ def test_greedy_generation_equals_openflamingo_generate(reference, whole):
         return decoding.decode(model, context, jax.random.key(0), max_new_tokens=new, stop_ids=(EOC,), pad_id=0,
                                choose=decoding.greedy_chooser())
 
-    ours = greedy(whole, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
-                  jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
+    ours = greedy(whole, *prompt)
     print(f"greedy generation: {np.asarray(ours.lengths).tolist()} tokens equal OpenFlamingo's")  # shown with -s
     for row in range(B):
         length = int(ours.lengths[row])
@@ -416,25 +399,15 @@ def test_greedy_generation_equals_openflamingo_generate(reference, whole):
 
 def test_beam_search_best_sequence_equals_openflamingo_generate(reference, whole):
     """3 beams, no length penalty (HF's length_penalty=0, our alpha=0): the same best sequence."""
-    rng = np.random.default_rng(8)
-    ids = token_ids(rng)
-    valid = ids != 0
-    valid[0] = True
-    pixels = rng.standard_normal((B, M, 1, 3, 16, 16)).astype(np.float32)
     new = 8
-    with torch.no_grad():
-        theirs = reference.generate(torch.from_numpy(pixels), torch.from_numpy(ids),
-                                    attention_mask=torch.from_numpy(valid).long(), max_new_tokens=new,
-                                    num_beams=3, length_penalty=0.0, do_sample=False, pad_token_id=0).numpy()[:, T:]
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    theirs, prompt = generation_case(reference, 8, new, num_beams=3, length_penalty=0.0)
 
     @nnx.jit
     def beams(model, tokens, media, media_index, positions, valid):
         context = decoding.prefill(model, tokens, media, media_index, positions, valid, T + new)
         return decoding.beam_search(model, context, num_beams=3, max_new_tokens=new, stop_ids=(EOC,), pad_id=0)
 
-    ours = beams(whole, jnp.asarray(ids), jnp.asarray(pixels.transpose(0, 1, 2, 4, 5, 3)),
-                 jnp.asarray(openflamingo_media_index(ids, IMAGE)), jnp.asarray(positions), jnp.asarray(valid))
+    ours = beams(whole, *prompt)
     for row in range(B):
         length = int(ours.lengths[row])
         np.testing.assert_array_equal(np.asarray(ours.tokens[row, :length]), theirs[row, :length])
