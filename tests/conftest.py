@@ -66,13 +66,12 @@ def long_modules_first(items: list, workers: int) -> list:
         i = loads.index(min(loads))
         chunks[i].extend(modules[module])
         loads[i] += MODULE_SECONDS[module]
-    rest = [item for module, group in modules.items() if module not in long for item in group]
+    rest = [group for module, group in modules.items() if module not in long]  # whole modules, in order
     remaining, ordered = len(items), []
     for i, chunk in enumerate(chunks):
         size = remaining // (workers - i)  # worksteal's first share for this worker
-        take = max(size - len(chunk), 0) if i < workers - 1 else len(rest)
-        chunk.extend(rest[:take])
-        del rest[:take]
+        while rest and (len(chunk) < size or i == workers - 1):
+            chunk.extend(rest.pop(0))
         remaining -= len(chunk)
         ordered.extend(chunk)
     return ordered

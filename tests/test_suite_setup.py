@@ -1,0 +1,60 @@
+"""The suite's own machinery (conftest.py): the long-first order keeps every test exactly once and
+each module together; session artefacts are built once; every program compiles unoptimised."""
+
+import os
+import types
+
+import pytest
+from conftest import MODULE_SECONDS, long_modules_first, once_per_session
+
+
+def fake_items(counts: dict[str, int]) -> list:
+    return [types.SimpleNamespace(nodeid=f"{module}::test_{i}") for module, n in counts.items() for i in range(n)]
+
+
+def module_of(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_long_modules_first_is_a_permutation_that_keeps_modules_together(workers):
+    longest = sorted(MODULE_SECONDS, key=MODULE_SECONDS.get, reverse=True)[:3]
+    counts = {"tests/test_a.py": 5, longest[2]: 4, "tests/test_b.py": 7, longest[0]: 3, longest[1]: 2,
+              "tests/test_c.py": 6}
+    items = fake_items(counts)
+    ordered = long_modules_first(items, workers)
+    assert sorted(i.nodeid for i in ordered) == sorted(i.nodeid for i in items)  # nothing lost or doubled
+    runs = [module_of(ordered[0])] + [module_of(b) for a, b in zip(ordered, ordered[1:])
+                                      if module_of(a) != module_of(b)]
+    assert len(runs) == len(set(runs)) == len(counts)  # each module in one contiguous run
+    if workers == 1:
+        assert runs[:3] == longest  # the longest module starts first
+    else:
+        # worksteal gives worker i the i-th contiguous share: the two longest start different workers' shares
+        first_share = {module_of(i) for i in ordered[:len(ordered) // workers]}
+        assert longest[0] in first_share and longest[1] not in first_share
+
+
+def test_a_session_artefact_is_built_once_and_a_failed_build_is_retried(tmp_path):
+    built = []
+
+    def build(out):
+        built.append(out)
+        (out / "data").write_text("x")
+
+    first = once_per_session(tmp_path, "thing", build)
+    assert once_per_session(tmp_path, "thing", build) == first and len(built) == 1
+    assert (first / "data").read_text() == "x"
+
+    def broken(out):
+        (out / "partial").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        once_per_session(tmp_path, "other", broken)
+    again = once_per_session(tmp_path, "other", build)  # no .done: rebuilt from an empty folder
+    assert len(built) == 2 and not (again / "partial").exists()
+
+
+def test_every_program_compiles_unoptimised():
+    assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"].split()
