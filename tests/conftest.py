@@ -53,8 +53,9 @@ LONG_MODULE_S = 30
 def long_modules_first(items: list, workers: int) -> list:
     """The long modules first, dealt to the worker with the least so far; then the rest in
     collection order, so that xdist's worksteal scheduler, which gives worker i the i-th of
-    `workers` equal contiguous slices, starts every worker on its own long modules. A module
-    stays together (its module-scoped fixtures are built once)."""
+    `workers` equal contiguous slices, starts every worker on its own long modules. A long
+    module stays together (its module-scoped fixtures are built once); the short ones fill the
+    shares to equal counts and may straddle two (one more fixture build beats uneven shares)."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
@@ -66,12 +67,13 @@ def long_modules_first(items: list, workers: int) -> list:
         i = loads.index(min(loads))
         chunks[i].extend(modules[module])
         loads[i] += MODULE_SECONDS[module]
-    rest = [group for module, group in modules.items() if module not in long]  # whole modules, in order
+    rest = [item for module, group in modules.items() if module not in long for item in group]
     remaining, ordered = len(items), []
     for i, chunk in enumerate(chunks):
         size = remaining // (workers - i)  # worksteal's first share for this worker
-        while rest and (len(chunk) < size or i == workers - 1):
-            chunk.extend(rest.pop(0))
+        take = max(size - len(chunk), 0) if i < workers - 1 else len(rest)
+        chunk.extend(rest[:take])
+        del rest[:take]
         remaining -= len(chunk)
         ordered.extend(chunk)
     return ordered

@@ -1,5 +1,5 @@
 """The suite's own machinery (conftest.py): the long-first order keeps every test exactly once and
-each module together; session artefacts are built once; every program compiles unoptimised."""
+each long module together; session artefacts are built once; every program compiles unoptimised."""
 
 import os
 import types
@@ -17,7 +17,7 @@ def module_of(item) -> str:
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_long_modules_first_is_a_permutation_that_keeps_modules_together(workers):
+def test_long_modules_first_is_a_permutation_that_keeps_long_modules_together(workers):
     longest = sorted(MODULE_SECONDS, key=MODULE_SECONDS.get, reverse=True)[:3]
     counts = {"tests/test_a.py": 5, longest[2]: 4, "tests/test_b.py": 7, longest[0]: 3, longest[1]: 2,
               "tests/test_c.py": 6}
@@ -26,7 +26,8 @@ def test_long_modules_first_is_a_permutation_that_keeps_modules_together(workers
     assert sorted(i.nodeid for i in ordered) == sorted(i.nodeid for i in items)  # nothing lost or doubled
     runs = [module_of(ordered[0])] + [module_of(b) for a, b in zip(ordered, ordered[1:])
                                       if module_of(a) != module_of(b)]
-    assert len(runs) == len(set(runs)) == len(counts)  # each module in one contiguous run
+    assert all(runs.count(m) == 1 for m in longest)  # each long module in one contiguous run
+    assert len(set(runs)) == len(counts) and len(runs) <= len(counts) + workers - 1  # short ones split at shares
     if workers == 1:
         assert runs[:3] == longest  # the longest module starts first
     else:
