@@ -140,11 +140,13 @@ class SyntheticConfig:
 
     out_dir: str = ""
     num_examples: int = 2000
+    num_eval: int = 200  # per held-out task: half support pool, half queries
     image_size: int = 64
     seed: int = 0
 
     def validate(self, path: str = "synthetic") -> "SyntheticConfig":
         _require(self.num_examples >= 1, f"{path}.num_examples", f"{self.num_examples} must be >= 1.")
+        _require(self.num_eval >= 2, f"{path}.num_eval", f"{self.num_eval} must be >= 2 (one support, one query).")
         _require(self.image_size >= 8, f"{path}.image_size", f"{self.image_size} must be >= 8.")
         return self
 

@@ -203,23 +203,72 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return options[int(rng.integers(0, len(options)))]
 
 
-def where_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """Held-out VQA family: positions."""
-    s = scene.shapes[int(rng.integers(0, len(scene.shapes)))]
-    return f"Where is the {s.colour} {s.kind}?", CELL_WORDS[s.cell]
+NAME_SYLLABLES = ("ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "qui", "ne", "bar", "zu")
+"""Syllables of the made-up names that naming episodes bind to what their images show."""
 
 
-def relation_captions(scene: Scene) -> list[str]:
-    """Held-out captioning family: two shapes and how they are placed."""
-    a, b = scene.shapes[:2]
-    name_a, name_b = f"{a.colour} {a.kind}", f"{b.colour} {b.kind}"
-    if a.cell[1] != b.cell[1]:
-        relation, converse = ("to the left of", "to the right of") if a.cell[1] < b.cell[1] else (
-            "to the right of", "to the left of")
-    else:
-        relation, converse = ("above", "below") if a.cell[0] < b.cell[0] else ("below", "above")
-    a_, b_ = f"{article(name_a)} {name_a}", f"{article(name_b)} {name_b}"
-    return [f"{a_} {relation} {b_}.", f"{b_} {converse} {a_}.", f"{a_} and {b_}."]
+def made_up_name(rng: np.random.Generator) -> str:
+    """A fresh name for a training episode: never one of the held-out families' names."""
+    while True:
+        name = "".join(rng.choice(NAME_SYLLABLES, size=int(rng.integers(2, 4))))
+        if name not in HELD_OUT_NAMES:
+            return name
+
+
+def made_up_names(rng: np.random.Generator, count: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = made_up_name(rng)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+# Held-out families. Each names what it shows with words the prompt's examples teach: a fixed
+# naming that no training text uses (training episodes draw a fresh naming per document), so
+# text-only zero-shot examples show the words but not what they name, and only image-text
+# examples can teach the mapping.
+HELD_OUT_SHAPE_NAMES = dict(zip(SHAPES, ("tovel", "kasa", "mine", "dorqui", "zulo", "barren")))
+HELD_OUT_TEXTURE_NAMES = dict(zip(TEXTURES, ("quimi", "nezu", "renka", "losa")))
+HELD_OUT_NAMES = frozenset(HELD_OUT_SHAPE_NAMES.values()) | frozenset(HELD_OUT_TEXTURE_NAMES.values())
+HELD_OUT_QUESTION = "What paper is it drawn on?"
+HELD_OUT_CLAIM = "the picture shows {article} {colour} {kind}"
+
+# Training episodes: one task per document, its examples in one frame the document picks.
+NAMING_FRAMES = ("Output: {name}.", "This is {a} {name}.", "It is called {a} {name}.", "Name: {name}.",
+                 "We call it {a} {name}.", "Label: {name}.")
+COLOURED_NAMING_FRAMES = ("Output: {name}, {colour}.", "This {colour} shape is {a} {name}.",
+                          "Output: the {colour} one is {a} {name}.", "Name: {name}. Colour: {colour}.")
+CLAIM_FRAMES = ("Claim: there is {a} {colour} {kind}. Correct? {answer}.",
+                "Is there {a} {colour} {kind} here? {answer}.",
+                "Statement: {a} {colour} {kind} is in the image. True? {answer}.")
+
+
+def named_caption(scene: Scene) -> list[str]:
+    """Held-out captioning family: the shape's colour (a known word) and its held-out name."""
+    shape = scene.shapes[0]
+    name = HELD_OUT_SHAPE_NAMES[shape.kind]
+    size = "large" if shape.large else "small"
+    return [f"{article(shape.colour)} {shape.colour} {name}.", f"{article(size)} {size} {shape.colour} {name}."]
+
+
+def texture_question(scene: Scene) -> tuple[str, str]:
+    """Held-out VQA family: the background's held-out name."""
+    return HELD_OUT_QUESTION, HELD_OUT_TEXTURE_NAMES[scene.texture]
+
+
+def verification_claim(scene: Scene, rng: np.random.Generator, false: bool) -> tuple[str, str]:
+    """(colour, kind) of a claim that the scene has such a shape: true, or made false by changing
+    its colour or its kind."""
+    present = {(s.colour, s.kind) for s in scene.shapes}
+    colour, kind = sorted(present)[int(rng.integers(0, len(present)))]
+    if false:
+        while (colour, kind) in present:
+            if rng.random() < 0.5:
+                colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
+            else:
+                kind = SHAPES[int(rng.integers(0, len(SHAPES)))]
+    return colour, kind
 
 
 def comparison(scenes: list[Scene], rng: np.random.Generator) -> str:
@@ -259,24 +308,73 @@ def lexicon(num_names: int = 600) -> list[str]:
     return [" ".join(words)] + names
 
 
+def _scene_with(rng: np.random.Generator, attribute: str, value: str) -> Scene:
+    """A scene whose `attribute` (kind, colour: of its one shape; texture) is `value`."""
+    if attribute == "texture":
+        return dataclasses.replace(random_scene(rng), texture=value)
+    shape = random_scene(rng, num_shapes=1).shapes[0]
+    shape = dataclasses.replace(shape, **{attribute: value})
+    return dataclasses.replace(random_scene(rng, num_shapes=1), shapes=(shape,))
+
+
+def naming_episode(rng: np.random.Generator) -> tuple[list[Scene], list[str]]:
+    """Few-shot word learning: fresh made-up names for 2-3 values of one attribute (shape kind,
+    colour or background texture), then 4-6 images each followed by its name in one frame. The
+    names exist only in this document, so from the second mention on, predicting a name means
+    finding the earlier image that shows the same thing: what a few-shot prompt asks of the model."""
+    attribute = ("kind", "colour", "texture")[int(rng.integers(0, 3))]
+    population = {"kind": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[attribute]
+    values = [population[int(i)] for i in rng.permutation(len(population))[: int(rng.integers(2, 4))]]
+    names = made_up_names(rng, len(values))
+    coloured = attribute == "kind" and rng.random() < 0.5
+    frames = COLOURED_NAMING_FRAMES if coloured else NAMING_FRAMES
+    frame = frames[int(rng.integers(0, len(frames)))]
+    scenes, texts = [], []
+    for _ in range(int(rng.integers(4, 7))):
+        index = int(rng.integers(0, len(values)))
+        scene = _scene_with(rng, attribute, values[index])
+        scenes.append(scene)
+        texts.append(frame.format(name=names[index], a=article(names[index]), colour=scene.shapes[0].colour))
+    return scenes, texts
+
+
+def claim_episode(rng: np.random.Generator) -> tuple[list[Scene], list[str]]:
+    """Statement verification: 3-5 images, each with a claim about it and whether it holds."""
+    frame = CLAIM_FRAMES[int(rng.integers(0, len(CLAIM_FRAMES)))]
+    scenes, texts = [], []
+    for _ in range(int(rng.integers(3, 6))):
+        scene = random_scene(rng)
+        holds = bool(rng.random() < 0.5)
+        colour, kind = verification_claim(scene, rng, false=not holds)
+        scenes.append(scene)
+        texts.append(frame.format(a=article(colour), colour=colour, kind=kind, answer="yes" if holds else "no"))
+    return scenes, texts
+
+
+DOCUMENT_STYLES = ("captions", "questions", "outputs", "naming", "claims")
+DOCUMENT_STYLE_WEIGHTS = (0.15, 0.15, 0.1, 0.4, 0.2)
+
+
 def interleaved_document(rng: np.random.Generator, size: int, encode) -> tuple[list[Any], list[str]]:
     """One document: items (str text / bytes image) and its texts (for the tokenizer)."""
-    style = int(rng.integers(0, 3))
-    count = int(rng.integers(2, 5))
-    scenes = [random_scene(rng) for _ in range(count)]
+    style = DOCUMENT_STYLES[int(rng.choice(len(DOCUMENT_STYLES), p=DOCUMENT_STYLE_WEIGHTS))]
     items: list[Any] = []
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         items.append(f"Shapes drawn by {_name(rng)} from {_name(rng)}.")
-    for k, scene in enumerate(scenes):
-        items.append(encode(render(scene, size)))
-        if style == 0:
-            items.append(f"Image {NUMBER_WORDS[k + 1]}: {caption(scene, rng)}")
-        elif style == 1:
-            q, a = question_answer(scene, rng)
-            items.append(f"Question: {q} Answer: {a}.")
+    if style in ("naming", "claims"):
+        scenes, texts = (naming_episode if style == "naming" else claim_episode)(rng)
+    else:
+        scenes = [random_scene(rng) for _ in range(int(rng.integers(2, 5)))]
+        if style == "captions":
+            texts = [f"Image {NUMBER_WORDS[k + 1]}: {caption(scene, rng)}" for k, scene in enumerate(scenes)]
+        elif style == "questions":
+            texts = [" ".join(("Question:", q, "Answer:", a + ".")) for q, a in
+                     (question_answer(scene, rng) for scene in scenes)]
         else:
-            items.append(f"Output: {caption(scene, rng)}")
-    if style == 0:
+            texts = [f"Output: {caption(scene, rng)}" for scene in scenes]
+    for scene, text in zip(scenes, texts):
+        items += [encode(render(scene, size)), text]
+    if style == "captions":
         items.append(comparison(scenes, rng))
     return items, [i for i in items if isinstance(i, str)]
 
@@ -317,12 +415,12 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
     os.makedirs(os.path.join(cap_dir, "images"), exist_ok=True)
     entries, sentence_id = [], 0
     for i in range(total):
-        scene = random_scene(rng, num_shapes=2, distinct=True)
+        scene = random_scene(rng, num_shapes=1)
         filename = f"{i:06d}.jpg"
         with open(os.path.join(cap_dir, "images", filename), "wb") as f:
             f.write(encode(render(scene, size)))
         sentences = []
-        for raw in relation_captions(scene):
+        for raw in named_caption(scene):
             sentences.append({"raw": raw, "tokens": raw.rstrip(".").split(), "imgid": i, "sentid": sentence_id})
             sentence_id += 1
             texts.append(raw)
@@ -341,11 +439,11 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
             scene = random_scene(rng)
             with open(os.path.join(vqa_dir, "images", f"{image_id:012d}.jpg"), "wb") as f:
                 f.write(encode(render(scene, size)))
-            question, answer = where_question(scene, rng)
+            question, answer = texture_question(scene)
             question_id = image_id * 10
             questions.append({"image_id": image_id, "question": question, "question_id": question_id})
             annotations.append({
-                "question_id": question_id, "image_id": image_id, "question_type": "where is the",
+                "question_id": question_id, "image_id": image_id, "question_type": "what paper is",
                 "answer_type": "other", "multiple_choice_answer": answer,
                 "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
             })
@@ -363,12 +461,9 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
         with open(os.path.join(cls_dir, f"{split}.jsonl"), "w") as f:
             for example_id in range(first, first + count):
                 scene = random_scene(rng)
-                kind = scene.shapes[0].kind
-                true_count = _kind_count(scene, kind)
                 label = int(rng.random() < 0.5)
-                wrong = [n for n in range(1, 6) if n != true_count]
-                claimed = int(wrong[int(rng.integers(0, len(wrong)))]) if label else true_count
-                text = f"there {'is' if claimed == 1 else 'are'} {NUMBER_WORDS[claimed]} {plural(kind, claimed)}"
+                colour, kind = verification_claim(scene, rng, false=bool(label))
+                text = HELD_OUT_CLAIM.format(article=article(colour), colour=colour, kind=kind)
                 image_name = f"img/{example_id:05d}.png"
                 with open(os.path.join(cls_dir, image_name), "wb") as image_file:
                     image_file.write(encode_image(render(scene, size), "PNG"))
@@ -378,19 +473,45 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
     tasks = {
         "captioning": {"format": "coco_karpathy", "annotations": "captioning/dataset_synth.json",
                        "image_root": "captioning", "support_split": "train", "query_split": "test",
-                       "family": "relational captions (held out from training)"},
+                       "family": "captions naming the shape with held-out names (HELD_OUT_SHAPE_NAMES)"},
         "vqa": {"format": "vqav2", "image_root": "vqa/images", "image_filename": "{image_id:012d}.jpg",
                 "support": {"questions": "vqa/train_questions.json", "annotations": "vqa/train_annotations.json"},
                 "query": {"questions": "vqa/val_questions.json", "annotations": "vqa/val_annotations.json"},
-                "family": "'Where is the ...?' questions (held out from training)"},
+                "family": "the background's held-out name (HELD_OUT_QUESTION, HELD_OUT_TEXTURE_NAMES)"},
         "classification": {"format": "hateful_memes", "image_root": "classification",
                            "support": "classification/train.jsonl", "query": "classification/dev.jsonl",
                            "positive_label": "the written statement is false about the image",
-                           "family": "statement verification (held out from training)"},
+                           "family": "verification of held-out claims (HELD_OUT_CLAIM) in the HatefulMemes frame"},
     }
     with open(os.path.join(out_dir, "tasks.json"), "w") as f:
         json.dump(tasks, f, indent=1)
     return texts
+
+
+def _write_validation(out_dir: str, rng: np.random.Generator, size: int, count: int, encode) -> None:
+    """Held-out examples of the training distribution (not tasks): image-text pairs for the
+    contrastive encoder's retrieval and documents for the LM's perplexity."""
+    from flamingo_jax.data import formats
+
+    with formats.ImageTextWriter(os.path.join(out_dir, "image_text"), "image_text", 1, overwrite=True) as writer:
+        for i in range(count):
+            scene = random_scene(rng)
+            writer.write(encode(render(scene, size)), caption(scene, rng), example_id=f"validation-pair-{i}")
+    with formats.InterleavedWriter(os.path.join(out_dir, "interleaved"), "interleaved", 1, overwrite=True) as writer:
+        for i in range(count):
+            writer.write(interleaved_document(rng, size, encode)[0], doc_id=f"validation-doc-{i}")
+
+
+def validation_data_config(train_data: dict[str, Any], out_dir: str, batch_size: int = 20) -> dict[str, Any]:
+    """`train_data` (a run's data config over the corpus in `out_dir`) over the corpus' validation
+    split instead: its interleaved and image-text datasets (read them with training=False)."""
+    def held_out(dataset):
+        name = os.path.basename(os.path.dirname(dataset["pattern"]))
+        pattern = os.path.join(out_dir, "validation", name, f"{name}-*-of-*.tfrecord")
+        return dict(dataset, pattern=pattern, batch_size=batch_size)
+
+    datasets = [held_out(d) for d in train_data["datasets"] if d["kind"] in ("interleaved", "image_text")]
+    return dict(train_data, datasets=datasets)
 
 
 def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 4, pair_batch: int = 8,
@@ -419,7 +540,8 @@ def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 
 
 
 def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | None = None,
-             num_videos: int | None = None, num_eval: int = 100, image_size: int = 64, video_seconds: int = 8,
+             num_videos: int | None = None, num_eval: int = 100, num_validation: int = 100, image_size: int = 64,
+             video_seconds: int = 8,
              video_fps: float = 2.0, vocab_size: int = 512, num_shards: int = 4, seed: int = 0) -> dict[str, Any]:
     """Writes the corpus (see the module docstring); returns its manifest."""
     from flamingo_jax.data import formats, tokenizer
@@ -430,8 +552,8 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
                          "need >= 1 example, images of >= 8 px and >= 1 shard.")
     num_documents = max(1, num_examples // 2) if num_documents is None else num_documents
     num_videos = max(1, num_examples // 8) if num_videos is None else num_videos
-    frames_per_video = max(1, int(round(video_seconds * video_fps)))
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
+    frames_per_video = max(1, round(video_seconds * video_fps))
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
 
     def encode(array):
         return encode_image(array, "JPEG", quality=90)
@@ -459,6 +581,7 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
     num_support = max(1, num_eval // 2)
     texts += _write_eval(os.path.join(out_dir, "eval"), streams[3], image_size, num_support,
                          max(1, num_eval - num_support), encode)
+    _write_validation(os.path.join(out_dir, "validation"), streams[4], image_size, num_validation, encode)
 
     text_path = os.path.join(out_dir, "text.txt")
     with open(text_path, "w") as f:
@@ -469,7 +592,7 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
         json.dump(config, f, indent=1)
     manifest = {"seed": seed, "num_examples": num_examples, "num_documents": num_documents,
                 "num_videos": num_videos, "frames_per_video": frames_per_video, "video_fps": video_fps,
-                "num_eval": num_eval, "image_size": image_size, "vocab_size": vocab_size,
+                "num_eval": num_eval, "num_validation": num_validation, "image_size": image_size, "vocab_size": vocab_size,
                 "num_shards": num_shards}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from flamingo_jax.errors import UserError
+from flamingo_jax.evaluation import plots
 from flamingo_jax.evaluation import support as support_lib
 from flamingo_jax.evaluation.rices import RicesIndex
 from flamingo_jax.evaluation.tasks import Task
@@ -194,11 +195,13 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]], metric_of: dic
 
 
 def write_results(out_dir, stem: str, results: dict, meta: dict, metric_of: dict[str, str]):
-    """`<out_dir>/<stem>.json` and `.md`; `out_dir` is a pathlib or etils path (gs:// works)."""
+    """`<out_dir>/<stem>.json`, `.md` and `.png` (score against shots); `out_dir` is a pathlib or
+    etils path (gs:// works)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, table_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
     table_path.write_text(markdown_table(results, metric_of))
+    plots.plot_shots(results, metric_of, out_dir / f"{stem}.png")
     return json_path, table_path
 
 

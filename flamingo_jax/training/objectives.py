@@ -165,14 +165,14 @@ class ContrastiveObjective(Objective):
 
     def batch_loss(self, model, batch: Batch) -> BatchLoss:
         tokens = batch["tokens"]
-        logits = model.similarity_logits(batch["media"][:, 0], tokens, self._text_positions(tokens))  # [B, B]
+        logits = model.similarity_logits(batch["media"][:, 0], tokens, self.text_positions(tokens))  # [B, B]
         size = logits.shape[0]
         labels = optax.smooth_labels(jax.nn.one_hot(jnp.arange(size), size), self.run.contrastive.label_smoothing)
         loss = 0.5 * (optax.softmax_cross_entropy(logits, labels) + optax.softmax_cross_entropy(logits.T, labels))
         correct = (jnp.argmax(logits, axis=1) == jnp.arange(size)).astype(jnp.float32)
         return BatchLoss(jnp.sum(loss), jnp.asarray(size, jnp.float32), {"image_to_text_accuracy": jnp.sum(correct)})
 
-    def _text_positions(self, tokens: Array) -> Array:
+    def text_positions(self, tokens: Array) -> Array:
         """The caption's own tokens: not padding, BOS/EOS, the image marker or new tokens (<EOC>)."""
         t = self.tokenizer
         special = [] if t is None else [t.pad_id, t.bos_id, t.eos_id, *t.image_marker_ids]

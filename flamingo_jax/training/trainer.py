@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from flamingo_jax.core import backbones, flops, sharding
@@ -34,6 +35,7 @@ from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.errors import UserError
 from flamingo_jax.models.partitioning import activation_sharding
+from flamingo_jax.training import plots
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.objectives import Objective, make_objective
 from flamingo_jax.training.optimizer import learning_rate_schedule
@@ -94,7 +96,7 @@ def prepare_synthetic_data(run: RunConfig) -> None:
 
         logging.info("generating the synthetic corpus in %s ...", synthetic.out_dir)
         started = time.time()
-        synthetic_data.generate(synthetic.out_dir, num_examples=synthetic.num_examples,
+        synthetic_data.generate(synthetic.out_dir, num_examples=synthetic.num_examples, num_eval=synthetic.num_eval,
                                 image_size=synthetic.image_size, vocab_size=run.model.decoder.vocab_size,
                                 seed=synthetic.seed)
         logging.info("synthetic corpus ready in %.1f s", time.time() - started)
@@ -353,6 +355,7 @@ class Trainer:
             logging.info("records skipped so far, by dataset and reason: %s", skipped)
         if not preempted:
             self.exported = self.export(state, frozen)
+            self.write_plot()
         self.last_state = state
         return RunResult(step=step, preempted=preempted, losses=losses)
 
@@ -397,6 +400,18 @@ class Trainer:
             paths[component] = path
             logging.info("exported the pretrained %s to %s (config.backbones.%s)", component, path, component)
         return paths
+
+    def write_plot(self) -> str | None:
+        """`<workdir>/training.png`: loss curves and, for Flamingo, tanh(gate) per layer."""
+        if jax.process_index() != 0:
+            return None
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        png_path = os.path.join(self.workdir, "training.png")
+        title = f"{self.run_config.name} ({self.objective.name})"
+        if not epath.Path(metrics_path).exists() or not plots.plot_training(metrics_path, png_path, title):
+            return None
+        logging.info("training curves: %s", png_path)
+        return png_path
 
     def _release_lock(self) -> None:
         if self.lock is not None:

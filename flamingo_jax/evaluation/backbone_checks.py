@@ -1,0 +1,143 @@
+"""The pretrained backbones checked on their own, before Flamingo freezes them.
+
+* Vision encoder (contrastive run): image-to-text recall@1 among held-out pairs, the dual
+  encoder ranking every caption for every image (chance: one in the number of pairs).
+* Language model (LM run): held-out perplexity, beside the same model at its random
+  initialisation, so the figure says how much the pretraining taught.
+
+Both read the synthetic corpus' validation split (`data.synthetic.validation_data_config`)
+through the training pipelines, in file order, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from flamingo_jax.core import sharding
+from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
+from flamingo_jax.core.config import RunConfig
+from flamingo_jax.data import synthetic
+from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.training.objectives import ContrastiveObjective, LanguageModelObjective, Objective, make_objective
+
+
+@dataclasses.dataclass
+class PretrainingRun:
+    """A pretraining run's last weights, merged into its model, with its objective."""
+
+    run: RunConfig
+    config: ml_collections.ConfigDict
+    objective: Objective
+    model: nnx.Module
+    step: int
+
+
+def load_pretraining_run(workdir: str, step: int | None = None) -> PretrainingRun:
+    """The model of a `contrastive` or `lm` run in `workdir` at `step` (default: latest)."""
+    directory = f"{absolute(workdir)}/checkpoints"
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        if checkpointer.latest_step() is None:
+            raise CheckpointError(f"{workdir} has no checkpoint; train it first (python -m flamingo_jax.train).")
+        step = checkpointer.existing_step(step)
+        config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+        run = RunConfig.from_config(config)
+        if run.objective not in ("contrastive", "lm"):
+            raise CheckpointError(f"{workdir} is a {run.objective!r} run; these checks are for the backbones' "
+                                  "pretraining runs (objective 'contrastive' or 'lm').")
+        mix = Mixture.from_config(run.data, training=False, num_epochs=1)
+        objective = make_objective(run, mix.tokenizer)
+        mix.close()
+        parts = objective.parts()
+        mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), jax.devices()[:1])
+        rules = sharding.rules_from_config(run.mesh_rules)
+        abstract_params, _ = parts.abstract()
+        param_axes, _ = parts.logical_axes()
+        shardings = sharding.tree_shardings(abstract_params, param_axes, mesh, rules)
+        params = checkpointer.restore_params(abstract_with_shardings(abstract_params, shardings), step)
+    finally:
+        checkpointer.close()
+    _, frozen = parts.init(run.seed)  # a pretraining run trains every weight: nothing is frozen
+    return PretrainingRun(run, config, objective, parts.merge(params, frozen), int(step))
+
+
+def validation_batches(run: RunConfig, kind: str) -> Iterator[dict[str, np.ndarray]]:
+    """The validation split's batches of one dataset kind ('image_text', 'interleaved')."""
+    out_dir = run.synthetic.out_dir
+    if not out_dir:
+        raise CheckpointError("the run did not train on the synthetic corpus, which holds the validation split.")
+    data = synthetic.validation_data_config(dict(run.data), out_dir)
+    data["datasets"] = [d for d in data["datasets"] if d["kind"] == kind]
+    mix = Mixture.from_config(data, training=False, num_epochs=1)
+    try:
+        for pipeline in mix.pipelines.values():
+            yield from pipeline
+    finally:
+        mix.close()
+
+
+def _jitted(model: nnx.Module, fn):
+    graphdef, state = nnx.split(model)
+    compiled = jax.jit(lambda s, *args: fn(nnx.merge(graphdef, s), *args))
+    return lambda *args: compiled(state, *args)
+
+
+def retrieval_recall(pretrained: PretrainingRun) -> dict[str, float]:
+    """Image-to-text recall@1 and @5 over the validation pairs: a caption counts as found when its
+    text is the pair's (two images may share a caption, "a red circle.")."""
+    objective = pretrained.objective
+    if not isinstance(objective, ContrastiveObjective):
+        raise TypeError(f"retrieval_recall needs a contrastive run, got {type(objective).__name__}.")
+
+    def embed(model, media, tokens):
+        return model.embed_media(media[:, 0]), model.embed_text(tokens, objective.text_positions(tokens))
+
+    embed = _jitted(pretrained.model, embed)
+    images, texts, captions = [], [], []
+    for batch in validation_batches(pretrained.run, "image_text"):
+        image, text = embed(batch["media"], batch["tokens"])
+        images.append(np.asarray(image))
+        texts.append(np.asarray(text))
+        captions += [tuple(row[row != 0]) for row in np.asarray(batch["tokens"])]
+    images, texts = np.concatenate(images), np.concatenate(texts)
+    ranked = np.argsort(-(images @ texts.T), axis=1)
+    found = np.array([[captions[j] == captions[i] for j in row] for i, row in enumerate(ranked)])
+    n = len(captions)
+    return {"recall_at_1": 100.0 * float(np.mean(found[:, 0])), "recall_at_5": 100.0 * float(np.mean(found[:, :5].any(1))),
+            "num_pairs": n, "chance_at_1": 100.0 / n}
+
+
+def perplexity(pretrained: PretrainingRun) -> dict[str, float]:
+    """Held-out perplexity of the LM over the validation documents' and captions' text, and of
+    the same model at its random initialisation (the run's seed)."""
+    objective = pretrained.objective
+    if not isinstance(objective, LanguageModelObjective):
+        raise TypeError(f"perplexity needs an LM run, got {type(objective).__name__}.")
+
+    def loss(model, batch):
+        result = objective.batch_loss(model, batch)
+        return result.total, result.count
+
+    random_params, frozen = objective.parts().init(pretrained.run.seed)
+    models = {"perplexity": pretrained.model, "random_init_perplexity": objective.parts().merge(random_params, frozen)}
+    losses = {name: _jitted(model, loss) for name, model in models.items()}
+    sums = {name: [0.0, 0.0] for name in models}
+    for kind in ("interleaved", "image_text"):
+        for batch in validation_batches(pretrained.run, kind):
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            for name, fn in losses.items():
+                total, count = fn(batch)
+                sums[name][0] += float(total)
+                sums[name][1] += float(count)
+    result: dict[str, Any] = {name: math.exp(total / max(count, 1.0)) for name, (total, count) in sums.items()}
+    result["num_tokens"] = int(sums["perplexity"][1])
+    return result
