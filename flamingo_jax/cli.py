@@ -6,7 +6,7 @@
 * `parse(flag_values, argv, usage)` does the same for a program with its own
   `FlagValues` (the data tools and subcommands), returning the remaining args.
 
-`run` also keeps JAX off an absent TPU (`skip_absent_tpu`). Unexpected exceptions
+`run` and `guard` also keep JAX off an absent TPU (`skip_absent_tpu`). Unexpected exceptions
 are not caught: their traceback is what a bug report needs. Like `errors`, this
 module imports nothing else of the package, so every layer's CLI may use it.
 """
@@ -61,13 +61,15 @@ def skip_absent_tpu() -> None:
     with it JAX probes for a TPU at start-up and prints libtpu's initialisation errors on
     every machine without one. Unless the user chose platforms (JAX_PLATFORMS), a machine
     without TPU device files gets the GPU (where a CUDA plugin is installed) and the CPU.
-    Must run before JAX initialises its backends (the CLIs import JAX's users in main)."""
+    Must run before JAX initialises its backends (the CLIs import JAX's users in main); it sets
+    the environment variable too, so a JAX imported later (a data tool's) and the processes a
+    command starts read the same choice."""
     if os.environ.get("JAX_PLATFORMS") is not None or any(glob.glob(p) for p in TPU_DEVICE_FILES):
         return
-    import jax
-
     cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
-    jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
+    os.environ["JAX_PLATFORMS"] = platforms = "cuda,cpu" if cuda else "cpu"
+    if "jax" in sys.modules:  # read JAX_PLATFORMS when it was imported: tell its config instead
+        sys.modules["jax"].config.update("jax_platforms", platforms)
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
@@ -111,6 +113,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], usage: str) -> lis
 
 def guard(main: Callable[[], int | None]) -> int:
     """Runs `main()`, printing a `UserError` as one line (exit 1); returns main's exit code."""
+    skip_absent_tpu()
     try:
         return int(main() or 0)
     except UserError as error:

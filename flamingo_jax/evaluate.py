@@ -18,6 +18,11 @@ builders in `--tfds_data_dir` (flamingo_jax/evaluation/tfds_readers.py).
 ranking (flamingo_jax/evaluation/openflamingo.py) instead of the paper's;
 `--vqa_normalization` chooses how VQA accuracy normalises answers (always, as
 EvalAI and OpenFlamingo do, or official); the results JSON's meta records both.
+`--blind` is the control that shows a score comes from looking: every image and
+video frame of every prompt becomes the task's mean image (the pixel-wise mean of
+the support pool's and the queries' images after resizing and normalisation; RICES
+sees it too), the task names in the results' file name end in `-blind` and the
+meta says `blind: true`.
 """
 
 import dataclasses
@@ -58,6 +63,9 @@ _VQA_NORMALIZATION = flags.DEFINE_enum("vqa_normalization", "always", ["always",
                                        "VQA accuracy's answer normalisation: always (default; as the EvalAI "
                                        "server and OpenFlamingo compute it) or official (the VQA API script's "
                                        "quirk: only when the annotators disagree).")
+_BLIND = flags.DEFINE_bool("blind", False, "The control for looking: every image and video frame of every prompt "
+                           "(support and query) replaced by the task's mean image (the pixel-wise mean of its "
+                           "evaluated images as the model sees them; RICES sees it too). Results are tagged -blind.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default: <workdir>/eval).")
 
 
@@ -95,7 +103,7 @@ def main(argv):
     if not data_dir and len(from_tfds) < len(tasks):
         raise UserError("--data_dir is required: the run did not train on the synthetic corpus.")
     logging.info("evaluating step %d of %s on %s", step, _WORKDIR.value, ", ".join(t.name for t in tasks))
-    runner = evaluator.Evaluator(engine, settings)
+    runner = evaluator.Evaluator(engine, settings, blind=_BLIND.value)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="flamingo_tfds_images_") as cache:
         tasks = [dataclasses.replace(task, load=tfds_readers.tfds_loader(
@@ -107,16 +115,17 @@ def main(argv):
     meta = dict(workdir=str(workdir), step=step, data_dir=os.path.abspath(data_dir) if data_dir else None,
                 sources=sources, tfds_data_dir=_TFDS_DATA_DIR.value if from_tfds else None,
                 settings=dataclasses.asdict(settings), prompts=_PROMPTS.value,
-                vqa_normalization=_VQA_NORMALIZATION.value, seconds=round(time.time() - started, 1))
+                vqa_normalization=_VQA_NORMALIZATION.value, blind=_BLIND.value, seconds=round(time.time() - started, 1))
     out_dir = workdir_path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir / "eval"
     metric_of = {task.name: task.primary_metric for task in tasks}
     # a task read from TFDS writes beside, not over, its annotation-file results
-    # so do other prompts and the official VQA normalisation (the defaults keep their names)
+    # so do other prompts, the official VQA normalisation and a blind run (the defaults keep their names)
     def tagged(task) -> str:
         return (task.name + ("-tfds" if sources[task.name] == "tfds" else "")
                 + ("-openflamingo" if _PROMPTS.value == "openflamingo" else "")
                 + ("-official" if _VQA_NORMALIZATION.value == "official" and task.primary_metric == "vqa_accuracy"
-                   else ""))
+                   else "")
+                + ("-blind" if _BLIND.value else ""))
     stem = evaluator.results_stem(step, [tagged(t) for t in tasks], settings)
     json_path, table_path = evaluator.write_results(out_dir, stem, results, meta, metric_of)
     print(table_path.read_text())

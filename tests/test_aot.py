@@ -2,6 +2,9 @@
 clear errors, ZeRO-1 layouts, and the real train step compiled for a v4-8 on this CPU host."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 import types
 
 import ml_collections
@@ -12,7 +15,7 @@ from flamingo_jax.core import flops, sharding
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.pod import aot, topology
 
-from helpers import load_config, no_compiles
+from helpers import ROOT, load_config, no_compiles
 
 requires_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                      reason="libtpu is not installed (pip install 'flamingo_jax[tpu]')")
@@ -34,6 +37,19 @@ def test_missing_libtpu_names_the_fix(monkeypatch):
     monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install 'flamingo_jax\[tpu\]'"):
         topology.parse_slice("v4-8").devices()
+
+
+@requires_libtpu
+def test_describing_a_slice_off_a_tpu_prints_no_libtpu_trace():
+    """libtpu, loaded for a compile-only slice on a host without a TPU, stays quiet."""
+    code = "from flamingo_jax.pod import topology; print(len(topology.parse_slice('v4-8').devices()))"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for name in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "4", done.stderr[-2000:]
+    assert "INVALID_ARGUMENT" not in done.stderr and "could not determine" not in done.stderr, done.stderr[-2000:]
 
 
 def test_zero1_adds_the_data_axis_where_it_divides():

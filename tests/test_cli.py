@@ -6,11 +6,14 @@ of them reaches a model, so each takes about a second.
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
 
 import pytest
+
+from flamingo_jax.cli import TPU_DEVICE_FILES
 
 from helpers import ROOT
 
@@ -108,3 +111,27 @@ def test_a_mistake_is_one_clear_line(module, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("I", "W"))]
     assert message in result.stderr, result.stderr[-2000:]
     assert len(lines) <= 3 or lines[0].startswith("error: "), lines
+
+
+TPU_NOISE = ("TPU", "libtpu", "INVALID_ARGUMENT")
+# Programs that start a JAX backend through each entry-point wrapper: JAX imported before `run`
+# (its config is told) and only inside `guard`'s main (the environment variable is read).
+BACKEND_STARTERS = {
+    "run": "import jax; from flamingo_jax import cli; cli.run(lambda argv: print(jax.devices()[0].platform))",
+    "guard": "import sys; from flamingo_jax import cli; "
+             "sys.exit(cli.guard(lambda: print(__import__('jax').devices()[0].platform)))",
+}
+
+
+@pytest.mark.skipif(any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES),
+                    reason="this host has TPU device files: JAX is meant to find its TPU")
+@pytest.mark.parametrize("wrapper", sorted(BACKEND_STARTERS))
+def test_a_cli_without_jax_platforms_does_not_probe_an_absent_tpu(wrapper):
+    """libtpu is installed (the test extra); without a TPU and without JAX_PLATFORMS, a command
+    that starts JAX must neither print libtpu's initialisation trace nor fail."""
+    env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-c", BACKEND_STARTERS[wrapper]], check=False, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] in ("cpu", "gpu")
+    assert not [word for word in TPU_NOISE if word in result.stderr], result.stderr[-2000:]

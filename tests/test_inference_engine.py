@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,12 @@ from test_inference_decoding import fast_config
 
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.evaluation.evaluator import EvalSettings, Evaluator
+from flamingo_jax.evaluation.rices import RicesIndex
+from flamingo_jax.evaluation.tasks import get_task
 from flamingo_jax.inference.engine import DecodeOptions, Engine
 from flamingo_jax.inference.items import END_OF_CHUNK, Media
+from flamingo_jax.inference.prompting import mean_image
 from flamingo_jax.models.flamingo import Flamingo
 
 from helpers import ROOT, flat_arrays, set_gates, trained_logits
@@ -102,10 +107,55 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     table = json_path.with_suffix(".md").read_text()
     assert "| synthetic_vqa | vqa_accuracy |" in table and "4-shot" in table
     assert "ETA" in done.stderr  # the progress line
+    assert results["meta"]["blind"] is False
+
+    # The control (--blind, one task: the same programs) writes beside the normal results, not over them.
+    written = json_path.read_text()
+    blind = subprocess.run([*command, "--blind", "--tasks=synthetic_classification"], check=False, cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert blind.returncode == 0, blind.stderr[-3000:]
+    (blind_path,) = (tmp_path / "eval").glob("step_2.*-blind.*.json")
+    assert blind_path.name.startswith("step_2.synthetic_classification-blind.shots-0-4.queries-4.")
+    assert json_path.read_text() == written and len(list((tmp_path / "eval").glob("*.json"))) == 2
+    blind_results = json.loads(blind_path.read_text())
+    assert blind_results["meta"]["blind"] is True
+    assert set(blind_results["results"]["synthetic_classification"]) == {"0", "4"}
+    assert "| synthetic_classification | roc_auc |" in blind_path.with_suffix(".md").read_text()
 
     missing = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'none'}"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "has no checkpoints/ directory" in missing.stderr
+
+
+def test_a_blind_evaluation_shows_every_prompt_the_tasks_mean_image(trained_run, synthetic_corpus, monkeypatch):
+    """What the model sees of each query (its vision features), and what RICES picks by them:
+    under blind, one image for all queries (the mean of the task's prepared images), the same
+    support examples for each; in the normal run, as many images as queries."""
+    engine = Engine.from_workdir(str(trained_run / "run"))
+    seeing = engine.load_media
+    task = get_task("synthetic_classification")
+    assert task.rices
+
+    def features_seen(self, task, support_pool, queries):  # in place of decoding: what the engine shows
+        images = [task.media(example) for example in [*support_pool, *queries]]
+        rices = RicesIndex.from_pool(support_pool, task.media, self.engine.media_features, batch_size=4)
+        features = self.engine.media_features([task.media(q) for q in queries], batch_size=4)
+        return {"features": features, "rices": rices.select(features, 3),
+                "image": getattr(self.engine.load_media, "image", None), "expected": mean_image(seeing, images)}
+
+    monkeypatch.setattr(Evaluator, "_evaluate", features_seen)
+    settings = EvalSettings(shots=(4,), num_queries=4, support_size=8, batch_size=4)
+    blind = Evaluator(engine, settings, blind=True).evaluate(task, Path(synthetic_corpus))
+    normal = Evaluator(engine, settings).evaluate(task, Path(synthetic_corpus))
+    assert engine.load_media is seeing  # the engine sees again after the task
+    np.testing.assert_array_equal(blind["image"], blind["expected"])
+    assert blind["features"].shape == (4, normal["features"].shape[1])
+    for row in blind["features"][1:]:
+        np.testing.assert_array_equal(row, blind["features"][0])
+    assert (blind["rices"] == blind["rices"][0]).all()
+    assert normal["image"] is None
+    assert all(np.abs(normal["features"][i] - normal["features"][j]).max() > 1e-4
+               for i in range(4) for j in range(i + 1, 4))
 
 
 def test_a_reloaded_engine_holds_the_trainers_last_weights_bit_for_bit(trained_run):

@@ -116,6 +116,25 @@ def test_media_loader_prepares_images_videos_and_names_bad_files(tmp_path):
         Media(array=np.zeros((8, 8), np.uint8))
 
 
+def test_a_blind_loader_shows_the_mean_image_for_every_image_and_frame(tokenizer):
+    load = prompting.MediaLoader(ImageConfig(size=16), num_frames=3)
+    clip = Media(array=np.stack([np.full((8, 8, 3), v, np.uint8) for v in (10, 90, 170, 250)]))
+    media = [image(40, 16), image(200, 16), clip]
+    mean = prompting.mean_image(load, media)
+    frames = np.concatenate([load(item) for item in media])  # 1 + 1 + 3 prepared frames
+    assert mean.shape == (16, 16, 3) and frames.shape[0] == 5
+    np.testing.assert_allclose(mean, frames.mean(axis=0), rtol=1e-6, atol=1e-6)
+    blind = prompting.BlindLoader(load, mean)
+    assert blind(image(7, 16)).shape == (1, 16, 16, 3) and blind(clip).shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(blind(clip)[2], mean)
+    prompts = [prompting.encode_prompt([item, "Output:"], tokenizer) for item in media[:2]]
+    batch = prompting.make_batch(prompts, blind, pad_id=0, min_length=8)
+    np.testing.assert_array_equal(batch.media[0, 0], batch.media[1, 0])  # two images, one picture seen
+    assert not np.array_equal(load(media[0]), load(media[1]))
+    with pytest.raises(ValueError, match=r"\[16, 16, 3\]"):
+        prompting.BlindLoader(load, np.zeros((8, 8, 3), np.float32))
+
+
 @pytest.mark.parametrize("prompt, named", [
     ("<image:> Output:", "'<image:>'"),
     ("<image:cat.jpg Output:", "'<image:cat.jpg Output:'"),

@@ -12,18 +12,19 @@ import pytest
 
 from flamingo_jax.core import backbones
 from flamingo_jax.core.backbones import BackboneError
+from flamingo_jax.core.config import RunConfig, TrainConfig
 from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.core.sharding import ShardingError
 from flamingo_jax.data.mixture import Mixture
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.models.config import ConfigError, FlamingoConfig
 from flamingo_jax.training.loss import nll_sum
-from flamingo_jax.training.objectives import FlamingoObjective
-from flamingo_jax.training.optimizer import make_optimizer, weight_decay_mask
+from flamingo_jax.training.objectives import ContrastiveObjective, FlamingoObjective, LanguageModelObjective
+from flamingo_jax.training.optimizer import WeightDecayExemptError, leaf_name, make_optimizer, weight_decay_mask
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import count_lowerings, no_compiles, train_config
+from helpers import count_lowerings, load_config, no_compiles, train_config
 
 
 def fixed_batches(config, num_batches=2):
@@ -101,11 +102,57 @@ def test_accumulated_update_equals_update_of_the_weighted_sum(setup):
     chex.assert_trees_all_close(micro.params, state.params, rtol=1e-5, atol=1e-6)
 
 
-def test_no_weight_decay_on_the_resampler(setup):
-    _, _, params, _, _ = setup
-    mask = weight_decay_mask(params)
-    assert not any(jax.tree.leaves(mask["resampler"]))
-    assert all(jax.tree.leaves(mask["xattn"]))
+@pytest.fixture(scope="module")
+def tiny_trainable():
+    """configs/tiny.py's trainable tree, abstract (nothing compiled), and its leaves' '/'-paths."""
+    params = ModelParts.flamingo(FlamingoConfig.from_dict(load_config("tiny").model)).abstract()[0]
+    return params, [leaf_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def exempt_leaves(params, exempt) -> set[str]:
+    mask = weight_decay_mask(params, exempt)
+    return {leaf_name(path) for path, decayed in jax.tree_util.tree_leaves_with_path(mask) if not decayed}
+
+
+def test_no_weight_decay_on_the_resampler(tiny_trainable):
+    params, names = tiny_trainable
+    resampler = {name for name in names if name.startswith("resampler/")}
+    assert len(resampler) >= 10 and "resampler/latents" in resampler
+    assert exempt_leaves(params, TrainConfig().weight_decay_exempt) == resampler  # the default: the paper's
+
+
+def test_weight_decay_exempt_takes_path_patterns(tiny_trainable):
+    params, names = tiny_trainable
+    gates = {"xattn/attention_gate", "xattn/ffw_gate"}
+    norms = {name for name in names if name.rsplit("/", 1)[0].endswith("_norm")}
+    assert {"xattn/attention_norm/scale", "resampler/final_norm/bias", "resampler/layers/media_norm/scale"} <= norms
+    assert exempt_leaves(params, ("*gate*", "*norm*")) == gates | norms
+    # a prefix names a subtree, cut only at '/': 'xattn/ffw' is not 'xattn/ffw_gate' nor 'xattn/ffw_norm'
+    assert exempt_leaves(params, ("xattn/ffw",)) == {"xattn/ffw/wi/kernel", "xattn/ffw/wo/kernel"}
+    assert exempt_leaves(params, ("resampler", "*gate*")) == gates | {n for n in names if n.startswith("resampler/")}
+    assert exempt_leaves(params, ()) == set()
+
+
+def test_pretraining_objectives_read_the_default_exemption_as_exempting_nothing():
+    model = FlamingoConfig.from_dict(load_config("tiny").model)
+    assert FlamingoObjective(RunConfig(model=model)).weight_decay_exempt() == ("resampler",)
+    for objective in (LanguageModelObjective, ContrastiveObjective):
+        assert objective(RunConfig(model=model)).weight_decay_exempt() == ()
+        chosen = RunConfig(model=model, train=TrainConfig(weight_decay_exempt=("*norm*",)))
+        assert objective(chosen).weight_decay_exempt() == ("*norm*",)  # the user's entries, checked by the trainer
+
+
+def test_a_weight_decay_exempt_typo_fails_before_compiling(tiny_trainable, synthetic_corpus, tmp_path):
+    params, _ = tiny_trainable
+    with pytest.raises(WeightDecayExemptError, match=r"'resmpler' matches no trainable weight.*'new_token_embedding', "
+                       r"'resampler', 'xattn'"):
+        weight_decay_mask(params, ("resmpler",))
+    config = train_config(synthetic_corpus)
+    config.train.weight_decay_exempt = ("*gates*",)
+    with no_compiles(), pytest.raises(WeightDecayExemptError, match="'\\*gates\\*' matches no trainable weight"):
+        Trainer(config, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="weight_decay_exempt"):
+        TrainConfig(weight_decay_exempt=("",)).validate()
 
 
 def test_non_finite_loss_skips_the_update(setup):

@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 OBJECTIVES = ("flamingo", "contrastive", "lm")
 ACCUMULATIONS = ("all", "round_robin")
 OPTIMIZER_SHARDINGS = ("params", "zero1")
+PAPER_WEIGHT_DECAY_EXEMPT = ("resampler",)  # appendix B.1.2: no weight decay on the Perceiver Resampler
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -60,8 +61,12 @@ class TrainConfig:
     # pretraining) or 'cosine' (to 0 at `steps`).
     schedule: str = "constant"
     weight_decay: float = 0.1
-    # Trainable weights without weight decay, by their top-level name (the paper: the Resampler).
-    weight_decay_exempt: tuple[str, ...] = ("resampler",)
+    # Trainable weights without weight decay (the paper: the Resampler). Each entry is an fnmatch pattern
+    # (`*` crosses '/') matched against every trainable leaf's '/'-joined path and each '/'-ending prefix of
+    # it: 'resampler' or 'xattn/ffw' name subtrees, '*gate*' and '*norm*' the gates' and norms' leaves
+    # (`training.optimizer.exempts`). An entry matching no trainable leaf fails before compiling. The
+    # pretraining objectives, which train no Resampler, read the default as exempting nothing.
+    weight_decay_exempt: tuple[str, ...] = PAPER_WEIGHT_DECAY_EXEMPT
     grad_clip_norm: float = 1.0  # global norm
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -82,6 +87,8 @@ class TrainConfig:
         _require(self.schedule in SCHEDULES, f"{path}.schedule", f"{self.schedule!r} is unknown; use one of {SCHEDULES}.")
         _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay",
                  f"{self.weight_decay} must be >= 0.")
+        _require(all(entry.strip("/") for entry in self.weight_decay_exempt), f"{path}.weight_decay_exempt",
+                 f"{self.weight_decay_exempt}: every entry must name weights, e.g. 'resampler' or '*gate*'.")
         _require(math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0, f"{path}.grad_clip_norm",
                  f"{self.grad_clip_norm} must be > 0 (the paper clips at 1.0).")
         for name in ("adam_b1", "adam_b2"):

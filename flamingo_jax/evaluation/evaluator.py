@@ -7,7 +7,9 @@ zero shots means two text-only support examples; open-ended tasks decode with
 beam search (beam 3) up to `<EOC>`, close-ended ones rank the candidates by
 log-likelihood, averaged over permutations of the support order (prompt
 ensembling). Prompts longer than the model's context lose their earliest
-support examples, and the results count how often that happened.
+support examples, and the results count how often that happened. A blind
+evaluation (`Evaluator(blind=True)`) shows the model one mean image for every
+image, the control for how much of a score comes from looking.
 """
 
 from __future__ import annotations
@@ -84,9 +86,17 @@ class Progress:
 
 
 class Evaluator:
-    def __init__(self, engine: Engine, settings: EvalSettings):
+    """Runs the protocol on an engine. `blind=True` is the control that shows a score comes from
+    looking: every image and video frame of every prompt (support and query) is the task's mean
+    image, the pixel-wise mean of the images evaluated (the support pool and the queries used,
+    as the engine prepares them: resized, normalised), computed per task. RICES then sees the
+    mean image too (every support example is equally similar, so each query gets the same ones): with
+    real images it would pick support examples, and so answers, by what the query shows."""
+
+    def __init__(self, engine: Engine, settings: EvalSettings, *, blind: bool = False):
         self.engine = engine
         self.settings = settings
+        self.blind = blind
 
     # ------------------------------------------------------------------ prompts
     def _support_for(self, task: Task, pool: list, query: Any, shots: int, rng: np.random.Generator,
@@ -117,6 +127,13 @@ class Evaluator:
         support_pool, query_pool = task.load(data_dir)
         support_pool = support_lib.sample_queries(support_pool, settings.support_size, settings.seed)
         queries = support_lib.sample_queries(query_pool, settings.num_queries, settings.seed + 1)
+        if not self.blind:
+            return self._evaluate(task, support_pool, queries)
+        with self.engine.blind([task.media(example) for example in [*support_pool, *queries]]):
+            return self._evaluate(task, support_pool, queries)
+
+    def _evaluate(self, task: Task, support_pool: list, queries: list) -> dict[str, Any]:
+        settings = self.settings
         rices = query_features = None
         if task.rices and any(settings.shots):
             rices = RicesIndex.from_pool(support_pool, task.media, self.engine.media_features,

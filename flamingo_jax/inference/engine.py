@@ -10,9 +10,10 @@ weights passed as arguments, so new prompts of a seen bucket never recompile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.errors import UserError
 from flamingo_jax.inference import decoding, prompting
+from flamingo_jax.inference.items import Media
 from flamingo_jax.inference.prompting import PromptError
 from flamingo_jax.models.flamingo import Flamingo
 
@@ -127,6 +129,18 @@ class Engine:
 
     def prefill(self, batch: prompting.PromptBatch, num_new: int) -> decoding.Context:
         return self._prefill(self.state, *batch.arrays(), num_slots=batch.tokens.shape[1] + num_new)
+
+    @contextlib.contextmanager
+    def blind(self, media: Sequence[Media]) -> Iterator[np.ndarray]:
+        """Within the block, every Media of every prompt (and of `media_features`) is seen as
+        one image: the pixel-wise mean of `media` as prepared for the model (resized,
+        normalised; video frames count as images). Yields that image [S, S, 3]."""
+        image = prompting.mean_image(self.load_media, media)
+        seeing, self.load_media = self.load_media, prompting.BlindLoader(self.load_media, image)
+        try:
+            yield image
+        finally:
+            self.load_media = seeing
 
     # ------------------------------------------------------------------ API
     def generate_ids(self, prompts: Sequence[Sequence[object]], options: DecodeOptions = DecodeOptions(), *,

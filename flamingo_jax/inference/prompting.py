@@ -177,6 +177,37 @@ class MediaLoader:
         return prepared.numpy()
 
 
+class BlindLoader:
+    """Every Media -> one fixed image, as many frames as the media would have (one for an
+    image, the model's frame count for a video): what a blind evaluation shows the model."""
+
+    def __init__(self, loader: MediaLoader, image: np.ndarray):
+        size = loader.config.size
+        if image.shape != (size, size, 3):
+            raise ValueError(f"a blind image must be prepared pixels [{size}, {size}, 3], got {image.shape}.")
+        self.config = loader.config
+        self.num_frames = loader.num_frames
+        self.image = np.asarray(image, np.float32)
+
+    def __call__(self, media: Media) -> np.ndarray:
+        frames = self.num_frames if media.is_video else 1
+        return np.broadcast_to(self.image, (frames, *self.image.shape))
+
+
+def mean_image(load: MediaLoader, media: Sequence[Media]) -> np.ndarray:
+    """The pixel-wise mean [S, S, 3] of every image and video frame of `media`, each prepared
+    as the model sees it (`load`: resized, normalised)."""
+    if not media:
+        raise PromptError("the mean image needs at least one media item.")
+    total, count = None, 0
+    for item in media:
+        frames = load(item)  # [T, S, S, 3]
+        summed = frames.sum(axis=0, dtype=np.float64)
+        total = summed if total is None else total + summed
+        count += frames.shape[0]
+    return (total / count).astype(np.float32)
+
+
 def _evenly_spaced(frames: list, count: int) -> list:
     """`count` frames spread over the clip (all of them, repeated at the end, if fewer)."""
     if len(frames) >= count:
@@ -206,7 +237,7 @@ def next_power_of_two(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def make_batch(prompts: Sequence[EncodedPrompt], load: MediaLoader, *, pad_id: int, min_length: int = 32,
+def make_batch(prompts: Sequence[EncodedPrompt], load: MediaLoader | BlindLoader, *, pad_id: int, min_length: int = 32,
                max_length: int | None = None, batch_size: int | None = None) -> PromptBatch:
     """Pads prompts into one batch. `batch_size` > len(prompts) repeats the last prompt
     (static shapes for a final partial batch; callers drop the extra rows)."""

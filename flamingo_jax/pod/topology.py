@@ -73,6 +73,11 @@ class Slice:
         # A compile-only topology touches no TPU, so libtpu's one-process lock is not needed:
         # without this, two such processes (pytest -n 2, two reports at once) fail.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        # Off a TPU VM, libtpu asks the (absent) metadata server for the host's accelerator and
+        # workers and prints an INVALID_ARGUMENT trace; a compile-only slice uses neither, so name
+        # them (values already set stay).
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.name)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         from jax.experimental import topologies
 
         shape = self.shape

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flamingo_jax.core.config import RunConfig
+from flamingo_jax.core.config import PAPER_WEIGHT_DECAY_EXEMPT, RunConfig
 from flamingo_jax.core.parts import ALL_WEIGHTS, ModelParts
 from flamingo_jax.errors import UserError
 from flamingo_jax.models.config import FlamingoConfig
@@ -56,6 +56,7 @@ class BatchLoss(NamedTuple):
 class Objective(abc.ABC):
     name: str = ""
     exports: tuple[str, ...] = ()  # backbone components written at the end (core.backbones.COMPONENTS)
+    trains_resampler = False
 
     def __init__(self, run: RunConfig, tokenizer: Any = None):
         self.run = run
@@ -76,8 +77,14 @@ class Objective(abc.ABC):
         """Metrics of the trainable weights logged every step (e.g. Flamingo's tanh gates)."""
         return {}
 
+    def weight_decay_exempt(self) -> tuple[str, ...]:
+        """`train.weight_decay_exempt`, whose default (the paper's Resampler) a model without a
+        Resampler (the pretraining objectives') reads as exempting nothing."""
+        exempt = self.run.train.weight_decay_exempt
+        return () if exempt == PAPER_WEIGHT_DECAY_EXEMPT and not self.trains_resampler else exempt
+
     def optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(self.run.train)
+        return make_optimizer(self.run.train, self.weight_decay_exempt())
 
     def export(self, params: Any, frozen: Any) -> dict[str, Any]:
         """{component: weights as the Flamingo frozen layout expects them} for `exports`."""
@@ -88,6 +95,7 @@ class FlamingoObjective(Objective):
     """Appendix B.1.2: per dataset, the mean next-token NLL over text tokens (and <EOC>)."""
 
     name = "flamingo"
+    trains_resampler = True
 
     @classmethod
     def for_model(cls, model: FlamingoConfig) -> "FlamingoObjective":
@@ -191,7 +199,7 @@ class ContrastiveObjective(Objective):
                   "log_inverse_temperature": "text"}
         clip = optax.multi_transform({"vision": optax.adaptive_grad_clip(cfg.vision_agc),
                                       "text": optax.clip_by_global_norm(cfg.text_clip_norm)}, labels)
-        return optax.chain(clip, adamw(train, learning_rate_schedule(train)))
+        return optax.chain(clip, adamw(train, learning_rate_schedule(train), self.weight_decay_exempt()))
 
     def export(self, params: Any, frozen: Any) -> dict[str, Any]:
         return {"vision": _cast(params["vision_encoder"], self.run.model.dtypes()[1])}

@@ -38,7 +38,7 @@ from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.training import plots
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.objectives import Objective, make_objective
-from flamingo_jax.training.optimizer import learning_rate_schedule
+from flamingo_jax.training.optimizer import check_weight_decay_exempt, learning_rate_schedule
 from flamingo_jax.training.spike_guard import Spike, SpikeGuard
 from flamingo_jax.training.state import TrainState, new_train_state
 from flamingo_jax.training.step import make_train_step
@@ -145,6 +145,7 @@ class Trainer:
         self.parts = self.objective.parts()
         self.schedule = learning_rate_schedule(train)
         abstract_params, abstract_frozen = self.parts.abstract()
+        check_weight_decay_exempt(abstract_params, self.objective.weight_decay_exempt())  # a typo: before compiling
         self.param_shardings, self.frozen_shardings = sharding.weight_shardings(self.parts, self.mesh, self.rules)
         self.optimizer = sharding.optimizer_for(self.objective.optimizer(), abstract_params, self.param_shardings,
                                                 self.mesh, run.optimizer_sharding)
