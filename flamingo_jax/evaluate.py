@@ -23,6 +23,8 @@ video frame of every prompt becomes the task's mean image (the pixel-wise mean o
 the support pool's and the queries' images after resizing and normalisation; RICES
 sees it too), the task names in the results' file name end in `-blind` and the
 meta says `blind: true`.
+Videos are fed as `--video_frames` frames (default 30) at `--video_fps` (default 3), as the
+paper evaluates, whatever frame count the model trained with.
 """
 
 import dataclasses
@@ -35,7 +37,7 @@ from absl import flags, logging
 
 from flamingo_jax import cli
 
-SYNTHETIC_TASKS = "synthetic_captioning,synthetic_vqa,synthetic_classification"
+SYNTHETIC_TASKS = "synthetic_captioning,synthetic_vqa,synthetic_classification,synthetic_video_qa"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 _TASKS = flags.DEFINE_string("tasks", SYNTHETIC_TASKS, "Comma-separated task names (see evaluation/tasks.py).")
@@ -55,6 +57,10 @@ _NUM_BEAMS = flags.DEFINE_integer("num_beams", 3, "Beam size for open-ended task
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0, "GNMT length-penalty alpha for beam search.")
 _ENSEMBLE = flags.DEFINE_integer("ensemble", 6, "Support-order permutations averaged for ranked tasks.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for query, support and permutation sampling.")
+_VIDEO_FRAMES = flags.DEFINE_integer("video_frames", 30, "Frames fed per video (the paper's 30; the model's "
+                                     "temporal embeddings are interpolated from its training frame count).")
+_VIDEO_FPS = flags.DEFINE_float("video_fps", 3.0, "Rate the video frames are sampled at, when a clip's stored "
+                                "rate is known (the paper's 3); 0: evenly over each clip.")
 _PROMPTS = flags.DEFINE_enum("prompts", "flamingo", ["flamingo", "openflamingo"],
                              "Prompt wording and post-processing: the paper's (flamingo) or OpenFlamingo's "
                              "open_flamingo/eval (openflamingo: '<image>Output:{caption}<|endofchunk|>', "
@@ -83,7 +89,7 @@ def main(argv):
     settings = evaluator.EvalSettings(
         shots=evaluator.parse_ints(_SHOTS.value), num_queries=_NUM_QUERIES.value, support_size=_SUPPORT_SIZE.value,
         batch_size=_BATCH_SIZE.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
-        ensemble=_ENSEMBLE.value, seed=_SEED.value)
+        ensemble=_ENSEMBLE.value, seed=_SEED.value, video_frames=_VIDEO_FRAMES.value, video_fps=_VIDEO_FPS.value)
     tasks = [with_protocol(get_task(name.strip()), prompts=_PROMPTS.value, vqa_normalization=_VQA_NORMALIZATION.value)
              for name in _TASKS.value.split(",") if name.strip()]  # unknown names fail here
     if not tasks:

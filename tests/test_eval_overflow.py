@@ -15,8 +15,8 @@ from flamingo_jax.inference import prompting
 
 
 class RecordingEngine:
-    """What the evaluator needs of an engine: the context length, the tokenizer, and a
-    `generate` that records its prompts (and answers nothing)."""
+    """What the evaluator needs of an engine: the context length, the tokenizer, a `generate`
+    that records its prompts (and answers nothing), and `with_video` (no videos here)."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int):
         self.tokenizer = tokenizer
@@ -26,6 +26,9 @@ class RecordingEngine:
     def generate(self, prompts, options, batch_size=None):
         self.prompts.extend(prompts)
         return [""] * len(prompts)
+
+    def with_video(self, num_frames, fps):
+        return self
 
 
 def length(items, tokenizer) -> int:

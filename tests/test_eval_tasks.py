@@ -19,7 +19,8 @@ from flamingo_jax.evaluation import templates
 from flamingo_jax.inference import items as prompt_items
 
 ALL_TASKS = ("coco", "flickr30k", "vqav2", "okvqa", "vizwiz", "textvqa", "hateful_memes", "imagenet",
-             "msvdqa", "msrvttqa", "synthetic_captioning", "synthetic_vqa", "synthetic_classification")
+             "msvdqa", "msrvttqa", "synthetic_captioning", "synthetic_vqa", "synthetic_classification",
+             "synthetic_video_qa")
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -59,7 +60,7 @@ def test_registry_has_every_task_with_a_consistent_mode() -> None:
             assert task.candidates is None and not task.rices
     kinds = {name: task.kind for name, task in T.TASKS.items()}
     assert kinds["coco"] == kinds["synthetic_captioning"] == "captioning"
-    assert kinds["msvdqa"] == kinds["msrvttqa"] == "video_qa"
+    assert kinds["msvdqa"] == kinds["msrvttqa"] == kinds["synthetic_video_qa"] == "video_qa"
     assert T.get_task("hateful_memes").candidates([]) == ["yes", "no"]
 
 

@@ -83,6 +83,37 @@ def test_decode_options_are_checked():
         DecodeOptions(max_new_tokens=0)
 
 
+def test_a_30_frame_clip_reaches_a_model_with_fewer_temporal_embeddings(engine):
+    """`with_video(30, 3)` feeds every frame of a 10 s clip stored at 3 FPS to a model whose
+    temporal table has 8 rows (interpolated to 30); a change to the 30th frame alone changes the
+    logits of every token after the video's marker and of none before it. The engine's default
+    (the model's 8 frames, evenly spaced) never sees the 29th."""
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8)
+    last, penultimate = clip.copy(), clip.copy()
+    last[29] = 255 - last[29]
+    penultimate[28] = 255 - penultimate[28]
+    prompts = [["Before the clip:", Media(array=frames, fps=3.0), "Question: How does it change? Answer: right"]
+               for frames in (clip, last, penultimate)]
+    assert engine.cfg.vision.num_frames == 8
+    default = engine.batch(prompts)
+    assert default.media.shape[2] == 8 and np.array_equal(default.media[0], default.media[2])
+    batch = engine.with_video(30, 3.0).batch(prompts)
+    assert batch.media.shape[1:3] == (1, 30)
+    changed = [np.abs(batch.media[1, 0, k] - batch.media[0, 0, k]).max() > 0 for k in range(30)]
+    assert changed == [False] * 29 + [True]
+    forward = nnx.jit(lambda m, *arrays: m(*arrays))
+    logits = np.asarray(forward(nnx.merge(engine.graphdef, engine.state), batch.tokens, batch.media,
+                                batch.media_index, batch.positions, batch.valid))
+    before = batch.valid[0] & (batch.media_index[0] < 0)
+    after = batch.media_index[0] >= 0
+    assert before.sum() >= 3 and after.sum() >= 8
+    np.testing.assert_array_equal(logits[1, before], logits[0, before])
+    np.testing.assert_array_equal(logits[2, before], logits[0, before])
+    for row in (1, 2):
+        assert np.all(np.abs(logits[row, after] - logits[0, after]).max(-1) > 1e-6), row
+
+
 def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run, synthetic_corpus, tmp_path):
     """Acceptance: train (a few steps) -> checkpoint -> evaluate the synthetic held-out tasks at 0 and 4 shots."""
     workdir = trained_run / "run"
@@ -93,13 +124,15 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = (tmp_path / "eval").glob("step_2.*.json")
-    assert json_path.name.startswith("step_2.synthetic_captioning+synthetic_vqa+synthetic_classification.shots-0-4.")
+    assert json_path.name.startswith("step_2.4-tasks.shots-0-4.")  # the four synthetic held-out tasks
     results = json.loads(json_path.read_text())
     assert results["meta"]["step"] == 2
     assert results["meta"]["prompts"] == "flamingo" and results["meta"]["vqa_normalization"] == "always"
+    assert (results["meta"]["settings"]["video_frames"], results["meta"]["settings"]["video_fps"]) == (30, 3.0)
     # CIDEr is reported x100 (a perfect caption set scores up to 1000); the others are percentages.
     for task, metric, top in (("synthetic_captioning", "cider", 1000), ("synthetic_vqa", "vqa_accuracy", 100),
-                              ("synthetic_classification", "roc_auc", 100)):
+                              ("synthetic_classification", "roc_auc", 100),
+                              ("synthetic_video_qa", "top1_accuracy", 100)):
         for shots in ("0", "4"):
             entry = results["results"][task][shots]
             assert entry["num_queries"] == 4 and metric in entry

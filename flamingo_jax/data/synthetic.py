@@ -22,6 +22,9 @@ only lower its loss by looking. Written in the public formats of `formats.py`:
       vqa/         "Where is the ...?" questions; VQAv2 questions + annotations JSON (10 answers)
       classification/  is the overlaid statement about the image false? HatefulMemes jsonl
                    (label 1 = the text is false about the image)
+      video_qa/    "How does the green star change during the video?" (right, left, up, down,
+                   bigger) over 10 s clips at 3 FPS (30 frames, the paper's evaluation); MSVD-QA
+                   layout ({train,test}_qa.json, frames/video<id>/frame<k>.jpg)
       tasks.json   where each task's files are
 
 Everything is a deterministic function of --seed and the size flags.
@@ -402,10 +405,75 @@ def video(rng: np.random.Generator, size: int, num_frames: int) -> tuple[list[np
     return frames, f"{article(shape.colour)} {shape.colour} {shape.kind} {verb} on a {scene.texture} background."
 
 
+MOTIONS = ("right", "left", "up", "down", "bigger")  # held-out video QA answers: what the shape does
+
+
+def motion_question(shape: Shape) -> str:
+    """Held-out video QA family: one question for every motion, so only the frames tell the answer.
+    Training captions say "moves to the right" / "grows"; no training text asks this."""
+    return f"How does the {shape.colour} {shape.kind} change during the video?"
+
+
+def motion_clip(rng: np.random.Generator, size: int, num_frames: int) -> tuple[list[np.ndarray], Shape, str]:
+    """A held-out video QA clip: frames uint8 [size, size, 3], the shape asked about and its motion
+    (one of MOTIONS). The shape moves steadily along a random path (or grows in place) beside a
+    still shape of another kind and colour, which it is drawn over; the background is drawn once."""
+    scene = random_scene(rng, num_shapes=2, distinct=True)
+    mover, still = scene.shapes
+    motion = MOTIONS[int(rng.integers(0, len(MOTIONS)))]
+    begin, end, across = rng.uniform(0.15, 0.3) * size, rng.uniform(0.7, 0.85) * size, rng.uniform(0.25, 0.75) * size
+    if motion in ("left", "up"):
+        begin, end = end, begin
+    if motion == "bigger":
+        x, y = rng.uniform(0.35, 0.65, 2) * size
+        path = ((x, y), (x, y))
+    else:
+        path = ((begin, across), (end, across)) if motion in ("right", "left") else ((across, begin), (across, end))
+    (x0, y0), (x1, y1) = path
+    cell = size / 3
+    still_centre = ((still.cell[1] + 0.5) * cell, (still.cell[0] + 0.5) * cell)
+    background = Image.new("RGB", (size, size))
+    _draw_texture(ImageDraw.Draw(background), scene, size)
+    frames = []
+    for f in range(num_frames):
+        a = f / max(1, num_frames - 1)
+        radius = size * (0.06 + 0.22 * a) if motion == "bigger" else cell * (0.45 if mover.large else 0.28)
+        image = background.copy()
+        draw = ImageDraw.Draw(image)
+        _draw_shape(draw, still.kind, COLOURS[still.colour], *still_centre, cell * (0.45 if still.large else 0.28))
+        _draw_shape(draw, mover.kind, COLOURS[mover.colour], x0 + (x1 - x0) * a, y0 + (y1 - y0) * a, radius)
+        frames.append(np.asarray(image))
+    return frames, mover, motion
+
+
+def _write_video_qa(out_dir: str, rng: np.random.Generator, size: int, num_support: int, num_query: int,
+                    encode, num_frames: int) -> list[str]:
+    """Held-out video QA in the MSVD-QA / MSRVTT-QA layout: {train,test}_qa.json (support, queries) and
+    frames/video<id>/frame<k>.jpg (k from 1, unpadded: natural name order is time order).
+    Returns the texts (for the tokenizer)."""
+    texts: list[str] = []
+    for split, first, count in (("train", 0, num_support), ("test", num_support, num_query)):
+        records = []
+        for video_id in range(first, first + count):
+            frames, shape, motion = motion_clip(rng, size, num_frames)
+            folder = os.path.join(out_dir, "frames", f"video{video_id}")
+            os.makedirs(folder, exist_ok=True)
+            for k, frame in enumerate(frames):
+                with open(os.path.join(folder, f"frame{k + 1}.jpg"), "wb") as f:
+                    f.write(encode(frame))
+            question = motion_question(shape)
+            records.append({"answer": motion, "id": video_id, "question": question, "video_id": video_id})
+            texts.append(f"Question: {question} Answer: {motion}.")
+        with open(os.path.join(out_dir, f"{split}_qa.json"), "w") as f:
+            json.dump(records, f)
+    return texts
+
+
 # ---------------------------------------------------------------- writing
 def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: int, num_query: int,
-                encode) -> list[str]:
-    """Held-out tasks in public annotation formats; returns their texts (for the tokenizer)."""
+                encode, *, video_rng: np.random.Generator, video_seconds: float, video_fps: float) -> list[str]:
+    """Held-out tasks in public annotation formats; returns their texts (for the tokenizer).
+    Video QA draws from its own `video_rng`, so the other tasks do not depend on its sizes."""
     from flamingo_jax.data.images import encode_image
 
     texts: list[str] = []
@@ -470,6 +538,10 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
                 f.write(json.dumps({"id": example_id, "img": image_name, "label": label, "text": text}) + "\n")
                 texts.append(text)
 
+    num_frames = eval_video_frames(video_seconds, video_fps)
+    texts += _write_video_qa(os.path.join(out_dir, "video_qa"), video_rng, size, num_support, num_query, encode,
+                             num_frames)
+
     tasks = {
         "captioning": {"format": "coco_karpathy", "annotations": "captioning/dataset_synth.json",
                        "image_root": "captioning", "support_split": "train", "query_split": "test",
@@ -482,6 +554,10 @@ def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: 
                            "support": "classification/train.jsonl", "query": "classification/dev.jsonl",
                            "positive_label": "the written statement is false about the image",
                            "family": "verification of held-out claims (HELD_OUT_CLAIM) in the HatefulMemes frame"},
+        "video_qa": {"format": "msvd_qa", "support": "video_qa/train_qa.json", "query": "video_qa/test_qa.json",
+                     "frames": "video_qa/frames", "video_dir_template": "video{video_id}", "fps": video_fps,
+                     "seconds": video_seconds, "num_frames": num_frames, "answers": list(MOTIONS),
+                     "family": "'How does the ... change during the video?' (held out from training)"},
     }
     with open(os.path.join(out_dir, "tasks.json"), "w") as f:
         json.dump(tasks, f, indent=1)
@@ -514,6 +590,15 @@ def validation_data_config(train_data: dict[str, Any], out_dir: str, batch_size:
     return dict(train_data, datasets=datasets)
 
 
+def eval_video_frames(seconds: float, fps: float) -> int:
+    """Frames per held-out video QA clip; a motion needs at least two."""
+    count = round(seconds * fps)
+    if not (fps > 0 and count >= 2):
+        raise DataError(f"eval_video_seconds={seconds}, eval_video_fps={fps}: the held-out video QA clips need a "
+                        "positive rate and at least 2 frames (e.g. 10 s at 3 FPS, the paper's 30 frames).")
+    return count
+
+
 def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 4, pair_batch: int = 8,
                 video_batch: int = 2, interleaved_len: int = 128, pair_len: int = 32, max_images: int = 5,
                 num_frames: int = 4) -> dict[str, Any]:
@@ -541,9 +626,10 @@ def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 
 
 def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | None = None,
              num_videos: int | None = None, num_eval: int = 100, num_validation: int = 100, image_size: int = 64,
-             video_seconds: int = 8,
-             video_fps: float = 2.0, vocab_size: int = 512, num_shards: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Writes the corpus (see the module docstring); returns its manifest."""
+             video_seconds: int = 8, video_fps: float = 2.0, eval_video_seconds: float = 10.0,
+             eval_video_fps: float = 3.0, vocab_size: int = 512, num_shards: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Writes the corpus (see the module docstring); returns its manifest. The held-out video QA
+    clips last `eval_video_seconds` at `eval_video_fps` (default 30 frames at 3 FPS, as the paper evaluates)."""
     from flamingo_jax.data import formats, tokenizer
     from flamingo_jax.data.images import encode_image
 
@@ -553,7 +639,8 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
     num_documents = max(1, num_examples // 2) if num_documents is None else num_documents
     num_videos = max(1, num_examples // 8) if num_videos is None else num_videos
     frames_per_video = max(1, round(video_seconds * video_fps))
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    eval_video_frames(eval_video_seconds, eval_video_fps)  # checked before anything is written
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
 
     def encode(array):
         return encode_image(array, "JPEG", quality=90)
@@ -580,8 +667,9 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
             texts.append(text)
     num_support = max(1, num_eval // 2)
     texts += _write_eval(os.path.join(out_dir, "eval"), streams[3], image_size, num_support,
-                         max(1, num_eval - num_support), encode)
-    _write_validation(os.path.join(out_dir, "validation"), streams[4], image_size, num_validation, encode)
+                         max(1, num_eval - num_support), encode, video_rng=streams[4],
+                         video_seconds=eval_video_seconds, video_fps=eval_video_fps)
+    _write_validation(os.path.join(out_dir, "validation"), streams[5], image_size, num_validation, encode)
 
     text_path = os.path.join(out_dir, "text.txt")
     with open(text_path, "w") as f:
@@ -592,7 +680,8 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
         json.dump(config, f, indent=1)
     manifest = {"seed": seed, "num_examples": num_examples, "num_documents": num_documents,
                 "num_videos": num_videos, "frames_per_video": frames_per_video, "video_fps": video_fps,
-                "num_eval": num_eval, "num_validation": num_validation, "image_size": image_size, "vocab_size": vocab_size,
+                "num_eval": num_eval, "num_validation": num_validation, "eval_video_seconds": eval_video_seconds,
+                "eval_video_fps": eval_video_fps, "image_size": image_size, "vocab_size": vocab_size,
                 "num_shards": num_shards}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -614,6 +703,9 @@ def _main(argv: list[str]) -> int:
     flags.DEFINE_integer("image_size", 64, "Side of the square images, pixels.", flag_values=fv)
     flags.DEFINE_integer("video_seconds", 8, "Length of each video.", flag_values=fv)
     flags.DEFINE_float("video_fps", 2.0, "Stored frames per second.", flag_values=fv)
+    flags.DEFINE_float("eval_video_seconds", 10.0, "Length of each held-out video QA clip.", flag_values=fv)
+    flags.DEFINE_float("eval_video_fps", 3.0, "Stored frames per second of the held-out video QA clips.",
+                       flag_values=fv)
     flags.DEFINE_integer("vocab_size", 512, "SentencePiece vocabulary size.", flag_values=fv)
     flags.DEFINE_integer("num_shards", 4, "Shards per dataset (>= number of data-loading hosts).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Everything is a function of this seed.", flag_values=fv)
@@ -624,7 +716,9 @@ def _main(argv: list[str]) -> int:
     start = time.time()
     manifest = generate(fv.out_dir, num_examples=fv.num_examples, num_documents=fv.num_documents,
                         num_videos=fv.num_videos, num_eval=fv.num_eval, image_size=fv.image_size,
-                        video_seconds=fv.video_seconds, video_fps=fv.video_fps, vocab_size=fv.vocab_size,
+                        video_seconds=fv.video_seconds, video_fps=fv.video_fps,
+                        eval_video_seconds=fv.eval_video_seconds, eval_video_fps=fv.eval_video_fps,
+                        vocab_size=fv.vocab_size,
                         num_shards=fv.num_shards, seed=fv.seed)
     print(json.dumps(dict(manifest, out_dir=fv.out_dir, seconds=round(time.time() - start, 1))))
     return 0

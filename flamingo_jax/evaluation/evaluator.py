@@ -7,7 +7,10 @@ zero shots means two text-only support examples; open-ended tasks decode with
 beam search (beam 3) up to `<EOC>`, close-ended ones rank the candidates by
 log-likelihood, averaged over permutations of the support order (prompt
 ensembling). Prompts longer than the model's context lose their earliest
-support examples, and the results count how often that happened. A blind
+support examples, and the results count how often that happened. Videos are fed
+as the paper evaluates them whatever the model trained with: 30 frames at 3 FPS
+(`EvalSettings.video_frames`, `video_fps`; the rule: `data.frames.sample_indices`),
+the learned temporal embeddings interpolated to that many frames. A blind
 evaluation (`Evaluator(blind=True)`) shows the model one mean image for every
 image, the control for how much of a score comes from looking.
 """
@@ -45,6 +48,8 @@ class EvalSettings:
     length_penalty: float = 0.0
     ensemble: int = 6  # support-order permutations averaged for rank tasks (1: none)
     seed: int = 0
+    video_frames: int = 30  # frames fed per video (the paper's evaluation; it trains with 8)
+    video_fps: float = 3.0  # at this rate when the clip's stored rate is known; 0: evenly over the clip
 
     def __post_init__(self):
         for name in ("support_size", "batch_size", "num_beams", "ensemble"):
@@ -54,6 +59,11 @@ class EvalSettings:
             raise UserError(f"--num_queries={self.num_queries} must be >= 1 (leave it unset for every query).")
         if not self.shots or min(self.shots) < 0:
             raise UserError(f"--shots needs non-negative shot counts (got {self.shots}).")
+        if self.video_frames < 1:
+            raise UserError(f"--video_frames={self.video_frames} must be >= 1 (the paper evaluates with 30).")
+        if not self.video_fps >= 0:
+            raise UserError(f"--video_fps={self.video_fps} must be > 0 (the paper's 3), or 0 to spread the frames "
+                            "evenly over each clip.")
 
 
 def results_stem(step: int, task_names: Sequence[str], settings: EvalSettings) -> str:
@@ -94,7 +104,7 @@ class Evaluator:
     real images it would pick support examples, and so answers, by what the query shows."""
 
     def __init__(self, engine: Engine, settings: EvalSettings, *, blind: bool = False):
-        self.engine = engine
+        self.engine = engine.with_video(settings.video_frames, settings.video_fps or None)
         self.settings = settings
         self.blind = blind
 

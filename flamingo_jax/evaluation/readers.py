@@ -64,12 +64,14 @@ class ClassificationExample:
 
 @dataclass
 class VideoQAExample:
-    """One question about a video stored as a folder of extracted frames."""
+    """One question about a video stored as a folder of extracted frames; `fps` is the rate
+    they were extracted at, when the release says (the engine then samples at its own rate)."""
 
     id: int | str
     frames_dir: Path
     question: str
     answer: str
+    fps: float | None = None
 
 
 class AnnotationFormatError(UserError, ValueError):
@@ -522,6 +524,7 @@ def read_video_qa(
     *,
     video_dir_template: str = "{video_id}",
     check_frames: bool = False,
+    fps: float | None = None,
 ) -> list[VideoQAExample]:
     """MSVD-QA / MSRVTT-QA questions over ``frames_root/<video folder>/``.
 
@@ -530,7 +533,8 @@ def read_video_qa(
     ``"video{video_id}"`` match frame folders named after the video files.
     The example id is the record's 'id' (or 'question_id'), else its index.
     With `check_frames`, every frame folder must exist and hold frames, which
-    catches a wrong template before a long evaluation starts.
+    catches a wrong template before a long evaluation starts. `fps`: the frames' stored
+    rate, if known (MSVD-QA and MSRVTT-QA do not fix one; the synthetic corpus does).
     """
     source = _require_file(annotation_file, _VIDEO_QA_FORMAT)
     records = _load_json(source, _VIDEO_QA_FORMAT)
@@ -549,5 +553,6 @@ def read_video_qa(
             frames_dir=frames_dir,
             question=str(_field(record, "question", source, where)),
             answer=str(_field(record, "answer", source, where)),
+            fps=fps,
         ))
     return examples

@@ -241,7 +241,8 @@ def _synthetic_spec(data_dir: Path, key: str, expected_format: str) -> tuple[Pat
                                      "`python -m flamingo_jax.data.synthetic --out_dir=...`")
     spec = specs.get(key) if isinstance(specs, dict) else None
     if not isinstance(spec, dict) or spec.get("format") != expected_format:
-        raise readers.AnnotationFormatError(f"{path}: expected a '{key}' entry of format '{expected_format}'.")
+        raise readers.AnnotationFormatError(f"{path}: expected a '{key}' entry of format '{expected_format}'; a "
+                                            "corpus written before the task existed lacks it: generate it again.")
     return eval_dir, spec
 
 
@@ -267,6 +268,18 @@ def _load_synthetic_classification(data_dir: Path) -> tuple[list, list]:
     root = eval_dir / spec["image_root"]
     return (readers.read_hateful_memes(eval_dir / spec["support"], root),
             readers.read_hateful_memes(eval_dir / spec["query"], root))
+
+
+def _load_synthetic_video_qa(data_dir: Path) -> tuple[list, list]:
+    """MSVD-QA's reader over the corpus' clips, which know their stored rate (tasks.json 'fps')."""
+    eval_dir, spec = _synthetic_spec(data_dir, "video_qa", "msvd_qa")
+    frames, fps = eval_dir / spec["frames"], float(spec["fps"])
+
+    def read(annotations: str) -> list:
+        return readers.read_video_qa(eval_dir / annotations, frames, video_dir_template=spec["video_dir_template"],
+                                     fps=fps)
+
+    return read(spec["support"]), read(spec["query"])
 
 
 # ---------------------------------------------------------------------------
@@ -404,11 +417,11 @@ def _vqa(name: str, read: Loader, layout: str, postprocess: Callable[[str], str]
                 score=score_vqa, primary_metric="vqa_accuracy", layout=layout)
 
 
-def _video_qa(name: str, read: Loader, layout: str) -> Task:
+def _video_qa(name: str, read: Loader, layout: str, postprocess: Callable[[str], str] | None = None) -> Task:
     template = VQATemplate()
     return Task(name=name, kind="video_qa", template=template, mode="generate",
                 max_new_tokens=VQA_MAX_NEW_TOKENS, load=_task_loader(name, layout, read),
-                media=template.media, postprocess=metrics.postprocess_vqa_generation,
+                media=template.media, postprocess=postprocess or metrics.postprocess_vqa_generation,
                 score=score_video_qa, primary_metric="top1_accuracy", layout=layout)
 
 
@@ -445,6 +458,7 @@ def _registry() -> dict[str, Task]:
         _vqa("synthetic_vqa", _load_synthetic_vqa, synthetic, postprocess_synthetic_vqa),
         # Label 1 = the written statement is false about the image (tasks.json's positive_label).
         _yes_no("synthetic_classification", _load_synthetic_classification, synthetic, "Is it false?"),
+        _video_qa("synthetic_video_qa", _load_synthetic_video_qa, synthetic, postprocess_synthetic_vqa),
     ]
     return {task.name: task for task in tasks}
 

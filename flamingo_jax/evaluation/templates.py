@@ -30,7 +30,7 @@ Example = Any  # a record of flamingo_jax.evaluation.readers
 def media_of_example(example: Example) -> Media:
     """The visual input of a reader record: its frame folder (video QA) or its image file."""
     if getattr(example, "frames_dir", None) is not None:
-        return Media(frames=readers.list_frames(example.frames_dir))
+        return Media(frames=readers.list_frames(example.frames_dir), fps=getattr(example, "fps", None))
     if getattr(example, "image_path", None) is not None:
         return Media(path=example.image_path)
     raise TypeError(f"No image_path or frames_dir on {type(example).__name__}: {example!r:.200}")

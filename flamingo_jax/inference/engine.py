@@ -11,6 +11,7 @@ weights passed as arguments, so new prompts of a seen bucket never recompile.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -66,7 +67,9 @@ class Engine:
     """A Flamingo with weights, its tokenizer and image preparation, and compiled programs."""
 
     def __init__(self, model: Flamingo, tokenizer: Tokenizer, image_config: ImageConfig, *,
-                 min_length: int = 32):
+                 min_length: int = 32, video_frames: int | None = None, video_fps: float | None = None):
+        """`video_frames` (default: the model's `vision.num_frames`) frames are fed per video,
+        sampled at `video_fps` when the video's stored rate is known (`prompting.MediaLoader`)."""
         cfg = model.cfg
         if tokenizer.vocab_size != cfg.decoder.vocab_size:
             raise PromptError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's frozen vocabulary "
@@ -76,7 +79,8 @@ class Engine:
                              f"{cfg.vision.image_size} px; use the training run's data config.")
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.load_media = prompting.MediaLoader(image_config, cfg.vision.num_frames)
+        self.load_media = prompting.MediaLoader(
+            image_config, cfg.vision.num_frames if video_frames is None else video_frames, video_fps)
         self.min_length = min_length
         self.graphdef, self.state = nnx.split(model)
         self.stop_ids = (tokenizer.eoc_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
@@ -95,6 +99,14 @@ class Engine:
         trained = load_trained(workdir, step=step, tokenizer_path=tokenizer_path)
         engine = cls(trained.model, trained.tokenizer, trained.image_config, **kwargs)
         engine.step, engine.run_config = trained.step, trained.config
+        return engine
+
+    def with_video(self, num_frames: int, fps: float | None) -> Engine:
+        """This engine (same weights, same compiled programs) feeding `num_frames` frames per
+        video, sampled at `fps` (None: evenly over the clip); e.g. the paper's evaluation, 30
+        frames at 3 FPS, on a model trained with 8."""
+        engine = copy.copy(self)
+        engine.load_media = prompting.MediaLoader(self.load_media.config, num_frames, fps)
         return engine
 
     # ------------------------------------------------------------------ programs

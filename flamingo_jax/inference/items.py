@@ -51,17 +51,23 @@ class Media:
     * `path`: an image file;
     * `array`: pixels, uint8 [H, W, 3] for an image or [T, H, W, 3] for video;
     * `frames`: a video's frame files in temporal order (all of them: the
-      engine samples the number of frames its model takes).
+      engine samples the frames it feeds, `prompting.VideoSampling`).
+
+    `fps`: the rate a video's frames were stored at, if known; with it the engine
+    samples frames at its own rate, without it evenly over the clip.
     """
 
     path: Path | None = None
     array: np.ndarray | None = None
     frames: list[Path] | None = None
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("path", "array", "frames") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"Media needs exactly one of path, array, frames; got {given or 'none'}.")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"Media.fps must be > 0 (frames per second of the stored video), got {self.fps}.")
         if self.path is not None:
             self.path = Path(self.path)
         if self.array is not None:
@@ -90,7 +96,7 @@ class Media:
         if self.array is not None or other.array is not None:
             return (self.array is not None and other.array is not None
                     and np.array_equal(self.array, other.array))
-        return self.path == other.path and self.frames == other.frames
+        return self.path == other.path and self.frames == other.frames and self.fps == other.fps
 
     def __repr__(self) -> str:
         if self.array is not None:

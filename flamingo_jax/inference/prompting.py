@@ -137,22 +137,37 @@ def sorted_frames(folder: Path) -> list[Path]:
 
 
 class MediaLoader:
-    """Media -> model pixels [T, S, S, 3], prepared as the training pipelines prepare them."""
+    """Media -> model pixels [T, S, S, 3], prepared as the training pipelines prepare them.
 
-    def __init__(self, config: image_ops.ImageConfig, num_frames: int):
+    A video becomes `num_frames` frames, picked by `data.frames.sample_indices`: at `fps`
+    frames per second when both it and the video's stored rate (`Media.fps`) are known,
+    else evenly over the whole clip. The model takes any count: its temporal embeddings
+    stretch over more frames than it was trained with (`models.resampler.interpolate_frames`).
+    """
+
+    def __init__(self, config: image_ops.ImageConfig, num_frames: int, fps: float | None = None):
+        if num_frames < 1:
+            raise PromptError(f"videos need at least 1 frame per clip (got num_frames={num_frames}).")
+        if fps is not None and not fps > 0:
+            raise PromptError(f"the video sampling rate must be > 0 frames per second (got fps={fps}); leave it "
+                              "unset to spread the frames evenly over each clip.")
         self.config = config
         self.num_frames = num_frames
+        self.fps = fps
 
     def __call__(self, media: Media) -> np.ndarray:
         if media.frames is not None:
-            chosen = _evenly_spaced(list(media.frames), self.num_frames)
-            return np.stack([self._prepare(self.read(path)) for path in chosen])
+            return np.stack([self._prepare(self.read(path)) for path in self._sample(list(media.frames), media)])
         if media.path is not None:
             return self._prepare(self.read(media.path))[None]
         array = np.asarray(media.array)
         if array.ndim == 4:  # video frames
-            return np.stack([self._prepare(frame) for frame in _evenly_spaced(list(array), self.num_frames)])
+            return np.stack([self._prepare(frame) for frame in self._sample(list(array), media)])
         return self._prepare(array)[None]
+
+    def _sample(self, frames: list, media: Media) -> list:
+        indices = frame_files.sample_indices(len(frames), self.num_frames, stored_fps=media.fps, fps=self.fps)
+        return [frames[i] for i in indices]
 
     def read(self, path: Path) -> np.ndarray:
         """uint8 pixels [H, W, 3] of an image file, decoded as the training pipelines decode it."""
@@ -206,13 +221,6 @@ def mean_image(load: MediaLoader, media: Sequence[Media]) -> np.ndarray:
         total = summed if total is None else total + summed
         count += frames.shape[0]
     return (total / count).astype(np.float32)
-
-
-def _evenly_spaced(frames: list, count: int) -> list:
-    """`count` frames spread over the clip (all of them, repeated at the end, if fewer)."""
-    if len(frames) >= count:
-        return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
-    return frames + [frames[-1]] * (count - len(frames))
 
 
 @dataclasses.dataclass(frozen=True)
