@@ -148,3 +148,18 @@ def assert_nothing_written(out) -> None:
     parent, name = os.path.split(str(out))
     assert not os.path.lexists(out)
     assert not [entry for entry in os.listdir(parent) if entry.startswith(f".{name}.")]
+
+
+def training_texts(corpus: str) -> list[str]:
+    """Every text of the corpus' training records (image-text captions, interleaved documents' text
+    segments, video captions), decoded with the project's record reader."""
+    import glob
+
+    from flamingo_jax.data import formats, records
+
+    texts = []
+    for kind, field in (("image_text", "caption"), ("interleaved", "segment_text"), ("video_text", "caption")):
+        for path in sorted(glob.glob(os.path.join(corpus, kind, "*.tfrecord"))):
+            for record in records.read_records(path):
+                texts += [value.decode() for value in formats.parse(record.data, kind)[field] if value]
+    return texts

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from flamingo_jax.data import mixture, synthetic
 from flamingo_jax.data.tokenizer import Tokenizer
 
+from helpers import training_texts
 from test_data_utils import check_contract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +25,15 @@ def corpus(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
     synthetic.generate(out, seed=0, **SIZES)
     return out
+
+
+def template_regex(template: str, **fields: str) -> re.Pattern:
+    """`template` ("... {colour} {kind}") as a regex, each named field one of the given alternatives
+    (a named group)."""
+    pattern = re.escape(template)
+    for name, alternatives in fields.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alternatives})")
+    return re.compile(pattern)
 
 
 def _files(directory):
@@ -60,18 +71,27 @@ def test_synthetic_corpus_is_deterministic_and_in_public_formats(corpus, tmp_pat
     assert {image["split"] for image in karpathy["images"]} == {"train", "test"}
     for image in karpathy["images"]:
         assert os.path.isfile(os.path.join(evaluation, "captioning", image["filepath"], image["filename"]))
-        assert len(image["sentences"]) == 3 and all(s["raw"] and s["tokens"] for s in image["sentences"])
+        sentences = image["sentences"]
+        assert len(sentences) == 2 and all(s["raw"] and s["tokens"] for s in sentences)
+        # "a red tovel." / "a large red tovel.": one shape, its colour and its held-out name.
+        assert len({s["tokens"][-1] for s in sentences}) == 1
+        assert sentences[0]["tokens"][-1] in synthetic.HELD_OUT_SHAPE_NAMES.values()
+        assert all(s["tokens"][-2] in synthetic.COLOURS for s in sentences)
     vqa = tasks["vqa"]
     questions = json.load(open(os.path.join(evaluation, vqa["query"]["questions"])))["questions"]
     annotations = json.load(open(os.path.join(evaluation, vqa["query"]["annotations"])))["annotations"]
     assert [q["question_id"] for q in questions] == [a["question_id"] for a in annotations]
     for q, a in zip(questions, annotations):
-        assert q["question"].startswith("Where is the") and len(a["answers"]) == 10
-        assert a["multiple_choice_answer"] in synthetic.CELL_WORDS.values()
+        assert q["question"] == synthetic.HELD_OUT_QUESTION and len(a["answers"]) == 10
+        assert a["multiple_choice_answer"] in synthetic.HELD_OUT_TEXTURE_NAMES.values()
+        assert {answer["answer"] for answer in a["answers"]} == {a["multiple_choice_answer"]}
         assert os.path.isfile(os.path.join(evaluation, vqa["image_root"], vqa["image_filename"].format(**q)))
     with open(os.path.join(evaluation, tasks["classification"]["query"])) as f:
         memes = [json.loads(line) for line in f]
     assert memes and all(set(m) == {"id", "img", "label", "text"} and m["label"] in (0, 1) for m in memes)
+    claim = template_regex(synthetic.HELD_OUT_CLAIM, article="an?", colour="|".join(synthetic.COLOURS),
+                           kind="|".join(synthetic.SHAPES))
+    assert all(claim.fullmatch(m["text"]) for m in memes), [m["text"] for m in memes]
     assert all(os.path.isfile(os.path.join(evaluation, "classification", m["img"])) for m in memes)
 
 
@@ -89,6 +109,107 @@ def test_synthetic_text_is_true_of_the_scene():
     one = synthetic.Scene("plain", 0, (synthetic.Shape("circle", "red", True, (1, 0)),))
     image = synthetic.render(one, 30)
     assert tuple(image[15, 5]) == synthetic.COLOURS["red"] and tuple(image[15, 25]) == synthetic.BACKGROUNDS[0]
+
+
+def test_held_out_families_name_what_the_scene_shows():
+    shape_names, texture_names = synthetic.HELD_OUT_SHAPE_NAMES, synthetic.HELD_OUT_TEXTURE_NAMES
+    assert len(set(shape_names.values())) == len(synthetic.SHAPES)
+    assert len(set(texture_names.values())) == len(synthetic.TEXTURES)
+    assert not synthetic.HELD_OUT_NAMES & (set(synthetic.COLOURS) | set(synthetic.SHAPES) | set(synthetic.TEXTURES))
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        scene = synthetic.random_scene(rng, num_shapes=1)
+        shape = scene.shapes[0]
+        short, sized = (text.rstrip(".").split() for text in synthetic.named_caption(scene))
+        assert short == [synthetic.article(shape.colour), shape.colour, shape_names[shape.kind]]
+        size = "large" if shape.large else "small"
+        assert sized == [synthetic.article(size), size, shape.colour, shape_names[shape.kind]]
+        scene = synthetic.random_scene(rng)
+        assert synthetic.texture_question(scene) == (synthetic.HELD_OUT_QUESTION, texture_names[scene.texture])
+
+
+def test_verification_claims_hold_of_the_scene_exactly_when_true():
+    rng = np.random.default_rng(2)
+    wrong = {"colour": 0, "kind": 0}
+    for i in range(200):
+        scene = synthetic.random_scene(rng)
+        present = {(s.colour, s.kind) for s in scene.shapes}
+        false = bool(i % 2)
+        colour, kind = synthetic.verification_claim(scene, rng, false=false)
+        assert colour in synthetic.COLOURS and kind in synthetic.SHAPES
+        assert ((colour, kind) in present) is not false, (scene, colour, kind, false)
+        if false:  # false claims are near misses too: a shape of the scene with another colour, or kind
+            wrong["colour"] += kind in {k for _, k in present}
+            wrong["kind"] += colour in {c for c, _ in present}
+    assert min(wrong.values()) >= 20, wrong
+
+
+NAMING_PATTERNS = [template_regex(frame, name="[a-z]+", a="an?", colour="|".join(synthetic.COLOURS))
+                   for frame in synthetic.NAMING_FRAMES + synthetic.COLOURED_NAMING_FRAMES]
+
+
+def _value(scene, attribute):
+    return scene.texture if attribute == "texture" else getattr(scene.shapes[0], attribute)
+
+
+def test_naming_episodes_bind_fresh_names_one_to_one_within_a_document():
+    rng = np.random.default_rng(3)
+    bound_attributes, names_of = set(), {}
+    for _ in range(80):
+        scenes, texts = synthetic.naming_episode(rng)
+        assert len(scenes) == len(texts) and 4 <= len(texts) <= 6
+        pattern = next(p for p in NAMING_PATTERNS if all(p.fullmatch(t) for t in texts))  # one frame per document
+        matches = [pattern.fullmatch(t) for t in texts]
+        names = [m["name"] for m in matches]
+        assert not set(names) & synthetic.HELD_OUT_NAMES
+        for scene, match in zip(scenes, matches):
+            groups = match.groupdict()
+            assert groups.get("a", synthetic.article(match["name"])) == synthetic.article(match["name"])
+            assert groups.get("colour", scene.shapes[0].colour) == scene.shapes[0].colour
+        # Same value -> same name, different values -> different names, for the attribute the episode names.
+        bound = [a for a in ("kind", "colour", "texture")
+                 if len({(_value(s, a), n) for s, n in zip(scenes, names)}) == len({_value(s, a) for s in scenes})
+                 == len(set(names))]
+        assert bound, list(zip(scenes, names))
+        bound_attributes.update(bound)
+        for scene, name in zip(scenes, names):
+            names_of.setdefault((bound[0], _value(scene, bound[0])), set()).add(name)
+    assert bound_attributes == {"kind", "colour", "texture"}
+    assert max(len(n) for n in names_of.values()) > 3, "each document draws its own names"
+
+
+def held_out_leaks(text: str) -> list[str]:
+    """The held-out evaluation families' fixed words that `text` contains (case-insensitive; names
+    as whole words)."""
+    video = synthetic.motion_question(synthetic.Shape("star", "green", False, (0, 0))).split("green star")
+    claim = synthetic.HELD_OUT_CLAIM.split("{")[0]
+    phrases = [synthetic.HELD_OUT_QUESTION, claim, "is an image with written", *video]
+    found = [p.strip() for p in phrases if p.strip().lower() in text.lower()]
+    return found + re.findall(r"\b(?:" + "|".join(sorted(synthetic.HELD_OUT_NAMES)) + r")\b", text, re.IGNORECASE)
+
+
+def test_held_out_families_stay_held_out_of_every_training_text(synthetic_corpus):
+    """Acceptance: no text that training or pretraining reads (the corpus' image-text, interleaved
+    and video-text records, and at scale every document style's text) holds a held-out family's
+    question, claim, frame or name."""
+    assert held_out_leaks("Question: What paper is it drawn on? Answer: Nezu.") == [
+        "What paper is it drawn on?", "Nezu"]
+    assert held_out_leaks('the picture shows a red star') == ["the picture shows"]
+    assert held_out_leaks("How does the red star change during the video?") == [
+        "How does the", "change during the video?"]
+    assert held_out_leaks("a red tovelka and a mine.") == ["mine"]
+    texts = training_texts(synthetic_corpus)
+    claims = [template_regex(frame, a="an?", colour="[a-z]+", kind="[a-z]+", answer="yes|no")
+              for frame in synthetic.CLAIM_FRAMES]
+    assert any(" moves " in t for t in texts) and any("Question:" in t for t in texts)  # videos, VQA documents
+    assert any(p.fullmatch(t) for p in NAMING_PATTERNS for t in texts)
+    assert any(p.fullmatch(t) for p in claims for t in texts)
+    rng = np.random.default_rng(4)  # rarer draws (e.g. a document's made-up author names), text only
+    texts += [text for _ in range(1500) for text in synthetic.interleaved_document(rng, 8, lambda image: b"")[1]]
+    texts += [synthetic.caption(synthetic.random_scene(rng), rng) for _ in range(500)]
+    texts += [synthetic.video(rng, 8, 2)[1] for _ in range(100)]
+    leaks = {text: held_out_leaks(text) for text in texts if held_out_leaks(text)}
+    assert not leaks, leaks
 
 
 def test_mixture_from_config_yields_every_dataset_and_resumes(corpus):

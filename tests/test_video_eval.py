@@ -4,7 +4,6 @@ fewer frames than it is evaluated with."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flamingo_jax.data import formats, records, synthetic
+from flamingo_jax.data import synthetic
 from flamingo_jax.data.frames import sample_indices
 from flamingo_jax.errors import UserError
 from flamingo_jax.evaluation import readers, tasks
@@ -22,6 +21,8 @@ from flamingo_jax.evaluation.evaluator import EvalSettings, Evaluator
 from flamingo_jax.inference import prompting
 from flamingo_jax.inference.engine import Engine
 from flamingo_jax.inference.items import Media
+
+from helpers import training_texts
 
 
 def _spec(corpus: str) -> dict:
@@ -75,19 +76,8 @@ def test_video_qa_clips_parse_with_the_msvd_reader_and_answers_are_the_motion_se
     assert media.fps == 3.0 and len(media.frames) == 30
 
 
-def _training_texts(corpus: str) -> list[str]:
-    texts = []
-    for kind, fields in (("image_text", ("caption",)), ("interleaved", ("segment_text",)),
-                         ("video_text", ("caption",))):
-        for path in glob.glob(os.path.join(corpus, kind, "*.tfrecord")):
-            for record in records.read_records(path):
-                parsed = formats.parse(record.data, kind)
-                texts += [value.decode() for field in fields for value in parsed[field] if value]
-    return texts
-
-
 def test_the_video_question_is_held_out_from_every_training_text(synthetic_corpus):
-    texts = _training_texts(synthetic_corpus)
+    texts = training_texts(synthetic_corpus)
     assert len(texts) > 64 and any(" moves " in t for t in texts)  # the training videos' captions are here
     template = synthetic.motion_question(synthetic.Shape("star", "green", False, (0, 0)))
     fixed = template.replace("green star", "|").split("|")  # "How does the ", " change during the video?"

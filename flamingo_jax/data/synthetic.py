@@ -297,8 +297,11 @@ def comparison(scenes: list[Scene], rng: np.random.Generator) -> str:
 
 
 def _name(rng: np.random.Generator) -> str:
-    parts = rng.choice(SYLLABLES, size=int(rng.integers(2, 4)))
-    return "".join(parts).capitalize()
+    """A capitalised made-up name of a person or place; never a held-out family's word ("Quimi")."""
+    while True:
+        name = "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
+        if name not in HELD_OUT_NAMES:
+            return name.capitalize()
 
 
 def lexicon(num_names: int = 600) -> list[str]:
