@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flamingo_jax.data import synthetic
 from flamingo_jax.evaluation import metrics as M
 from flamingo_jax.evaluation import readers as R
 from flamingo_jax.evaluation import tasks as T
@@ -293,8 +294,11 @@ def test_synthetic_tasks_load_from_the_corpus(synthetic_corpus: str) -> None:
         assert sum(isinstance(item, prompt_items.Media) for item in prompt) == 3
         assert sum(item is prompt_items.END_OF_CHUNK for item in prompt) == 2
     captions, _ = loaded["synthetic_captioning"]
-    assert all(isinstance(e, R.CaptionExample) and len(e.captions) == 3 for e in captions)
-    assert loaded["synthetic_vqa"][1][0].question.startswith("Where is the")
+    assert all(isinstance(e, R.CaptionExample) and len(e.captions) == 2 for e in captions)
+    assert all(e.captions[0].rstrip(".").split()[-1] in synthetic.HELD_OUT_SHAPE_NAMES.values() for e in captions)
+    for e in loaded["synthetic_vqa"][0] + loaded["synthetic_vqa"][1]:
+        assert e.question == synthetic.HELD_OUT_QUESTION and len(e.answers) == 10
+        assert set(e.answers) <= set(synthetic.HELD_OUT_TEXTURE_NAMES.values()) and len(set(e.answers)) == 1
     assert {e.label for e in loaded["synthetic_classification"][0]} <= {0, 1}
     eval_dir = Path(synthetic_corpus) / "eval"
     assert T.get_task("synthetic_vqa").load(eval_dir) == loaded["synthetic_vqa"]
