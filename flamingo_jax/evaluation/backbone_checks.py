@@ -107,9 +107,15 @@ def retrieval_recall(pretrained: PretrainingRun) -> dict[str, float]:
         image, text = embed(batch["media"], batch["tokens"])
         images.append(np.asarray(image))
         texts.append(np.asarray(text))
-        captions += [tuple(row[row != 0]) for row in np.asarray(batch["tokens"])]
-    images, texts = np.concatenate(images), np.concatenate(texts)
-    ranked = np.argsort(-(images @ texts.T), axis=1)
+        own = np.asarray(objective.text_positions(jnp.asarray(batch["tokens"])))  # not padding (id 3, not 0)
+        captions += [tuple(row[mask]) for row, mask in zip(np.asarray(batch["tokens"]), own)]
+    return image_to_text_recall(np.concatenate(images) @ np.concatenate(texts).T, captions)
+
+
+def image_to_text_recall(similarity: np.ndarray, captions: list) -> dict[str, float]:
+    """Recall@1 and @5 (percent) of `similarity[image, text]` over pairs (image i, captions[i]): a
+    ranked text counts as found when its caption equals the image's own."""
+    ranked = np.argsort(-similarity, axis=1, kind="stable")
     found = np.array([[captions[j] == captions[i] for j in row] for i, row in enumerate(ranked)])
     n = len(captions)
     return {"recall_at_1": 100.0 * float(np.mean(found[:, 0])), "recall_at_5": 100.0 * float(np.mean(found[:, :5].any(1))),

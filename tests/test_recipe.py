@@ -1,0 +1,71 @@
+"""The recipe (`flamingo_jax.recipe`) end to end at the smallest size: both pretraining stages, Flamingo
+over their exports, the backbone checks and the few-shot evaluation, its report and pictures; a
+second run skips the finished pretraining; a config file without stages is refused clearly."""
+
+import json
+import os
+
+import pytest
+from test_pretraining import pretraining_config
+
+from flamingo_jax import recipe
+from flamingo_jax.core.checkpoint import Checkpointer
+from flamingo_jax.errors import UserError
+
+from helpers import train_config
+
+TASKS = ("synthetic_captioning", "synthetic_vqa", "synthetic_classification")
+
+
+def stage_configs(corpus: str) -> dict:
+    configs = {"contrastive": pretraining_config(corpus, "contrastive", ("image_text",), steps=2),
+               "lm": pretraining_config(corpus, "lm", ("interleaved", "image_text"), steps=2),
+               "flamingo": train_config(corpus, steps=2)}
+    configs["flamingo"].model.decoder.max_len = 512  # room for a 1-shot prompt
+    for config in configs.values():
+        config.synthetic.out_dir = corpus  # the corpus is there (its manifest), so nothing is generated
+        config.checkpoint.async_save = False
+    return configs
+
+
+def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthetic_corpus, tmp_path):
+    workdir = str(tmp_path / "recipe")
+    lines = []
+    report = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0, 1), num_queries=2, tasks=TASKS,
+                        log=lines.append)
+    assert {stage: r["steps"] for stage, r in report["stages"].items()} == {"contrastive": 2, "lm": 2, "flamingo": 2}
+    exports = {"vision": os.path.join(workdir, "contrastive", "backbones", "vision"),
+               "decoder": os.path.join(workdir, "lm", "backbones", "decoder")}
+    assert all(os.path.isdir(path) for path in exports.values())
+    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "flamingo", "checkpoints"), async_save=False)
+    try:
+        recorded = checkpointer.read_meta(checkpointer.latest_step())["backbones"]
+    finally:
+        checkpointer.close()
+    assert {name: os.path.realpath(path) for name, path in recorded.items()} == {
+        name: os.path.realpath(path) for name, path in exports.items()}
+
+    with open(os.path.join(workdir, "recipe.json")) as f:
+        written = json.load(f)
+    retrieval, lm = written["checks"]["vision_retrieval"], written["checks"]["lm_perplexity"]
+    assert retrieval["num_pairs"] == 100 and 0 <= retrieval["recall_at_1"] <= retrieval["recall_at_5"] <= 100
+    assert lm["perplexity"] > 1 and lm["random_init_perplexity"] > 1 and lm["num_tokens"] > 0
+    assert set(written["evaluation"]["scores"]) == set(TASKS)
+    assert all(set(per_shot) == {"0", "1"} for per_shot in written["evaluation"]["scores"].values())
+    for stage in recipe.STAGES:
+        assert os.path.isfile(os.path.join(workdir, stage, "training.png")), stage
+    assert os.path.isfile(written["evaluation"]["plot"]) and written["evaluation"]["plot"].endswith(".png")
+
+    again = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0,), num_queries=1,
+                       tasks=("synthetic_vqa",), log=lines.append)
+    assert set(again["stages"]) == {"flamingo"}  # resumed at its last step: nothing left to train
+    assert sum("skipped" in line for line in lines) == 2
+
+
+def test_a_config_file_without_stages_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "stageless.py"
+    path.write_text("import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict()\n")
+    with pytest.raises(UserError, match=r"stageless\.py: its get_config\(stage\) must accept each of"):
+        recipe.load_stage_configs(str(path))
+    with pytest.raises(UserError, match="no such file"):
+        recipe.load_stage_configs(str(tmp_path / "missing.py"))
