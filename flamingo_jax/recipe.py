@@ -45,10 +45,6 @@ _TASKS = flags.DEFINE_string("tasks", ",".join(SYNTHETIC_TASKS), "Comma-separate
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", None, "Queries per task (default: all of the split).")
 
 
-class RecipeError(Exception):
-    pass
-
-
 def load_stage_configs(path: str) -> dict[str, Any]:
     """{stage: ConfigDict} from a config file with `get_config(stage)`."""
     from flamingo_jax.errors import UserError
