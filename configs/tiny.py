@@ -1,8 +1,16 @@
-"""Tiny Flamingo: trains and evaluates end to end on 2 CPU cores in minutes.
+"""Tiny Flamingo and its two pretraining stages: the paper's recipe in minutes on 2 CPU cores.
 
-Same architecture as the paper's models (NFNet, Perceiver Resampler, GATED
-XATTN-DENSE, Chinchilla-style decoder), scaled down, fp32 throughout, trained on
-the project's synthetic corpus (generated into `synthetic.out_dir` on first use).
+    python -m flamingo_jax.recipe --config=configs/tiny.py        # all three stages, then evaluation
+    python -m flamingo_jax.train --config=configs/tiny.py:lm     # one stage alone
+
+Same architecture as the paper's models (NFNet, Perceiver Resampler, GATED XATTN-DENSE, a
+Chinchilla-style decoder), scaled down, fp32 throughout, trained on the project's synthetic
+corpus (generated into `synthetic.out_dir` on first use). `get_config(stage)`:
+
+  contrastive  the NFNet and a small BERT-style text encoder on image- and video-text pairs
+  lm           the decoder on the corpus' text
+  flamingo     Resampler and xattn blocks over both (`backbones.*`; the recipe points them at
+               the two stages' exports; without them the backbones are random)
 """
 
 import os
@@ -11,11 +19,10 @@ from flamingo_jax import config_defaults
 from flamingo_jax.data import synthetic
 
 DATA_DIR = os.environ.get("FLAMINGO_TINY_DATA", "data_cache/synthetic-tiny")
+STAGES = ("contrastive", "lm", "flamingo")
 
 
-def get_config():
-    config = config_defaults.base()
-    config.name = "tiny"
+def model(config) -> None:
     m = config.model
     m.vision.encoder = "nfnet"
     m.vision.nfnet.variant = "tiny"
@@ -29,10 +36,29 @@ def get_config():
     m.frozen_param_dtype = "float32"
     m.trainable_param_dtype = "float32"
 
-    config.synthetic.update(out_dir=DATA_DIR, num_examples=2000, image_size=64, seed=0)
+
+def get_config(stage: str = "flamingo"):
+    if stage not in STAGES:
+        raise ValueError(f"configs/tiny.py:{stage}: the stages are {STAGES}.")
+    config = config_defaults.base()
+    config.name = "tiny" if stage == "flamingo" else f"tiny-{stage}"
+    config.objective = stage
+    model(config)
+    config.synthetic.update(out_dir=DATA_DIR, num_examples=3000, num_eval=200, image_size=64, seed=0)
     config.data.update(synthetic.data_config(DATA_DIR, image_size=64, interleaved_batch=4, pair_batch=8,
-                                             video_batch=2, interleaved_len=64, pair_len=24, max_images=3,
+                                             video_batch=2, interleaved_len=96, pair_len=24, max_images=6,
                                              num_frames=4))
-    config.train.update(steps=300, learning_rate=1e-3, warmup_steps=20, log_every=10)
     config.checkpoint.update(every_steps=100, keep=2)
+    if stage == "contrastive":
+        pairs = [d for d in config.data.datasets if d["kind"] in ("image_text", "video_text")]
+        for d in pairs:
+            d.update(batch_size=32 if d["kind"] == "image_text" else 4, weight=1.0)
+        config.data.datasets = pairs
+        config.contrastive.text.update(dim=64, num_layers=2, num_heads=4, head_dim=16, mlp_ratio=4, max_len=32,
+                                       embed_dim=64)
+        config.train.update(steps=200, learning_rate=2e-3, warmup_steps=20, schedule="linear", log_every=20)
+    elif stage == "lm":
+        config.train.update(steps=300, learning_rate=3e-3, warmup_steps=20, schedule="linear", log_every=50)
+    else:
+        config.train.update(steps=400, learning_rate=1e-3, warmup_steps=20, log_every=20)
     return config

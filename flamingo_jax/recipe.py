@@ -36,7 +36,7 @@ from flamingo_jax import cli
 
 STAGES = ("contrastive", "lm", "flamingo")
 EXPORTS = {"contrastive": "vision", "lm": "decoder"}
-SYNTHETIC_TASKS = ("synthetic_captioning", "synthetic_vqa", "synthetic_classification")
+SYNTHETIC_TASKS = ("synthetic_captioning", "synthetic_vqa", "synthetic_classification", "synthetic_video_qa")
 
 _CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file whose get_config(stage) gives each "
                               f"stage's run config ({', '.join(STAGES)}).")
@@ -87,8 +87,9 @@ def train_stage(config, workdir: str) -> dict[str, Any]:
 
 def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4, 8),
         tasks: tuple[str, ...] = SYNTHETIC_TASKS, num_queries: int | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The three stages, the backbone checks and the evaluation; returns (and writes) the report."""
+        blind_shots: tuple[int, ...] = (4,), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The three stages, the backbone checks, the evaluation and its blind control at
+    `blind_shots` (open-ended tasks); returns (and writes) the report."""
     from flamingo_jax.evaluation import backbone_checks, evaluator
     from flamingo_jax.evaluation.tasks import get_task
     from flamingo_jax.inference.engine import Engine
@@ -140,6 +141,19 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
                             "seconds": meta["seconds"],
                             "scores": {name: {s: r[metric_of[name]] for s, r in per.items()}
                                        for name, per in results.items()}}
+    if blind_shots:  # the control: the same checkpoint shown only the task's mean image
+        blind_settings = dataclasses.replace(settings, shots=tuple(blind_shots))
+        blind_runner = evaluator.Evaluator(engine, blind_settings, blind=True)
+        open_ended = [task for task in task_list if task.mode == "generate"]
+        blind = {task.name: blind_runner.evaluate(task, data_dir) for task in open_ended}
+        blind_stem = evaluator.results_stem(engine.step, [t.name + "-blind" for t in open_ended], blind_settings)
+        evaluator.write_results(out_dir, blind_stem, blind, dict(meta, blind=True), metric_of)
+        report["evaluation"]["blind_scores"] = {name: {s: r[metric_of[name]] for s, r in per.items()}
+                                                for name, per in blind.items()}
+        for name, per in report["evaluation"]["blind_scores"].items():
+            log(f"[blind] {name}: " + ", ".join(f"{s}-shot {v:.2f} (seeing: "
+                                                f"{report['evaluation']['scores'][name].get(s, float('nan')):.2f})"
+                                                for s, v in per.items()))
     report["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(workdir, "recipe.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)

@@ -42,6 +42,23 @@ def test_init_logits_equal_the_bare_decoder_whatever_the_images(model):
         np.testing.assert_array_equal(logits[..., :vocab], bare)
 
 
+def test_ungated_xattn_is_the_tanh_gated_one_with_its_gates_fully_open(model):
+    """`xattn.gating='none'` (the paper's ablation) adds the blocks' residuals unscaled: the same
+    weights with every tanh gate saturated (tanh(20) is 1.0 in float32) give the same logits, and
+    unlike the gated model's at initialisation they depend on the images."""
+    tokens, media, media_index = example(model.cfg)
+    cfg = model.cfg
+    ungated = Flamingo(dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, gating="none")),
+                       rngs=nnx.Rngs(0))
+    opened = nnx.clone(model)
+    set_gates(opened, 20.0)
+    forward = nnx.jit(lambda m, t, x, i: m(t, x, i))
+    np.testing.assert_allclose(forward(ungated, tokens, media, media_index),
+                               forward(opened, tokens, media, media_index), rtol=1e-6, atol=1e-6)
+    other = forward(ungated, tokens, media * -2.0, media_index)
+    assert float(jnp.abs(other - forward(ungated, tokens, media, media_index)).max()) > 1e-4
+
+
 def test_changing_an_image_leaves_every_logit_before_it_unchanged(model):
     tokens, media, media_index = example(model.cfg)
     model = nnx.clone(model)

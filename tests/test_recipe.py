@@ -32,7 +32,7 @@ def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthe
     workdir = str(tmp_path / "recipe")
     lines = []
     report = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0, 1), num_queries=2, tasks=TASKS,
-                        log=lines.append)
+                        blind_shots=(1,), log=lines.append)
     assert {stage: r["steps"] for stage, r in report["stages"].items()} == {"contrastive": 2, "lm": 2, "flamingo": 2}
     exports = {"vision": os.path.join(workdir, "contrastive", "backbones", "vision"),
                "decoder": os.path.join(workdir, "lm", "backbones", "decoder")}
@@ -52,12 +52,15 @@ def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthe
     assert lm["perplexity"] > 1 and lm["random_init_perplexity"] > 1 and lm["num_tokens"] > 0
     assert set(written["evaluation"]["scores"]) == set(TASKS)
     assert all(set(per_shot) == {"0", "1"} for per_shot in written["evaluation"]["scores"].values())
+    # the blind control covers the open-ended tasks only (ranking a mean image is not a control)
+    assert set(written["evaluation"]["blind_scores"]) == {"synthetic_captioning", "synthetic_vqa"}
+    assert all(set(per_shot) == {"1"} for per_shot in written["evaluation"]["blind_scores"].values())
     for stage in recipe.STAGES:
         assert os.path.isfile(os.path.join(workdir, stage, "training.png")), stage
     assert os.path.isfile(written["evaluation"]["plot"]) and written["evaluation"]["plot"].endswith(".png")
 
     again = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0,), num_queries=1,
-                       tasks=("synthetic_vqa",), log=lines.append)
+                       tasks=("synthetic_vqa",), blind_shots=(), log=lines.append)
     assert set(again["stages"]) == {"flamingo"}  # resumed at its last step: nothing left to train
     assert sum("skipped" in line for line in lines) == 2
 

@@ -475,7 +475,7 @@ def _write_video_qa(out_dir: str, rng: np.random.Generator, size: int, num_suppo
 # ---------------------------------------------------------------- writing
 def _write_eval(out_dir: str, rng: np.random.Generator, size: int, num_support: int, num_query: int,
                 encode, *, video_rng: np.random.Generator, video_seconds: float, video_fps: float) -> list[str]:
-    """Held-out tasks in public annotation formats; returns their texts (for the tokenizer).
+    """Held-out tasks in public annotation formats; returns their texts (the tokenizer does not train on them).
     Video QA draws from its own `video_rng`, so the other tasks do not depend on its sizes."""
     from flamingo_jax.data.images import encode_image
 
@@ -669,9 +669,10 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
             writer.write([encode(f) for f in frames], video_fps, text, example_id=f"video-{i}")
             texts.append(text)
     num_support = max(1, num_eval // 2)
-    texts += _write_eval(os.path.join(out_dir, "eval"), streams[3], image_size, num_support,
-                         max(1, num_eval - num_support), encode, video_rng=streams[4],
-                         video_seconds=eval_video_seconds, video_fps=eval_video_fps)
+    # Not tokenizer text: held-out words must split into the pieces training text trains.
+    _write_eval(os.path.join(out_dir, "eval"), streams[3], image_size, num_support,
+                max(1, num_eval - num_support), encode, video_rng=streams[4],
+                video_seconds=eval_video_seconds, video_fps=eval_video_fps)
     _write_validation(os.path.join(out_dir, "validation"), streams[5], image_size, num_validation, encode)
 
     text_path = os.path.join(out_dir, "text.txt")

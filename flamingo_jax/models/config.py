@@ -220,6 +220,7 @@ class ResamplerConfig:
     media_positions: int = 0
 
 
+XATTN_GATINGS = ("tanh", "none")
 MEDIA_ASSOCIATIONS = ("flamingo", "openflamingo")
 
 
@@ -243,6 +244,9 @@ class XAttnConfig:
     # token t sees the n-th image when t is at or after the n-th `<image>` id and before the
     # next one (the marker must be one id). The two agree for a one-id marker.
     media_association: str = "flamingo"
+    # 'tanh': each block's residuals are scaled by tanh(gate), gates starting at 0 (the paper);
+    # 'none': added ungated, the paper's "w/o tanh gating" ablation (Table 3).
+    gating: str = "tanh"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +419,7 @@ class FlamingoConfig:
                  "0 places the first block before the first LM layer (the paper), every - 1 as OpenFlamingo.")
         _require(x.media_association in MEDIA_ASSOCIATIONS, "model.xattn.media_association",
                  f"{x.media_association!r} is unknown; use one of {MEDIA_ASSOCIATIONS}.")
+        _require(x.gating in XATTN_GATINGS, "model.xattn.gating", f"{x.gating!r} is unknown; use one of {XATTN_GATINGS}.")
         _require(x.num_heads >= 1 and x.head_dim >= 1, "model.xattn.num_heads",
                  "num_heads and head_dim must be >= 1.")
         _require(x.activation in layers.ACTIVATIONS, "model.xattn.activation",

@@ -86,7 +86,7 @@ class Flamingo(nnx.Module):
             lambda r: GatedCrossAttentionBlock(
                 dim, cfg.resampler.dim, num_heads=cfg.xattn.num_heads, head_dim=cfg.xattn.head_dim,
                 ffw_hidden=cfg.xattn_ffw_hidden, activation=cfg.xattn.activation, dtype=dtype,
-                param_dtype=trainable_dtype, attention_implementation=cfg.attention, rngs=r),
+                param_dtype=trainable_dtype, attention_implementation=cfg.attention, gating=cfg.xattn.gating, rngs=r),
             cfg.num_xattn_blocks, rngs)
         self.new_token_embedding = layers.make_variable(
             nnx.Param, nnx.initializers.normal(dim ** -0.5), rngs.params(), (cfg.num_new_tokens, dim), trainable_dtype,

@@ -37,9 +37,11 @@ class GatedCrossAttentionBlock(nnx.Module):
     """One GATED XATTN-DENSE block (trainable). Text width `dim`, visual width `media_dim`."""
 
     def __init__(self, dim: int, media_dim: int, *, num_heads: int, head_dim: int, ffw_hidden: int,
-                 activation: str, dtype, param_dtype, rngs: nnx.Rngs, attention_implementation: str = "xla"):
+                 activation: str, dtype, param_dtype, rngs: nnx.Rngs, attention_implementation: str = "xla",
+                 gating: str = "tanh"):
         kw = dict(variable_type=nnx.Param, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.dtype = dtype
+        self.gating = gating  # 'none' (ablation): the residuals are added ungated, the gates unused
         self.attention_implementation = attention_implementation
         self.attention_norm = layers.LayerNorm(dim, axis_name="embed", variable_type=nnx.Param, rngs=rngs,
                                                param_dtype=param_dtype)
@@ -69,5 +71,10 @@ class GatedCrossAttentionBlock(nnx.Module):
         attended = attention(q, keys, values, mask=mask[:, None], implementation=self.attention_implementation)
         # A token that sees no media (index -1) gets no visual contribution at all.
         attended = jnp.where((media_index >= 0)[:, :, None, None], attended, 0)
-        y = y + jnp.tanh(self.attention_gate[...]).astype(y.dtype) * self.out(attended)
-        return y + jnp.tanh(self.ffw_gate[...]).astype(y.dtype) * self.ffw(self.ffw_norm(y))
+        y = y + self._gate(self.attention_gate, y.dtype) * self.out(attended)
+        return y + self._gate(self.ffw_gate, y.dtype) * self.ffw(self.ffw_norm(y))
+
+    def _gate(self, gate: nnx.Param, dtype) -> Array:
+        if self.gating == "none":
+            return jnp.ones((), dtype)
+        return jnp.tanh(gate[...]).astype(dtype)
