@@ -60,5 +60,8 @@ def get_config(stage: str = "flamingo"):
     elif stage == "lm":
         config.train.update(steps=300, learning_rate=3e-3, warmup_steps=20, schedule="linear", log_every=50)
     else:
-        config.train.update(steps=400, learning_rate=1e-3, warmup_steps=20, log_every=20)
+        for d in config.data.datasets:
+            if d["kind"] == "image_text":
+                d["batch_size"] = 16  # more captions per step: the visual path learns from them first
+        config.train.update(steps=400, learning_rate=3e-3, warmup_steps=20, log_every=20)
     return config
