@@ -19,7 +19,7 @@ the (1376-d) embeddings over the data axis. Weights are replicated (pure data pa
 the NFNet-F6 and the text tower are 0.6B parameters) with ZeRO-1 optimizer state; full remat
 of the NFNet's and the text tower's scanned blocks keeps one block's activations at a time.
 The pairs' TFRecords: FLAMINGO_CONTRASTIVE_PAIRS (a glob), e.g. written by
-`python -m flamingo_jax.data.prepare`. AOT check: BENCHMARKS.md, AOT section.
+`python -m flamingo_jax.data.prepare image_text`. AOT check: BENCHMARKS.md, AOT section.
 """
 
 import os
