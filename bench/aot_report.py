@@ -38,6 +38,10 @@ CASES = {
     "9b-v4-32": ("configs/9b.py", "v4-32", []),
     "80b-v4-1536": ("configs/80b.py", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
     "80b-fsdp-v4-1536": ("configs/80b.py:fsdp", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
+    # The vision encoder's contrastive pretraining: NFNet-F6 at 288 px, 16,384 pairs on the paper's 512 chips.
+    "contrastive-f6-v4-1024": ("configs/contrastive_nfnet_f6.py", "v4-1024", []),
+    "contrastive-f6-v4-1024-noremat": ("configs/contrastive_nfnet_f6.py", "v4-1024",
+                                       ["--config.model.remat_policy=none"]),
 }
 
 

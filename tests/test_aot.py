@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from flamingo_jax.core import flops, sharding
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.pod import aot, topology
+from flamingo_jax.training.objectives import ObjectiveError
 
 from helpers import ROOT, load_config, no_compiles
 
@@ -120,3 +121,19 @@ def test_train_step_compiles_for_a_v4_8():
     xla = counted["xla_cost_analysis_times_chips"]
     assert loop_once <= xla <= 1.1 * loop_once
     assert xla < 0.8 * counted["analytic"]["total"]
+
+
+def test_contrastive_paper_config_takes_the_papers_batch_on_512_chips():
+    v4_1024 = topology.parse_slice("v4-1024")
+    shapes, _, _ = aot.batch_shapes(load_config("contrastive_nfnet_f6"), v4_1024.hosts)
+    assert v4_1024.chips == 512 and {n: (s.batch_size, s.image_size) for n, s in shapes.items()} == {
+        "align_ltip": (16_384, 288)}
+
+
+@requires_libtpu
+def test_contrastive_objective_checks_its_data_before_compiling():
+    config = micro_config()
+    config.objective = "contrastive"
+    config.data.datasets.append(dict(name="docs", kind="interleaved", pattern="", batch_size=8))
+    with no_compiles(), pytest.raises(ObjectiveError, match="not pairs"):
+        aot.compile_train_step(config, "v4-8")

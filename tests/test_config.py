@@ -138,3 +138,20 @@ def test_vit_heads_must_divide_width():
     values["vision"]["vit"].update(width=30, num_heads=4, patch_size=8)
     with pytest.raises(ConfigError, match="model.vision.vit.width"):
         FlamingoConfig.from_dict(values)
+
+
+def test_contrastive_paper_config_has_the_papers_numbers():
+    """configs/contrastive_nfnet_f6.py: appendix B.1.3's recipe, validated as a whole run config."""
+    from flamingo_jax.core.config import RunConfig
+
+    config = load_config("contrastive_nfnet_f6")
+    run = RunConfig.from_config(config)
+    vision, text, contrastive, train = run.model.vision, run.contrastive.text, run.contrastive, run.train
+    assert run.objective == "contrastive"
+    assert (vision.encoder, vision.nfnet.variant, vision.image_size) == ("nfnet", "F6", 288)
+    assert param_counts(run.model)["frozen_vision"] == 435_286_116  # NFNet-F6, as the Flamingo configs freeze it
+    assert text.embed_dim == 1376 and contrastive.label_smoothing == 0.1
+    assert (contrastive.vision_agc, contrastive.text_clip_norm) == (0.01, 10.0)
+    assert (train.learning_rate, train.schedule, train.weight_decay, train.microbatches) == (1e-3, "linear", 0.0, 1)
+    (pairs,) = run.data["datasets"]
+    assert pairs["kind"] == "image_text" and pairs["batch_size"] * 128 == 16_384  # per host, 128 hosts of v4

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import pytest
 
 from flamingo_jax.core import flops
+from flamingo_jax.core.config import RunConfig
 from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.training.objectives import FlamingoObjective
+from flamingo_jax.training.objectives import FlamingoObjective, make_objective
 from flamingo_jax.training.optimizer import make_optimizer
 from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
@@ -186,3 +187,29 @@ def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_
     # Per layer and slot: scores and values (2 x 2 FLOPs per head dim), and the relative term q . r (2).
     per_slot = (4 + (2 if positions == "relative" else 0)) * cfg.decoder.num_heads * cfg.decoder.head_dim
     assert large - small == pytest.approx(batch * cfg.decoder.num_layers * 48 * per_slot, rel=1e-9)
+
+
+@pytest.mark.parametrize("encoder,remat_policy", [("nfnet", "full"), ("vit", "dots_no_batch")])
+def test_contrastive_analytic_equals_the_traced_train_step(encoder, remat_policy):
+    """The dual encoder's step (both towers trained; images and videos, frames pooled): every matmul and
+    convolution counted, NFNet's strided convolutions' input gradients and remat recompute included."""
+    config = load_config("tiny")
+    config.objective = "contrastive"
+    config.model.update(remat_policy=remat_policy)
+    config.model.vision.encoder = encoder
+    config.model.vision.vit.update(width=32, num_layers=2, num_heads=2, patch_size=16)
+    config.contrastive.text.update(dim=32, num_layers=2, num_heads=2, head_dim=16, mlp_ratio=2, max_len=32,
+                                   embed_dim=24)
+    objective = make_objective(RunConfig.from_config(config))
+    parts, optimizer = objective.parts(), objective.optimizer()
+    params, frozen = parts.abstract()
+    state = jax.eval_shape(lambda p: new_train_state(p, optimizer, 0), params)
+    sds = jax.ShapeDtypeStruct
+    arrays = {name: {"tokens": sds((b, 16), jnp.int32), "targets": sds((b, 16), jnp.int32),
+                     "loss_mask": sds((b, 16), jnp.float32), "media_index": sds((b, 16), jnp.int32),
+                     "media": sds((b, 1, frames, 64, 64, 3), jnp.float32)}
+              for name, (b, frames) in {"image_text": (4, 1), "video_text": (2, 4)}.items()}
+    step = make_train_step(objective, parts, optimizer, {name: 1.0 for name in arrays}, tuple(arrays), 1)
+    analytic = objective.step_flops({name: flops.BatchShape.of(a) for name, a in arrays.items()})
+    assert flops.traced_flops(step, state, frozen, arrays) == pytest.approx(analytic.total, rel=1e-9)
+    assert analytic.recompute > 0 and analytic.vision_encoder.backward > analytic.vision_encoder.forward

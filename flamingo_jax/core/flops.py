@@ -37,7 +37,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from flamingo_jax.models.config import NFNET_VARIANTS, FlamingoConfig, nfnet_spec
+from flamingo_jax.models.config import NFNET_VARIANTS, FlamingoConfig, TextEncoderConfig, nfnet_spec
 
 # ------------------------------------------------------------------ chips
 
@@ -128,19 +128,8 @@ class ComponentFlops:
         return ComponentFlops(self.forward * factor, self.backward * factor, self.recompute * factor)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFlops:
-    """FLOPs of one train step (all datasets, all micro-batches), per component.
-
-    `lm`, `xattn` and `resampler` count their weight matmuls; `attention` holds
-    the score/value matmuls of all three."""
-
-    vision_encoder: ComponentFlops
-    resampler: ComponentFlops
-    xattn: ComponentFlops
-    lm: ComponentFlops
-    attention: ComponentFlops
-    logits: ComponentFlops
+class _Totals:
+    """Sums over a step's components (the dataclass fields of a subclass)."""
 
     def components(self) -> dict[str, ComponentFlops]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -175,24 +164,65 @@ class StepFlops:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFlops(_Totals):
+    """FLOPs of one Flamingo train step (all datasets, all micro-batches), per component.
+
+    `lm`, `xattn` and `resampler` count their weight matmuls; `attention` holds
+    the score/value matmuls of all three."""
+
+    vision_encoder: ComponentFlops
+    resampler: ComponentFlops
+    xattn: ComponentFlops
+    lm: ComponentFlops
+    attention: ComponentFlops
+    logits: ComponentFlops
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveStepFlops(_Totals):
+    """FLOPs of one contrastive pretraining step (`contrastive_step_flops`), per component:
+    `text_encoder` counts its weight matmuls and `attention` its score/value matmuls;
+    `heads` the two projections into the joint space and the [B, B] similarity matrix."""
+
+    vision_encoder: ComponentFlops
+    text_encoder: ComponentFlops
+    attention: ComponentFlops
+    heads: ComponentFlops
+
+
 # ------------------------------------------------------------------ per component (forward FLOPs)
 
 
 def nfnet_forward_flops(variant: Any, image_size: int, final_conv: bool = True) -> float:
     """Convolution (and squeeze-excite) FLOPs of one NFNet image, 'SAME' padding;
     `variant` is a published variant's name or an `nfnet.NFNetSpec`."""
+    parts = _nfnet_forward_parts(variant, image_size, final_conv)
+    return sum(parts.values()) - parts["strided_input_gradient_extra"]
 
+
+def _nfnet_forward_parts(variant: Any, image_size: int, final_conv: bool = True) -> dict[str, float]:
+    """One image's NFNet FLOPs split as its training needs them: 'first_conv' (the only conv
+    whose input, the image, needs no gradient); 'scanned_convs' and 'scanned_se' (the blocks
+    after each stage's first, which remat recomputes; 'se': squeeze-excite's matmuls, which
+    'dots_no_batch' saves where it does not save convolutions); 'rest'. And, not part of the
+    forward, 'strided_input_gradient_extra': the input gradient of a stride-s convolution is a
+    convolution over the s-dilated output gradient, s^2 times its forward as the program states it."""
     spec = NFNET_VARIANTS[variant] if isinstance(variant, str) else variant
-    total, size = 0.0, image_size
+    parts = dict(first_conv=0.0, scanned_convs=0.0, scanned_se=0.0, rest=0.0, strided_input_gradient_extra=0.0)
+    size, part = image_size, "first_conv"
 
     def conv(size_in, cin, cout, kernel, stride=1, groups=1):
-        nonlocal total
         size_out = -(-size_in // stride)
-        total += 2.0 * size_out**2 * kernel**2 * (cin // groups) * cout
+        count = 2.0 * size_out**2 * kernel**2 * (cin // groups) * cout
+        parts[part] += count
+        if part != "first_conv":
+            parts["strided_input_gradient_extra"] += (stride**2 - 1) * count
         return size_out
 
     s0, s1, s2, s3 = spec.stem_widths
     size = conv(size, 3, s0, 3, stride=2)
+    part = "rest"
     size = conv(size, s0, s1, 3)
     size = conv(size, s1, s2, 3)
     size = conv(size, s2, s3, 3, stride=2)
@@ -201,6 +231,7 @@ def nfnet_forward_flops(variant: Any, image_size: int, final_conv: bool = True) 
         groups = int(width * spec.bottleneck_ratio) // spec.group_width
         mid = groups * spec.group_width
         for index in range(depth):
+            part = "rest" if index == 0 else "scanned_convs"
             block_stride, block_in = (stride, in_ch) if index == 0 else (1, width)
             out_size = -(-size // block_stride)
             if block_stride > 1 or block_in != width:  # shortcut 1x1 conv (after the avg-pool when strided)
@@ -210,12 +241,13 @@ def nfnet_forward_flops(variant: Any, image_size: int, final_conv: bool = True) 
             conv(out_size, mid, mid, 3, groups=groups)
             conv(out_size, mid, width, 1)
             hidden = max(1, int(width * spec.se_ratio))
-            total += 2.0 * 2 * width * hidden  # squeeze-excite on the pooled vector
+            parts["rest" if index == 0 else "scanned_se"] += 2.0 * 2 * width * hidden  # on the pooled vector
             size = out_size
         in_ch = width
+    part = "rest"
     if final_conv:
         conv(size, in_ch, in_ch * spec.final_conv_mult, 1)
-    return total
+    return parts
 
 
 def vit_forward_flops(cfg: FlamingoConfig, image_size: int) -> tuple[float, float]:
@@ -327,6 +359,57 @@ def step_flops(cfg: FlamingoConfig, batches: Mapping[str, BatchShape], num_micro
     per-call terms (Transformer-XL's projection of the distance table) repeat."""
     parts = [_batch_flops(cfg, shape, num_microbatches) for shape in batches.values()]
     return StepFlops(**{name: sum((p[name] for p in parts), ComponentFlops()) for name in parts[0]})
+
+
+def contrastive_step_flops(cfg: FlamingoConfig, text: TextEncoderConfig,
+                           batches: Mapping[str, BatchShape]) -> ContrastiveStepFlops:
+    """Analytic FLOPs of one contrastive pretraining step (appendix B.1.3; `models.dual_encoder`)
+    over `batches` ({dataset: BatchShape}; one media item per pair, its frames pooled).
+
+    Both towers train: every weight matmul runs 3x its forward, except the first one of the
+    vision encoder (the image needs no gradient: 2x) and NFNet's other strided convolutions
+    (their input gradient, over the stride-dilated output gradient, counts stride^2 x);
+    attention's and the similarity matrix's matmuls 3x (both operands are activations). Remat ('full') recomputes the forward of every
+    scanned block (each NFNet stage after its first block, ViT and text layers) but the FFW
+    output projections of the Transformer layers (only the layer output, a saved scan carry,
+    depends on them); 'dots_no_batch' recomputes the NFNet blocks' convolutions and the layers'
+    attention; 'dots' and 'none' nothing."""
+    policy = cfg.remat_policy
+    full, batched = policy == "full", policy in ("full", "dots_no_batch")
+    out = dict(vision_encoder=ComponentFlops(), text_encoder=ComponentFlops(), attention=ComponentFlops(),
+               heads=ComponentFlops())
+    inner, hidden = text.num_heads * text.head_dim, text.mlp_ratio * text.dim
+    for shape in batches.values():
+        image_size = shape.image_size or cfg.vision.image_size
+        B, L, frames = shape.batch_size, shape.seq_len, shape.batch_size * shape.num_frames
+        if cfg.vision.encoder == "nfnet":
+            nf = _nfnet_forward_parts(nfnet_spec(cfg.vision.nfnet), image_size, cfg.vision.nfnet.final_conv)
+            extra = nf.pop("strided_input_gradient_extra")
+            forward = sum(nf.values())
+            recompute = nf["scanned_convs"] * batched + nf["scanned_se"] * full
+            vision = ComponentFlops(forward, 2 * forward - nf["first_conv"] + extra, recompute).scaled(frames)
+            vision_attention = ComponentFlops()
+        else:
+            vit = cfg.vision.vit
+            weights, scores = vit_forward_flops(cfg, image_size)  # scores: the score and value matmuls
+            patches = (image_size // vit.patch_size) ** 2
+            tokens = patches + (1 if vit.include_class_token else 0)
+            patch_embed = 2.0 * patches * vit.patch_size**2 * 3 * vit.width
+            mlp_out = vit.num_layers * 2.0 * tokens * int(vit.width * vit.mlp_ratio) * vit.width
+            vision = ComponentFlops(weights, 2 * weights - patch_embed,
+                                    (weights - patch_embed - mlp_out) * full).scaled(frames)
+            vision_attention = ComponentFlops(scores, 2 * scores, scores * batched).scaled(frames)
+        out["vision_encoder"] += vision
+        tokens = B * L
+        text_forward = text.num_layers * (4 * 2.0 * tokens * text.dim * inner + 2 * 2.0 * tokens * text.dim * hidden)
+        mlp_out = text.num_layers * 2.0 * tokens * hidden * text.dim
+        out["text_encoder"] += ComponentFlops(text_forward, 2 * text_forward, (text_forward - mlp_out) * full)
+        scores = text.num_layers * 2 * 2.0 * B * L * L * inner  # scores and values
+        out["attention"] += vision_attention + ComponentFlops(scores, 2 * scores, scores * batched)
+        _, media_dim = vision_tokens(cfg, image_size)
+        heads = 2.0 * B * (media_dim + text.dim) * text.embed_dim + 2.0 * B * B * text.embed_dim
+        out["heads"] += ComponentFlops(heads, 2 * heads)
+    return ContrastiveStepFlops(**out)
 
 
 def decode_step_flops(cfg: FlamingoConfig, batch: int, num_slots: int, num_media: int) -> float:

@@ -37,12 +37,15 @@ class DualEncoder(nnx.Module):
                  initial_inverse_temperature: float = 10.0, rngs: nnx.Rngs):
         dtype, _, param_dtype = cfg.dtypes()  # everything here trains: the trainable dtype
         self.dtype = dtype
-        self.vision_encoder = build_vision_encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Both towers train here: `cfg.remat_policy` applies to their scanned blocks.
+        self.vision_encoder = build_vision_encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                                   remat_policy=cfg.remat_policy)
         self.image_projection = layers.Dense(self.vision_encoder.out_dim, text.embed_dim,
                                              axes=("vision_embed", "joint_embed"), variable_type=layers.Frozen,
                                              rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.text_encoder = TextEncoder(text, vocab_size, dtype=dtype, param_dtype=param_dtype,
-                                        attention_implementation=cfg.attention, rngs=rngs)
+                                        attention_implementation=cfg.attention, remat_policy=cfg.remat_policy,
+                                        rngs=rngs)
         self.log_inverse_temperature = layers.make_variable(
             layers.Frozen, layers.constant_init(math.log(initial_inverse_temperature)), None, (), param_dtype, ())
 

@@ -53,18 +53,20 @@ class MediaKV(NamedTuple):
     tail: LayerCache | None
 
 
-def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-    """The frozen encoder named by `cfg.vision.encoder`; returns [B, S, Dv] per image."""
+def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+                         remat_policy: str = "none") -> nnx.Module:
+    """The encoder named by `cfg.vision.encoder`; returns [B, S, Dv] per image. Flamingo freezes it
+    (no remat: nothing to differentiate); its contrastive pretraining passes `remat_policy`."""
     vision = cfg.vision
     if vision.encoder == "nfnet":
         from flamingo_jax.models.nfnet import NFNet
 
-        return NFNet(vision.nfnet, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return NFNet(vision.nfnet, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat_policy=remat_policy)
     if vision.encoder == "vit":
         from flamingo_jax.models.vit import ViT
 
         return ViT(vision.vit, vision.image_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                   attention_implementation=cfg.attention)
+                   attention_implementation=cfg.attention, remat_policy=remat_policy)
     raise ValueError(f"config field `model.vision.encoder`: unknown encoder {vision.encoder!r}; use 'nfnet' or 'vit'.")
 
 

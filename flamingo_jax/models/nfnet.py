@@ -202,9 +202,10 @@ class NFStage(nnx.Module):
     """One stage: a transition block, then `depth - 1` stacked identical blocks run by scan."""
 
     def __init__(self, in_ch: int, out_ch: int, *, depth: int, stride: int, betas: tuple[float, ...],
-                 spec: NFNetSpec, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 spec: NFNetSpec, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, remat_policy: str = "none"):
         kw = dict(spec=spec, dtype=dtype, param_dtype=param_dtype)
         self.betas = tuple(float(b) for b in betas)
+        self.remat_policy = remat_policy
         self.transition = NFBlock(in_ch, out_ch, stride=stride, rngs=rngs, **kw)
         self.blocks = (
             layers.stack_modules(lambda r: NFBlock(out_ch, out_ch, stride=1, rngs=r, **kw), depth - 1, rngs)
@@ -217,7 +218,8 @@ class NFStage(nnx.Module):
             return x
         graphdef, state = nnx.split(self.blocks)
         betas = jnp.asarray(self.betas[1:], jnp.float32)  # [depth - 1], one per scan step
-        x, _ = layers.scan_stack(graphdef, state, lambda block, h, beta: (block(h, beta), None), x, betas)
+        x, _ = layers.scan_stack(graphdef, state, lambda block, h, beta: (block(h, beta), None), x, betas,
+                                 remat_policy=self.remat_policy)
         return x
 
 
@@ -228,16 +230,17 @@ class NFNet(nnx.Module):
     `final_conv_mult` x its width and the activation (3072 channels for the
     F-variants), as the network feeds its pooled classifier; without it the
     tokens are the last stage's residual stream (`out_dim` = last width).
-    `spec` overrides the architecture that `cfg` names (tests use it).
+    `spec` overrides the architecture that `cfg` names (tests use it). `remat_policy` applies
+    to each stage's scanned blocks: only a trained encoder (contrastive pretraining) needs one.
     """
 
     def __init__(self, cfg: NFNetConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs, spec: NFNetSpec | None = None):
+                 rngs: nnx.Rngs, spec: NFNetSpec | None = None, remat_policy: str = "none"):
         spec = nfnet_spec(cfg) if spec is None else spec
         self.spec, self.dtype = spec, dtype
         kw = dict(eps=spec.ws_epsilon, eps_mode=spec.ws_epsilon_mode, dtype=dtype, param_dtype=param_dtype,
                   rngs=rngs)
-        stage_kw = dict(spec=spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        stage_kw = dict(spec=spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat_policy=remat_policy)
         s0, s1, s2, s3 = spec.stem_widths
         self.stem_conv0 = WSConv2D(3, s0, 3, stride=2, **kw)
         self.stem_conv1 = WSConv2D(s0, s1, 3, **kw)

@@ -55,8 +55,8 @@ class TextEncoder(nnx.Module):
     """tokens [B, T] with `valid` [B, T] -> one embedding per text [B, embed_dim] (not normalised)."""
 
     def __init__(self, cfg: TextEncoderConfig, vocab_size: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_implementation: str = "xla", rngs: nnx.Rngs):
-        self.cfg, self.dtype = cfg, dtype
+                 attention_implementation: str = "xla", remat_policy: str = "none", rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.remat_policy = cfg, dtype, remat_policy
         init = nnx.initializers.normal(cfg.dim ** -0.5)
         self.token_embedding = layers.make_variable(layers.Frozen, init, rngs.params(), (vocab_size, cfg.dim),
                                                     param_dtype, ("vocab", "embed"))
@@ -80,7 +80,8 @@ class TextEncoder(nnx.Module):
         x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(self.dtype)
         x = x + self.position_embedding[...][: tokens.shape[1]].astype(self.dtype)
         graphdef, state = nnx.split(self.blocks)
-        x, _ = layers.scan_stack(graphdef, state, lambda block, h, _: (block(h, valid), None), x)
+        x, _ = layers.scan_stack(graphdef, state, lambda block, h, _: (block(h, valid), None), x,
+                                 remat_policy=self.remat_policy)
         x = self.final_norm(x)
         weights = valid.astype(jnp.float32)[..., None]
         pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)

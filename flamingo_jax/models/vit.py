@@ -94,7 +94,8 @@ class ViT(nnx.Module):
     """
 
     def __init__(self, cfg: ViTConfig, image_size: int, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, attention_implementation: str = "xla"):
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, attention_implementation: str = "xla",
+                 remat_policy: str = "none"):
         if image_size % cfg.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {cfg.patch_size}.")
         if cfg.width % cfg.num_heads:
@@ -102,6 +103,7 @@ class ViT(nnx.Module):
         if cfg.activation not in layers.ACTIVATIONS:
             raise ValueError(f"unknown activation {cfg.activation!r}; choose one of {sorted(layers.ACTIVATIONS)}")
         self.image_size, self.patch_size, self.dtype = image_size, cfg.patch_size, dtype
+        self.remat_policy = remat_policy  # of the scanned blocks: only a trained ViT (contrastive) needs one
         self.out_dim = cfg.width
         p, width = cfg.patch_size, cfg.width
         self.num_patches = (image_size // p) ** 2
@@ -147,6 +149,7 @@ class ViT(nnx.Module):
         x = self.ln_pre(x + self.positional_embedding[...].astype(self.dtype))
 
         graphdef, state = nnx.split(self.blocks)
-        x, _ = layers.scan_stack(graphdef, state, lambda block, h, _: (block(h), None), x)
+        x, _ = layers.scan_stack(graphdef, state, lambda block, h, _: (block(h), None), x,
+                                 remat_policy=self.remat_policy)
         x = x[:, self.num_prefix:]  # [B, N, W]: class token dropped
         return x if self.ln_post is None else self.ln_post(x)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flamingo_jax.core import flops, sharding
 from flamingo_jax.core.checkpoint import abstract_with_shardings
 from flamingo_jax.core.config import RunConfig
+from flamingo_jax.data.mixture import DatasetSpec
 from flamingo_jax.models.partitioning import activation_sharding
 from flamingo_jax.pod.topology import GiB, parse_slice
 from flamingo_jax.training.objectives import make_objective
@@ -55,6 +56,16 @@ _DEFAULT_MAX_LEN = {"interleaved": 256, "image_text": 32, "video_text": 32}
 def batch_shapes(config, hosts: int, batch_multiplier: int = 1) -> tuple[dict[str, flops.BatchShape],
                                                                             dict[str, float], str]:
     """({dataset: global BatchShape}, {dataset: λ}, where the sizes came from)."""
+    shapes, weights, source, _ = _batches(config, hosts, batch_multiplier)
+    return shapes, weights, source
+
+
+def batch_kinds(config) -> dict[str, str]:
+    """{dataset: kind} of the batches `batch_shapes` describes (what `Objective.check` reads)."""
+    return _batches(config, 1, 1)[3]
+
+
+def _batches(config, hosts: int, batch_multiplier: int):
     datasets = [d.to_dict() if hasattr(d, "to_dict") else dict(d) for d in config.data.get("datasets") or []]
     scale, source = hosts * batch_multiplier, f"config.data.datasets (per host) x {hosts} hosts"
     if not datasets:
@@ -62,16 +73,17 @@ def batch_shapes(config, hosts: int, batch_multiplier: int = 1) -> tuple[dict[st
     if batch_multiplier != 1:
         source += f" x batch_multiplier {batch_multiplier}"
     default_size = config.data.get("image_size") or config.model.vision.image_size
-    shapes, weights = {}, {}
+    shapes, weights, kinds = {}, {}, {}
     for d in datasets:
-        kind = d["kind"]
+        # A TFDS entry's batches are of the kind its field map makes (images: pairs; frames: videos).
+        kind = kinds[d["name"]] = DatasetSpec.from_dict(d).record_kind if d["kind"] == "tfds" else d["kind"]
         shapes[d["name"]] = flops.BatchShape(
             batch_size=d["batch_size"] * scale, seq_len=d.get("max_len") or _DEFAULT_MAX_LEN[kind],
             num_media=d.get("max_images", 5) if kind == "interleaved" else 1,
             num_frames=d.get("num_frames", 8) if kind == "video_text" else 1,
             image_size=d.get("image_size") or default_size)
         weights[d["name"]] = float(d.get("weight", 1.0))
-    return shapes, weights, source
+    return shapes, weights, source, kinds
 
 
 def abstract_batch(shape: flops.BatchShape, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -95,7 +107,8 @@ def bytes_per_chip(tree: Any, shardings: Any) -> int:
 
 def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict[str, Any]:
     """Lowers and compiles the Trainer's step over all datasets (`train.accumulation='all'`, the
-    paper's) for `topology`; returns the report (JSON-able), with `fits` False where it does not."""
+    paper's) of the config's objective (Flamingo, or a backbone's pretraining) for `topology`;
+    returns the report (JSON-able), with `fits` False where it does not."""
     target = parse_slice(topology)
     devices = target.devices()
     run = RunConfig.from_config(config)
@@ -112,6 +125,7 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
                                      "and --config.mesh.* change the split)") from error
 
     objective = make_objective(run)
+    objective.check(batch_kinds(config))  # e.g. contrastive pretraining on pairs only, one micro-batch
     parts = objective.parts()
     abstract_params, abstract_frozen = parts.abstract()
     param_shardings, frozen_shardings = sharding.weight_shardings(parts, mesh, rules)
@@ -131,8 +145,10 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
         traced = step.trace(abstract_with_shardings(abstract_state, state_shardings),
                             abstract_with_shardings(abstract_frozen, frozen_shardings), batches)
     lowered = traced.lower()
+    analytic = objective.step_flops(shapes, microbatches)
     report = {
         "config": config.name,
+        "objective": run.objective,
         "topology": topology,
         "chip": target.generation.chip,
         "device_kind": devices[0].device_kind,
@@ -152,7 +168,7 @@ def compile_train_step(config, topology: str, batch_multiplier: int = 1) -> dict
         },
         "hbm_per_chip_bytes": target.generation.hbm_bytes,
         "flops": {
-            "analytic": flops.step_flops(model_config, shapes, microbatches).as_dict(),
+            "analytic": analytic.as_dict() if analytic is not None else None,
             "traced_total": flops.jaxpr_flops(traced.jaxpr.jaxpr),
             "note": "XLA's cost analysis counts each while-loop (scan) body once, whatever its trip count; "
                     "traced_total counts the program's matmuls with trip counts.",
@@ -223,9 +239,10 @@ def summary(report: Mapping[str, Any]) -> str:
         ]
     else:
         lines.append(f"  DOES NOT FIT: {report['compiler_error'].splitlines()[0]}")
-    line = (f"  FLOPs per step: analytic {flops.human(flop['analytic']['total'])} (model "
-            f"{flops.human(flop['analytic']['model'])} + recompute {flops.human(flop['analytic']['recompute'])}), "
-            f"traced {flops.human(flop['traced_total'])}")
+    analytic = flop["analytic"]
+    line = "  FLOPs per step: " + (f"analytic {flops.human(analytic['total'])} (model {flops.human(analytic['model'])}"
+                                  f" + recompute {flops.human(analytic['recompute'])}), " if analytic else "")
+    line += f"traced {flops.human(flop['traced_total'])}"
     if "xla_cost_analysis_per_chip" in flop:
         line += (f"; XLA cost analysis {flops.human(flop['xla_cost_analysis_per_chip'])} per chip, "
                  f"{flops.human(flop['xla_cost_analysis_times_chips'])} on all chips (scan bodies counted once)")

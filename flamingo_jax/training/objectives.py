@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flamingo_jax.core import flops
 from flamingo_jax.core.config import PAPER_WEIGHT_DECAY_EXEMPT, RunConfig
 from flamingo_jax.core.parts import ALL_WEIGHTS, ModelParts
 from flamingo_jax.errors import UserError
@@ -77,6 +78,11 @@ class Objective(abc.ABC):
         """Metrics of the trainable weights logged every step (e.g. Flamingo's tanh gates)."""
         return {}
 
+    def step_flops(self, shapes: Mapping[str, flops.BatchShape], num_microbatches: int = 1) -> Any:
+        """Analytic FLOPs of one step over these batches (a `core.flops` count with `.model` and
+        `.total`), or None where the objective has no count (MFU is then not logged)."""
+        return None
+
     def weight_decay_exempt(self) -> tuple[str, ...]:
         """`train.weight_decay_exempt`, whose default (the paper's Resampler) a model without a
         Resampler (the pretraining objectives') reads as exempting nothing."""
@@ -104,6 +110,9 @@ class FlamingoObjective(Objective):
 
     def parts(self) -> ModelParts:
         return ModelParts.flamingo(self.run.model)
+
+    def step_flops(self, shapes: Mapping[str, flops.BatchShape], num_microbatches: int = 1) -> flops.StepFlops:
+        return flops.step_flops(self.run.model, shapes, num_microbatches)
 
     def batch_loss(self, model, batch: Batch) -> BatchLoss:
         logits = model(batch["tokens"], batch["media"], batch["media_index"])
@@ -179,6 +188,10 @@ class ContrastiveObjective(Objective):
         loss = 0.5 * (optax.softmax_cross_entropy(logits, labels) + optax.softmax_cross_entropy(logits.T, labels))
         correct = (jnp.argmax(logits, axis=1) == jnp.arange(size)).astype(jnp.float32)
         return BatchLoss(jnp.sum(loss), jnp.asarray(size, jnp.float32), {"image_to_text_accuracy": jnp.sum(correct)})
+
+    def step_flops(self, shapes: Mapping[str, flops.BatchShape],
+                   num_microbatches: int = 1) -> flops.ContrastiveStepFlops:
+        return flops.contrastive_step_flops(self.run.model, self.run.contrastive.text, shapes)
 
     def text_positions(self, tokens: Array) -> Array:
         """The caption's own tokens: not padding, BOS/EOS, the image marker or new tokens (<EOC>)."""

@@ -323,9 +323,11 @@ class Trainer:
                 if not stepping:
                     break
                 tokens = sum(batch["tokens"].size for batch in batches.values())
-                if chip is not None and group not in model_flops and self.objective.name == "flamingo":
+                if chip is not None and group not in model_flops:
                     shapes = {name: flops.BatchShape.of(batch) for name, batch in batches.items()}
-                    model_flops[group] = flops.step_flops(self.model_config, shapes, train.microbatches).model
+                    counted = self.objective.step_flops(shapes, train.microbatches)
+                    if counted is not None:
+                        model_flops[group] = counted.model
                 pending = (step_metrics, step, time.time() - step_started, tokens, group)
                 if after_step is not None:
                     after_step(step)
