@@ -460,11 +460,11 @@ RECIPE_CONFIG = """\"\"\"The notebook test's recipe: tests/helpers.py's tiny con
 import sys
 
 sys.path.insert(0, {tests!r})
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_prng_impl", "rbg")  # as the suite: XLA:CPU compiles its initialisers faster
-from helpers import train_config  # noqa: E402
-from test_pretraining import pretraining_config  # noqa: E402
+from helpers import train_config
+from test_pretraining import pretraining_config
 
 DATASETS = {{"contrastive": ("image_text",), "lm": ("interleaved", "image_text")}}
 
