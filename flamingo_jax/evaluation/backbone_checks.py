@@ -71,12 +71,15 @@ def load_pretraining_run(workdir: str, step: int | None = None) -> PretrainingRu
 
 
 def validation_batches(run: RunConfig, kind: str) -> Iterator[dict[str, np.ndarray]]:
-    """The validation split's batches of one dataset kind ('image_text', 'interleaved')."""
+    """The validation split's batches of one dataset kind ('image_text', 'interleaved'); none
+    when the run trained on no dataset of that kind."""
     out_dir = run.synthetic.out_dir
     if not out_dir:
         raise CheckpointError("the run did not train on the synthetic corpus, which holds the validation split.")
     data = synthetic.validation_data_config(dict(run.data), out_dir)
     data["datasets"] = [d for d in data["datasets"] if d["kind"] == kind]
+    if not data["datasets"]:
+        return
     mix = Mixture.from_config(data, training=False, num_epochs=1)
     try:
         for pipeline in mix.pipelines.values():
