@@ -81,6 +81,8 @@ MISTAKES = [
     ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--batch_size=0"], "--batch_size=0 must be >= 1"),
     ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--tasks=cocoo"], "unknown evaluation task 'cocoo'"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run"], "has no checkpoints/ directory"),
+    ("flamingo_jax.recipe", ["--config=configs/none.py", "--workdir=/tmp/x"], "configs/none.py: no such file"),
+    ("flamingo_jax.recipe", ["--config=configs/tiny.py", "--shots=4,x"], "--shots takes comma-separated integers"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run", "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run", "--method=sample", "--temperature=0"],
      "temperature must be > 0"),
