@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from flamingo_jax import recipe
+    from flamingo_jax.evaluation import recipe
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]

@@ -1,4 +1,4 @@
-"""The recipe (`flamingo_jax.recipe`) end to end at the smallest size: both pretraining stages, Flamingo
+"""The recipe (`flamingo_jax.evaluation.recipe`, the `python -m flamingo_jax.recipe` CLI) end to end at the smallest size: both pretraining stages, Flamingo
 over their exports, the backbone checks and the few-shot evaluation, its report and pictures; a
 second run skips the finished pretraining; a config file without stages is refused clearly."""
 
@@ -8,9 +8,9 @@ import os
 import pytest
 from test_pretraining import pretraining_config
 
-from flamingo_jax import recipe
 from flamingo_jax.core.checkpoint import Checkpointer
 from flamingo_jax.errors import UserError
+from flamingo_jax.evaluation import recipe
 
 from helpers import train_config
 

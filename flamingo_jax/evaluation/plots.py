@@ -6,7 +6,10 @@ from typing import Any
 
 
 def plot_shots(results: dict[str, dict[str, dict[str, Any]]], metric_of: dict[str, str], png_path) -> None:
-    """One panel per task (metrics differ in range: CIDEr reaches 1000, accuracies 100)."""
+    """One panel per task (metrics differ in range: CIDEr reaches 1000, accuracies 100); no file
+    for no results."""
+    if not results:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
