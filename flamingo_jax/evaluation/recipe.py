@@ -63,11 +63,12 @@ def train_stage(config, workdir: str) -> dict[str, Any]:
 
 def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4, 8),
         tasks: tuple[str, ...] = SYNTHETIC_TASKS, num_queries: int | None = None,
-        blind_shots: tuple[int, ...] = (4,), video_shots: tuple[int, ...] = (0, 4), pretrained: tuple[str, ...] = ("contrastive", "lm"), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The three stages, the backbone checks, the evaluation and its blind control at
-    `blind_shots` (open-ended tasks; video tasks at the `video_shots` among `shots`); returns (and writes) the report. `pretrained` names the
-    pretraining stages whose export Flamingo freezes (an ablation leaves one out: that backbone
-    stays random)."""
+        blind_shots: tuple[int, ...] = (4,), video_shots: tuple[int, ...] = (0, 4),
+        pretrained: tuple[str, ...] = ("contrastive", "lm"), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The three stages, the backbone checks, the evaluation (video tasks at the `video_shots`
+    among `shots`) and its blind control at `blind_shots` (captioning and VQA); returns (and
+    writes) the report. `pretrained` names the pretraining stages whose export Flamingo freezes
+    (an ablation leaves one out: that backbone stays random)."""
     from flamingo_jax.evaluation import backbone_checks, evaluator
     from flamingo_jax.evaluation.tasks import get_task
     from flamingo_jax.inference.engine import Engine
