@@ -6,6 +6,7 @@ import signal
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -17,7 +18,7 @@ from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.core.sharding import ShardingError
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.models.config import ConfigError, FlamingoConfig
-from flamingo_jax.training.loss import nll_sum
+from flamingo_jax.training.loss import nll_sum, unembedded_nll_sum
 from flamingo_jax.training.objectives import ContrastiveObjective, FlamingoObjective, LanguageModelObjective
 from flamingo_jax.training.optimizer import WeightDecayExemptError, leaf_name, make_optimizer, weight_decay_mask
 from flamingo_jax.training.state import new_train_state
@@ -100,6 +101,33 @@ def test_accumulated_update_equals_update_of_the_weighted_sum(setup):
     # Splitting each dataset's batch into micro-batches changes nothing either.
     micro, _ = run_steps(config, parts, params, frozen, batches, 1, datasets, weights, microbatches=2)
     chex.assert_trees_all_close(micro.params, state.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_the_loss_from_hidden_states_equals_the_loss_of_the_concatenated_logits(dtype, tolerance):
+    """Value and gradients (hidden states and every vocabulary block) of the fused NLL equal
+    nll_sum's over the concatenated logits; targets fall in both blocks, some masked out."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    hidden = jax.random.normal(keys[0], (2, 5, 8)).astype(dtype)
+    blocks = (jax.random.normal(keys[1], (8, 11)).astype(dtype), jax.random.normal(keys[2], (8, 3)).astype(dtype))
+    targets = jax.random.randint(keys[3], (2, 5), 0, 14).at[0, :3].set(jnp.asarray([11, 13, 0]))
+    mask = np.ones((2, 5), np.float32)
+    mask[1, 2:] = 0
+
+    def reference(h, ws):
+        logits = jnp.concatenate([jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws], axis=-1)
+        return nll_sum(logits, targets, mask)
+
+    fused = lambda h, ws: unembedded_nll_sum(h, ws, targets, mask)
+    (value, grads), (expected_value, expected_grads) = (
+        jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, blocks) for f in (fused, reference))
+    np.testing.assert_allclose(value, expected_value, rtol=tolerance)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tolerance, atol=tolerance)
+    # The masked-out positions contribute nothing: their hidden states get no gradient.
+    assert not np.any(np.asarray(grads[0][1, 2:], np.float32))
 
 
 @pytest.fixture(scope="module")

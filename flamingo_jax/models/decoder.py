@@ -255,13 +255,16 @@ class Decoder(nnx.Module):
         """[B, T] ids in [0, vocab_size) -> [B, T, D]."""
         return constrain(jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype), HIDDEN_AXES)
 
+    def output_embedding(self) -> Array:
+        """The unembedding [D, vocab_size] in the compute dtype (the embedding's transpose when tied)."""
+        if self.unembedding is None:
+            return self.embedding[...].astype(self.dtype).T
+        return self.unembedding[...].astype(self.dtype)
+
     def logits(self, h: Array) -> Array:
         """Final-normed hidden states [B, T, D] -> [B, T, vocab_size] (fp32)."""
-        if self.unembedding is None:
-            w = self.embedding[...].astype(self.dtype).T
-        else:
-            w = self.unembedding[...].astype(self.dtype)
-        return constrain(jnp.dot(h, w, preferred_element_type=jnp.float32), ("batch", "length", "vocab"))
+        return constrain(jnp.dot(h, self.output_embedding(), preferred_element_type=jnp.float32),
+                         ("batch", "length", "vocab"))
 
     def position_keys(self, num_slots: int) -> Array | None:
         """Every layer's projected relative-position table [L, S, N, H] for `num_slots` key
@@ -289,14 +292,19 @@ class Decoder(nnx.Module):
         return layers.scan_stack(graphdef, state, body, x, (cache, position_keys), remat_policy=self.remat_policy,
                                  layer_indices=layer_indices)
 
-    def __call__(self, tokens: Array, positions: Array | None = None, valid: Array | None = None) -> Array:
-        """Bare LM: tokens [B, T] -> logits [B, T, vocab_size]."""
+    def final_hidden(self, tokens: Array, positions: Array | None = None, valid: Array | None = None) -> Array:
+        """Bare LM: tokens [B, T] -> final-normed hidden states [B, T, D] (the loss takes these
+        with `output_embedding`, never building the logits whole)."""
         chex.assert_rank(tokens, 2)
         positions, valid = default_positions(tokens, positions, valid)
         slots = uncached_slots(positions, valid)
         x, _ = self.run_layers(self.embed(tokens), positions, slots,
                                position_keys=self.position_keys(tokens.shape[1]))
-        return self.logits(self.final_norm(x))
+        return self.final_norm(x)
+
+    def __call__(self, tokens: Array, positions: Array | None = None, valid: Array | None = None) -> Array:
+        """Bare LM: tokens [B, T] -> logits [B, T, vocab_size]."""
+        return self.logits(self.final_hidden(tokens, positions, valid))
 
 
 def default_positions(tokens: Array, positions: Array | None, valid: Array | None) -> tuple[Array, Array]:

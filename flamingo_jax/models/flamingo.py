@@ -121,13 +121,18 @@ class Flamingo(nnx.Module):
                        axis=0).astype(self.dtype)
         return jnp.where(is_new[..., None], new, frozen)
 
-    def logits(self, h: Array) -> Array:
-        """[B, T, D] final hidden states -> [B, T, vocab_size + num_new_tokens] (fp32)."""
+    def output_embeddings(self) -> tuple[Array, Array]:
+        """The unembedding in vocabulary order: the frozen LM's [D, vocab_size], then the new
+        tokens' [D, num_new_tokens] (trainable), in the compute dtype."""
         if self.new_token_unembedding is None:
             new_w = self.new_token_embedding[...].astype(self.dtype).T
         else:
             new_w = self.new_token_unembedding[...].astype(self.dtype)
-        new = jnp.dot(h, new_w, preferred_element_type=jnp.float32)
+        return self.decoder.output_embedding(), new_w
+
+    def logits(self, h: Array) -> Array:
+        """[B, T, D] final hidden states -> [B, T, vocab_size + num_new_tokens] (fp32)."""
+        new = jnp.dot(h, self.output_embeddings()[1], preferred_element_type=jnp.float32)
         return jnp.concatenate([self.decoder.logits(h), new], axis=-1)
 
     # ---------------------------------------------------------------- layers
@@ -242,13 +247,19 @@ class Flamingo(nnx.Module):
                                position_keys=position_keys)
         return self.logits(self.decoder.final_norm(x)), cache
 
-    def __call__(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
-                 valid: Array | None = None) -> Array:
-        """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> logits [B, T, V + new]."""
+    def final_hidden(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
+                     valid: Array | None = None) -> Array:
+        """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> final-normed hidden
+        states [B, T, D]: what the training loss takes, with `output_embeddings`."""
         chex.assert_rank(tokens, 2)
         chex.assert_shape(media_index, tokens.shape)
         chex.assert_axis_dimension(media, 0, tokens.shape[0])
         positions, valid = default_positions(tokens, positions, valid)
         x, _ = self._stack(self.embed(tokens), positions, uncached_slots(positions, valid), media_index,
                            visual=self.encode_media(media), position_keys=self.position_keys(tokens.shape[1]))
-        return self.logits(self.decoder.final_norm(x))
+        return self.decoder.final_norm(x)
+
+    def __call__(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
+                 valid: Array | None = None) -> Array:
+        """tokens [B, T], media [B, M, T_frames, H, W, 3], media_index [B, T] -> logits [B, T, V + new]."""
+        return self.logits(self.final_hidden(tokens, media, media_index, positions, valid))

@@ -35,7 +35,7 @@ from flamingo_jax.errors import UserError
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.decoder import Decoder
 from flamingo_jax.models.dual_encoder import DualEncoder
-from flamingo_jax.training.loss import nll_sum
+from flamingo_jax.training.loss import unembedded_nll_sum
 from flamingo_jax.training.optimizer import adamw, learning_rate_schedule, make_optimizer
 
 Array = jax.Array
@@ -115,8 +115,8 @@ class FlamingoObjective(Objective):
         return flops.step_flops(self.run.model, shapes, num_microbatches)
 
     def batch_loss(self, model, batch: Batch) -> BatchLoss:
-        logits = model(batch["tokens"], batch["media"], batch["media_index"])
-        return BatchLoss(nll_sum(logits, batch["targets"], batch["loss_mask"]),
+        hidden = model.final_hidden(batch["tokens"], batch["media"], batch["media_index"])
+        return BatchLoss(unembedded_nll_sum(hidden, model.output_embeddings(), batch["targets"], batch["loss_mask"]),
                          jnp.sum(batch["loss_mask"].astype(jnp.float32)), {})
 
     def weight_metrics(self, params: Any) -> dict[str, Array]:
@@ -146,8 +146,9 @@ class LanguageModelObjective(Objective):
         vocab = self.run.model.decoder.vocab_size
         tokens, targets = batch["tokens"], batch["targets"]
         mask = batch["loss_mask"].astype(jnp.float32) * (targets < vocab)
-        logits = model(jnp.where(tokens < vocab, tokens, 0), valid=tokens < vocab)
-        return BatchLoss(nll_sum(logits, jnp.where(targets < vocab, targets, 0), mask), jnp.sum(mask), {})
+        hidden = model.final_hidden(jnp.where(tokens < vocab, tokens, 0), valid=tokens < vocab)
+        nll = unembedded_nll_sum(hidden, (model.output_embedding(),), jnp.where(targets < vocab, targets, 0), mask)
+        return BatchLoss(nll, jnp.sum(mask), {})
 
     def export(self, params: Any, frozen: Any) -> dict[str, Any]:
         return {"decoder": _cast(params, self.run.model.dtypes()[1])}
