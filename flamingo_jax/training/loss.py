@@ -14,7 +14,7 @@ then slicing the gradient apart again, moved the largest arrays of the step
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
