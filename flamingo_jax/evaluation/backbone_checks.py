@@ -88,10 +88,11 @@ def validation_batches(run: RunConfig, kind: str) -> Iterator[dict[str, np.ndarr
         mix.close()
 
 
-def _jitted(model: nnx.Module, fn):
-    graphdef, state = nnx.split(model)
-    compiled = jax.jit(lambda s, *args: fn(nnx.merge(graphdef, s), *args))
-    return lambda *args: compiled(state, *args)
+def _jitted_over_weights(model: nnx.Module, fn):
+    """`fn(model, *args)` jitted as `(weights, *args)`: one compile serves every weight set of
+    `model`'s structure and placement."""
+    graphdef, _ = nnx.split(model)
+    return jax.jit(lambda weights, *args: fn(nnx.merge(graphdef, weights), *args))
 
 
 def retrieval_recall(pretrained: PretrainingRun) -> dict[str, float]:
@@ -104,10 +105,11 @@ def retrieval_recall(pretrained: PretrainingRun) -> dict[str, float]:
     def embed(model, media, tokens):
         return model.embed_media(media[:, 0]), model.embed_text(tokens, objective.text_positions(tokens))
 
-    embed = _jitted(pretrained.model, embed)
+    embed = _jitted_over_weights(pretrained.model, embed)
+    weights = nnx.state(pretrained.model)
     images, texts, captions = [], [], []
     for batch in validation_batches(pretrained.run, "image_text"):
-        image, text = embed(batch["media"], batch["tokens"])
+        image, text = embed(weights, batch["media"], batch["tokens"])
         images.append(np.asarray(image))
         texts.append(np.asarray(text))
         own = np.asarray(objective.text_positions(jnp.asarray(batch["tokens"])))  # not padding (id 3, not 0)
@@ -136,15 +138,18 @@ def perplexity(pretrained: PretrainingRun) -> dict[str, float]:
         result = objective.batch_loss(model, batch)
         return result.total, result.count
 
+    trained = nnx.state(pretrained.model)
     random_params, frozen = objective.parts().init(pretrained.run.seed)
-    models = {"perplexity": pretrained.model, "random_init_perplexity": objective.parts().merge(random_params, frozen)}
-    losses = {name: _jitted(model, loss) for name, model in models.items()}
-    sums = {name: [0.0, 0.0] for name in models}
+    random = jax.device_put(nnx.state(objective.parts().merge(random_params, frozen)),
+                            jax.tree.map(lambda a: a.sharding, trained))  # the trained weights' placement
+    weight_sets = {"perplexity": trained, "random_init_perplexity": random}
+    compiled_loss = _jitted_over_weights(pretrained.model, loss)
+    sums = {name: [0.0, 0.0] for name in weight_sets}
     for kind in ("interleaved", "image_text"):
         for batch in validation_batches(pretrained.run, kind):
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            for name, fn in losses.items():
-                total, count = fn(batch)
+            for name, weights in weight_sets.items():
+                total, count = compiled_loss(weights, batch)
                 sums[name][0] += float(total)
                 sums[name][1] += float(count)
     result: dict[str, Any] = {name: math.exp(total / max(count, 1.0)) for name, (total, count) in sums.items()}
