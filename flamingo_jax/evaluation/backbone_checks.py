@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from flamingo_jax.core import sharding
-from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
+from flamingo_jax.core.checkpoint import CheckpointError
 from flamingo_jax.core.config import RunConfig
+from flamingo_jax.core.restore import restore_trainable
 from flamingo_jax.data import synthetic
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.training.objectives import ContrastiveObjective, LanguageModelObjective, Objective, make_objective
@@ -43,31 +43,22 @@ class PretrainingRun:
 
 def load_pretraining_run(workdir: str, step: int | None = None) -> PretrainingRun:
     """The model of a `contrastive` or `lm` run in `workdir` at `step` (default: latest)."""
-    directory = f"{absolute(workdir)}/checkpoints"
-    checkpointer = Checkpointer(directory, async_save=False)
-    try:
-        if checkpointer.latest_step() is None:
-            raise CheckpointError(f"{workdir} has no checkpoint; train it first (python -m flamingo_jax.train).")
-        step = checkpointer.existing_step(step)
-        config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+    built = {}
+
+    def pretraining_parts(config: ml_collections.ConfigDict):
         run = RunConfig.from_config(config)
         if run.objective not in ("contrastive", "lm"):
             raise CheckpointError(f"{workdir} is a {run.objective!r} run; these checks are for the backbones' "
                                   "pretraining runs (objective 'contrastive' or 'lm').")
         mix = Mixture.from_config(run.data, training=False, num_epochs=1)
-        objective = make_objective(run, mix.tokenizer)
+        built.update(run=run, objective=make_objective(run, mix.tokenizer))
         mix.close()
-        parts = objective.parts()
-        mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), jax.devices()[:1])
-        rules = sharding.rules_from_config(run.mesh_rules)
-        abstract_params, _ = parts.abstract()
-        param_axes, _ = parts.logical_axes()
-        shardings = sharding.tree_shardings(abstract_params, param_axes, mesh, rules)
-        params = checkpointer.restore_params(abstract_with_shardings(abstract_params, shardings), step)
-    finally:
-        checkpointer.close()
+        return built["objective"].parts()
+
+    restored = restore_trainable(workdir, pretraining_parts, step=step, devices=jax.devices()[:1])
+    run, objective, parts = built["run"], built["objective"], restored.parts
     _, frozen = parts.init(run.seed)  # a pretraining run trains every weight: nothing is frozen
-    return PretrainingRun(run, config, objective, parts.merge(params, frozen), int(step))
+    return PretrainingRun(run, restored.config, objective, parts.merge(restored.params, frozen), restored.step)
 
 
 def validation_batches(run: RunConfig, kind: str) -> Iterator[dict[str, np.ndarray]]:

@@ -18,9 +18,10 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from flamingo_jax.core import backbones, sharding
-from flamingo_jax.core.checkpoint import Checkpointer, CheckpointError, absolute, abstract_with_shardings
+from flamingo_jax.core import backbones
+from flamingo_jax.core.checkpoint import absolute
 from flamingo_jax.core.parts import ModelParts
+from flamingo_jax.core.restore import restore_trainable
 from flamingo_jax.data.images import ImageConfig
 from flamingo_jax.data.mixture import image_config_from
 from flamingo_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -45,26 +46,10 @@ class TrainedModel:
 def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str | None = None,
                  devices: list[jax.Device] | None = None) -> TrainedModel:
     """Restores the checkpoint at `step` (default: latest) of the run in `workdir`."""
-    directory = workdir_path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(f"{workdir} has no checkpoints/ directory; point --workdir at the directory given to "
-                              "`python -m flamingo_jax.train --workdir=...`.")
-    checkpointer = Checkpointer(str(directory), async_save=False)
-    try:
-        step = checkpointer.existing_step(step)
-        meta = checkpointer.read_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
-        model_config = FlamingoConfig.from_dict(config.model)
-        parts = ModelParts.flamingo(model_config)
-        mesh = sharding.make_mesh(config.mesh, devices)
-        rules = sharding.rules_from_config(config.get("mesh_rules"))
-        abstract_params, abstract_frozen = parts.abstract()
-        param_axes, frozen_axes = parts.logical_axes()
-        param_shardings = sharding.tree_shardings(abstract_params, param_axes, mesh, rules)
-        frozen_shardings = sharding.tree_shardings(abstract_frozen, frozen_axes, mesh, rules)
-        params = checkpointer.restore_params(abstract_with_shardings(abstract_params, param_shardings), step)
-    finally:
-        checkpointer.close()
+    restored = restore_trainable(workdir, lambda config: ModelParts.flamingo(FlamingoConfig.from_dict(config.model)),
+                                 step=step, devices=devices)
+    config, meta, parts, frozen_shardings = restored.config, restored.meta, restored.parts, restored.frozen_shardings
+    abstract_frozen = parts.abstract()[1]
 
     recorded = meta.get("backbones", {})
     paths = backbones.check_paths(recorded)
@@ -74,10 +59,10 @@ def load_trained(workdir: str, *, step: int | None = None, tokenizer_path: str |
     random_frozen = jax.jit(lambda: {k: v for k, v in parts.init(config.seed)[1].items() if k not in loaded},
                             out_shardings={k: v for k, v in frozen_shardings.items() if k not in loaded})()
     frozen = backbones.load_into(random_frozen, abstract_frozen, frozen_shardings, paths)
-    model = parts.merge(params, frozen)
+    model = parts.merge(restored.params, frozen)
 
     tokenizer_path = tokenizer_path or config.data.tokenizer
     if not tokenizer_path or not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_path!r} is not there; pass --tokenizer=<the "
                                 "SentencePiece .model the run was trained with>.")
-    return TrainedModel(model, load_tokenizer(tokenizer_path), image_config_from(config.data), config, int(step))
+    return TrainedModel(model, load_tokenizer(tokenizer_path), image_config_from(config.data), config, restored.step)
