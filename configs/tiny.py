@@ -35,6 +35,10 @@ def model(config) -> None:
     m.dtype = "float32"
     m.frozen_param_dtype = "float32"
     m.trainable_param_dtype = "float32"
+    # Keep matmul outputs for the backward, recompute the elementwise work: no matmul runs twice,
+    # and on 2 CPU cores each stage's step is faster than keeping everything (paired runs: LM 23%,
+    # Flamingo 13%, contrastive 2%), with fewer temporaries.
+    m.remat_policy = "dots"
 
 
 def get_config(stage: str = "flamingo"):
