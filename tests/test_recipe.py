@@ -50,6 +50,9 @@ def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthe
     retrieval, lm = written["checks"]["vision_retrieval"], written["checks"]["lm_perplexity"]
     assert retrieval["num_pairs"] == 100 and 0 <= retrieval["recall_at_1"] <= retrieval["recall_at_5"] <= 100
     assert lm["perplexity"] > 1 and lm["random_init_perplexity"] > 1 and lm["num_tokens"] > 0
+    dependence = written["checks"]["image_dependence"]
+    assert dependence["num_pairs"] == 100
+    assert all(0 < dependence[k] < 20 for k in ("real", "shuffled", "blank"))
     assert set(written["evaluation"]["scores"]) == set(TASKS)
     assert all(set(per_shot) == {"0", "1"} for per_shot in written["evaluation"]["scores"].values())
     # the blind control covers the open-ended tasks only (ranking a mean image is not a control)
@@ -72,3 +75,25 @@ def test_a_config_file_without_stages_is_refused_with_the_fix(tmp_path):
         recipe.load_stage_configs(str(path))
     with pytest.raises(UserError, match="no such file"):
         recipe.load_stage_configs(str(tmp_path / "missing.py"))
+
+
+def test_caption_loss_by_image_is_the_same_for_any_image_exactly_when_the_gates_are_shut(synthetic_corpus):
+    """At initialisation (tanh gates at 0) the images cannot matter: the three losses are equal. With
+    the attention gates open, another pair's image or a blank one changes the loss."""
+    import jax
+    import jax.numpy as jnp
+
+    from flamingo_jax.core.config import RunConfig
+    from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.evaluation.image_dependence import caption_loss_by_image
+
+    config = train_config(synthetic_corpus, steps=1)
+    config.synthetic.out_dir = synthetic_corpus  # its validation split
+    run = RunConfig.from_config(config)
+    parts = ModelParts.flamingo(run.model)
+    params, frozen = jax.jit(lambda: parts.init(0))()
+    shut = caption_loss_by_image(parts.merge(params, frozen), run, max_pairs=8)
+    assert shut["num_pairs"] == 8 and shut["real"] == shut["shuffled"] == shut["blank"] > 0
+    params["xattn"]["attention_gate"] = jnp.ones_like(params["xattn"]["attention_gate"])
+    opened = caption_loss_by_image(parts.merge(params, frozen), run, max_pairs=8)
+    assert opened["real"] != opened["shuffled"] and opened["real"] != opened["blank"]

@@ -607,7 +607,10 @@ def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 
                 num_frames: int = 4) -> dict[str, Any]:
     """A `Mixture` data config for a corpus written by `generate` (wrap in ConfigDict if wanted).
 
-    Flips are off: the synthetic text names left and right. Loss weights are the paper's.
+    Flips are off: the synthetic text names left and right. Loss weights are the paper's. `p_next`
+    is 0: every text of a synthetic document follows the image it is about, so the paper's p_next
+    (0.5, for web pages whose text may precede its image) would make half the documents' text
+    cross-attend to an image it does not describe.
     """
     def pattern(name):
         return os.path.join(out_dir, name, f"{name}-*-of-*.tfrecord")
@@ -618,7 +621,8 @@ def data_config(out_dir: str, *, image_size: int = 64, interleaved_batch: int = 
         "random_flip": False,
         "datasets": [
             {"name": "interleaved", "kind": "interleaved", "pattern": pattern("interleaved"),
-             "batch_size": interleaved_batch, "weight": 1.0, "max_len": interleaved_len, "max_images": max_images},
+             "batch_size": interleaved_batch, "weight": 1.0, "max_len": interleaved_len, "max_images": max_images,
+             "p_next": 0.0},
             {"name": "image_text", "kind": "image_text", "pattern": pattern("image_text"),
              "batch_size": pair_batch, "weight": 0.2, "max_len": pair_len},
             {"name": "video_text", "kind": "video_text", "pattern": pattern("video_text"),

@@ -65,11 +65,15 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
         tasks: tuple[str, ...] = SYNTHETIC_TASKS, num_queries: int | None = None,
         blind_shots: tuple[int, ...] = (4,), video_shots: tuple[int, ...] = (0, 4),
         pretrained: tuple[str, ...] = ("contrastive", "lm"), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The three stages, the backbone checks, the evaluation (video tasks at the `video_shots`
+    """The three stages, the backbone checks, Flamingo's caption loss with real, shuffled and
+    blank images (`image_dependence`), the evaluation (video tasks at the `video_shots`
     among `shots`) and its blind control at `blind_shots` (captioning and VQA); returns (and
     writes) the report. `pretrained` names the pretraining stages whose export Flamingo freezes
     (an ablation leaves one out: that backbone stays random)."""
-    from flamingo_jax.evaluation import backbone_checks, evaluator
+    from flax import nnx
+
+    from flamingo_jax.core.config import RunConfig
+    from flamingo_jax.evaluation import backbone_checks, evaluator, image_dependence
     from flamingo_jax.evaluation.tasks import get_task
     from flamingo_jax.inference.engine import Engine
 
@@ -103,8 +107,17 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
             f"(random init: {ppl['random_init_perplexity']:.1f})")
     report["checks"]["seconds"] = round(time.time() - checks_started, 1)
 
-    eval_started = time.time()
     engine = Engine.from_workdir(os.path.join(workdir, "flamingo"))
+    if any(d["kind"] == "image_text" for d in engine.run_config.data.datasets):  # held-out captions to score
+        dependence_started = time.time()
+        dependence = report["checks"]["image_dependence"] = image_dependence.caption_loss_by_image(
+            nnx.merge(engine.graphdef, engine.state), RunConfig.from_config(engine.run_config))
+        dependence["seconds"] = round(time.time() - dependence_started, 1)
+        log(f"[checks] Flamingo: held-out caption loss {dependence['real']:.3f} with its images, "
+            f"{dependence['shuffled']:.3f} shuffled, {dependence['blank']:.3f} blank "
+            f"({dependence['num_pairs']} pairs)")
+
+    eval_started = time.time()
     settings = evaluator.EvalSettings(shots=tuple(shots), num_queries=num_queries)
     runner = evaluator.Evaluator(engine, settings)
     task_list = [get_task(name) for name in tasks]
@@ -116,9 +129,9 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
     results = {task.name: (video_runner if task.kind == "video_qa" else runner).evaluate(task, data_dir)
                for task in task_list}
     metric_of = {task.name: task.primary_metric for task in task_list}
-    meta = dict(workdir=os.path.abspath(os.path.join(workdir, "flamingo")), step=engine.step,
-                data_dir=str(data_dir.resolve()), settings=dataclasses.asdict(settings),
-                seconds=round(time.time() - eval_started, 1))
+    meta = {"workdir": os.path.abspath(os.path.join(workdir, "flamingo")), "step": engine.step,
+            "data_dir": str(data_dir.resolve()), "settings": dataclasses.asdict(settings),
+            "seconds": round(time.time() - eval_started, 1)}
     stem = evaluator.results_stem(engine.step, [t.name for t in task_list], settings)
     out_dir = Path(workdir) / "flamingo" / "eval"
     json_path, table_path = evaluator.write_results(out_dir, stem, results, meta, metric_of)
