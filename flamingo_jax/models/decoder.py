@@ -183,10 +183,15 @@ class SelfAttention(nnx.Module):
         cfg = self.cfg
         return rotary_frequencies(int(cfg.head_dim * cfg.rotary_fraction), cfg.rope_theta, cfg.rope_scaling)
 
-    def position_keys(self, num_distances: int) -> Array:
-        """Transformer-XL: the projected sinusoid of every distance 0..num_distances-1, [R, N, H].
-        It depends only on the weights and the number of key slots, so callers compute it once."""
-        return self.relative(sinusoid_table(num_distances, self.cfg.dim, self.dtype))
+    def position_keys(self, num_distances: int, *, heads_first: bool = False) -> Array:
+        """Transformer-XL: the projected sinusoid of every distance 0..num_distances-1, [R, N, H]
+        ([N, R, H] if `heads_first`, computed so, not transposed after: the order a decoding
+        step's q . r dot reads in place). It depends only on the weights and the number of key
+        slots, so callers compute it once."""
+        table = sinusoid_table(num_distances, self.cfg.dim, self.dtype)
+        if not heads_first:
+            return self.relative(table)
+        return jnp.einsum("rd,dnh->nrh", table, self.relative.kernel[...].astype(self.dtype))
 
     def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
         """Keys and values of `x` [B, S, D] -> ([B, S, K, H], [B, S, K, H]); rotary applied."""

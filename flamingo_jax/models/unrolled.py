@@ -129,10 +129,12 @@ class UnrolledFlamingo:
         return LayerwiseMediaKV(tuple(project(j) for j in range(self.cfg.num_xattn_blocks)))
 
     def position_keys(self, num_slots: int) -> tuple[Array, ...] | None:
-        """Each layer's relative-position table [S, N, H] (None unless positions are 'relative')."""
+        """Each layer's relative-position table, heads first: [N, S, H] (None unless positions are
+        'relative'); the order the step's q . r dot reads in place ([S, N, H] it transposes)."""
         if self.cfg.decoder.positions != "relative":
             return None
-        return tuple(self._lm_layer(i).attention.position_keys(num_slots) for i in range(self.cfg.decoder.num_layers))
+        table = lambda i: self._lm_layer(i).attention.position_keys(num_slots, heads_first=True)
+        return tuple(table(i) for i in range(self.cfg.decoder.num_layers))
 
     def empty_cache(self, batch: int, num_slots: int, dtype=None) -> LayerwiseCache:
         cfg = self.cfg.decoder
@@ -154,7 +156,7 @@ class UnrolledFlamingo:
                 num_media = kv.keys.shape[3]
                 flat = tuple(jnp.transpose(a.reshape(*a.shape[:3], -1), (0, 3, 1, 2)) for a in kv)
                 x = self._block(j)(x, flat, media_index, num_media)
-            keys = None if position_keys is None else position_keys[i]
+            keys = None if position_keys is None else jnp.swapaxes(position_keys[i], 0, 1)  # a view
             x, layer_cache = self._lm_layer(i)(x, positions, slots, layer_cache, keys, decode_layout=True)
             new_cache.append(layer_cache)
         if last_only:
