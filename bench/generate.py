@@ -67,7 +67,7 @@ def run_ours(args) -> dict:
     model.xattn.attention_gate.set_value(jnp.full_like(model.xattn.attention_gate.get_value(), args.gate))
     model.xattn.ffw_gate.set_value(jnp.full_like(model.xattn.ffw_gate.get_value(), args.gate))
     if args.layout == "unrolled":
-        graphdef, state, layer_states = unrolled.split_for_decoding(model)
+        graphdef, state, layer_states = unrolled.split_for_decoding(model, consume=True)
         merge = lambda state, layer_states: unrolled.UnrolledFlamingo.merge(graphdef, state, layer_states)
     else:
         (graphdef, state), layer_states = nnx.split(model), None

@@ -71,9 +71,12 @@ class Engine:
     """A Flamingo with weights, its tokenizer and image preparation, and compiled programs."""
 
     def __init__(self, model: Flamingo, tokenizer: Tokenizer, image_config: ImageConfig, *,
-                 min_length: int = 32, video_frames: int | None = None, video_fps: float | None = None):
+                 min_length: int = 32, video_frames: int | None = None, video_fps: float | None = None,
+                 consume_model: bool = False):
         """`video_frames` (default: the model's `vision.num_frames`) frames are fed per video,
-        sampled at `video_fps` when the video's stored rate is known (`prompting.MediaLoader`)."""
+        sampled at `video_fps` when the video's stored rate is known (`prompting.MediaLoader`).
+        `consume_model`: free the model's stacked layers as they are split (it is unusable after),
+        so the weights are never held twice."""
         cfg = model.cfg
         if tokenizer.vocab_size != cfg.decoder.vocab_size:
             raise PromptError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's frozen vocabulary "
@@ -87,7 +90,7 @@ class Engine:
             image_config, cfg.vision.num_frames if video_frames is None else video_frames, video_fps)
         self.min_length = min_length
         # The model's state without its stacked layers, and those as per-layer arrays.
-        self.graphdef, self.state, self.layer_states = unrolled.split_for_decoding(model)
+        self.graphdef, self.state, self.layer_states = unrolled.split_for_decoding(model, consume=consume_model)
         self.stop_ids = (tokenizer.eoc_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
         jit = functools.partial(jax.jit, compiler_options=unrolled.COMPILER_OPTIONS)
         self._prefill = jit(self._prefill_fn, static_argnames=("num_slots",))
@@ -103,7 +106,7 @@ class Engine:
         from flamingo_jax.inference.loading import load_trained
 
         trained = load_trained(workdir, step=step, tokenizer_path=tokenizer_path)
-        engine = cls(trained.model, trained.tokenizer, trained.image_config, **kwargs)
+        engine = cls(trained.model, trained.tokenizer, trained.image_config, consume_model=True, **kwargs)
         engine.step, engine.run_config = trained.step, trained.config
         return engine
 

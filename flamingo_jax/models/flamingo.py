@@ -45,7 +45,7 @@ class StackCache(NamedTuple):
     tail: LayerCache | None
     lead: LayerCache | None = None
 
-    def take_rows(self, rows: Array) -> "StackCache":
+    def take_rows(self, rows: Array) -> StackCache:
         """The cache of batch rows `rows` [B'] (repeats allowed)."""
         take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
         return StackCache(jax.tree.map(take(2), self.head), jax.tree.map(take(1), self.tail),
@@ -58,7 +58,7 @@ class MediaKV(NamedTuple):
     head: LayerCache
     tail: LayerCache | None
 
-    def take_rows(self, rows: Array) -> "MediaKV":
+    def take_rows(self, rows: Array) -> MediaKV:
         """The keys/values of batch rows `rows` [B'] (repeats allowed)."""
         take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
         return MediaKV(jax.tree.map(take(1), self.head), jax.tree.map(take(0), self.tail))

@@ -41,7 +41,7 @@ class LayerwiseCache(NamedTuple):
 
     layers: tuple[LayerCache, ...]
 
-    def take_rows(self, rows: Array) -> "LayerwiseCache":
+    def take_rows(self, rows: Array) -> LayerwiseCache:
         return LayerwiseCache(jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self.layers))
 
 
@@ -50,7 +50,7 @@ class LayerwiseMediaKV(NamedTuple):
 
     blocks: tuple[LayerCache, ...]
 
-    def take_rows(self, rows: Array) -> "LayerwiseMediaKV":
+    def take_rows(self, rows: Array) -> LayerwiseMediaKV:
         return LayerwiseMediaKV(jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self.blocks))
 
 
@@ -59,17 +59,27 @@ def _is_stacked(path) -> bool:
     return any(names[:len(prefix)] == prefix for prefix in _STACKED)
 
 
-def split_for_decoding(model: Flamingo) -> tuple[nnx.GraphDef, Any, LayerStates]:
+def split_for_decoding(model: Flamingo, *, consume: bool = False) -> tuple[nnx.GraphDef, Any, LayerStates]:
     """(graphdef, state, layers): the model's state with its stacked LM layers and xattn blocks
     replaced by empty placeholders, and those weights as per-layer arrays. Call it once, outside
     jit (slicing inside a program would copy every weight per call); `UnrolledFlamingo.merge`
-    puts the three together inside. The stacks are not kept, so the weights are held once."""
+    puts the three together inside. The stacks are not kept, so the weights are held once;
+    `consume` frees each stacked array as soon as it is sliced (the model is unusable after),
+    so that they are never held twice either."""
     cfg = model.cfg
-    _, lm_state = nnx.split(model.decoder.layers)
-    _, xattn_state = nnx.split(model.xattn)
-    take = lambda state, i: jax.tree.map(lambda a: jnp.asarray(a[i]), state)
-    layer_states = LayerStates(tuple(take(lm_state, i) for i in range(cfg.decoder.num_layers)),
-                               tuple(take(xattn_state, j) for j in range(cfg.num_xattn_blocks)))
+
+    def per_layer(module, num):
+        _, state = nnx.split(module)
+        leaves, treedef = jax.tree.flatten(state)
+        sliced = []
+        for leaf in leaves:
+            sliced.append([jnp.array(leaf[i]) for i in range(num)])
+            if consume:
+                leaf.delete()
+        return tuple(jax.tree.unflatten(treedef, [column[i] for column in sliced]) for i in range(num))
+
+    layer_states = LayerStates(per_layer(model.decoder.layers, cfg.decoder.num_layers),
+                               per_layer(model.xattn, cfg.num_xattn_blocks))
     graphdef, state = nnx.split(model)
     state = jax.tree_util.tree_map_with_path(
         lambda path, a: jnp.zeros((0,), a.dtype) if _is_stacked(path) else a, state)
@@ -105,7 +115,7 @@ class UnrolledFlamingo:
         self._block_before = {layer: j for j, layer in enumerate(self.cfg.xattn_layers)}
 
     @classmethod
-    def merge(cls, graphdef: nnx.GraphDef, state: Any, layers: LayerStates) -> "UnrolledFlamingo":
+    def merge(cls, graphdef: nnx.GraphDef, state: Any, layers: LayerStates) -> UnrolledFlamingo:
         """The inverse of `split_for_decoding` (inside a compiled program)."""
         return cls(nnx.merge(graphdef, state), layers)
 
