@@ -1,7 +1,8 @@
 """Generation benchmark on the REF-CPU config, beside the OpenFlamingo peer.
 
     python bench/generate.py --json=bench/results/generate.json \
-        [--peer_python=/path/to/openflamingo-venv/bin/python]
+        [--peer_python=/path/to/openflamingo-venv/bin/python] [--cache_len=2048] \
+        [--positions=relative] [--layout=scanned] [--precision=bf16] [--greedy_only]
 
 The peer's generation setting: batch 1, a 4-shot prompt with 5 images (four
 `<image> 24 tokens <EOC>` shots, then `<image>` and 3 tokens: 108 tokens), xattn
