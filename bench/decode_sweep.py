@@ -15,9 +15,10 @@ import argparse
 import itertools
 import time
 
+from generate import gen_prompt
+
 import common
 from common import load_config, summary
-from generate import gen_prompt
 
 
 def main(argv=None):
@@ -32,7 +33,6 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from flamingo_jax.core.parts import ModelParts
@@ -64,8 +64,8 @@ def main(argv=None):
 
             def compiled(new_tokens, merge=merge, options=options, weights=weights, cache_len=cache_len,
                          prompt=prompt):
-                def run(state, layer_states, *prompt_arrays):
-                    m = merge(state, layer_states)
+                def run(s, ls, *prompt_arrays):
+                    m = merge(s, ls)
                     context = decoding.prefill(m, *prompt_arrays, cache_len)
                     return decoding.decode(m, context, jax.random.key(0), max_new_tokens=new_tokens, stop_ids=(-1,),
                                            pad_id=0, choose=decoding.greedy_chooser()).tokens
