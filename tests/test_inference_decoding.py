@@ -3,6 +3,7 @@ compiled unoptimised, `helpers.FAST_COMPILE`)."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,12 @@ def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1
                  layout="scanned"):
     """Prefill and decode in one program, over the scanned stacks or (`layout='unrolled'`) the
     per-layer weights and caches of `models/unrolled.py`."""
-    layer_states = None
+    layer_states, options = None, FAST_COMPILE
     if layout == "unrolled":
         graphdef, state, layer_states = unrolled.split_for_decoding(nnx.merge(graphdef, state))
+        options = {**FAST_COMPILE, **unrolled.COMPILER_OPTIONS}
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @functools.partial(jax.jit, compiler_options=options)
     def run(state, layer_states, tokens, media, media_index, positions, valid):
         if layer_states is None:
             model = nnx.merge(graphdef, state)
@@ -73,6 +75,7 @@ def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1
 
     bound = functools.partial(run, state, layer_states)
     bound._cache_size = run._cache_size
+    bound.hlo = lambda *arrays: run.lower(state, layer_states, *arrays).compile().as_text()
     return bound, jax.tree.map(np.asarray, bound(*prompt))
 
 
@@ -148,6 +151,23 @@ def test_unrolled_decoding_equals_uncached_argmax_and_the_scanned_beams(setup):
     _, scanned_beams = run_decoding(graphdef, state, prompt, "beam", num_beams=3)
     np.testing.assert_array_equal(beams.tokens, scanned_beams.tokens)
     np.testing.assert_allclose(beams.scores, scanned_beams.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unrolled_decoding_step_copies_no_cache_sized_buffer(setup):
+    """The compiled decoding loop (what the engine runs) updates each layer's cache in place and
+    reads it where it lies: its body holds no copy or transpose of a cache-shaped array."""
+    graphdef, state, prompt = setup
+    run, _ = run_decoding(graphdef, state, prompt, "greedy", layout="unrolled")
+    hlo = run.hlo(*prompt)
+    bodies = re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo)
+    body = max((re.search(r"\n" + re.escape(name) + r" .*?\n}\n", hlo, re.DOTALL).group(0) for name in bodies), key=len)
+    cfg = fast_config().decoder
+    heads, slots = cfg.num_kv_heads or cfg.num_heads, P + NEW
+    cache_shapes = [f"f32[2,{heads},{slots},{cfg.head_dim}]", f"f32[2,{heads},{cfg.head_dim},{slots}]"]
+    assert all(shape in body for shape in cache_shapes)  # the loop carries the caches
+    moved = [line for line in body.splitlines()
+             if re.search(r"= \S+ (copy|transpose)\(", line) and any(shape in line for shape in cache_shapes)]
+    assert not moved, moved
 
 
 @pytest.mark.parametrize("positions", ["relative", "alibi"])
