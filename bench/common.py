@@ -12,7 +12,9 @@ import subprocess
 from typing import Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "openflamingo" / "bench_openflamingo.py"
+# The peer's benchmark script beside the checkout (../shared), or where OPENFLAMINGO_BENCH says (a worktree).
+PEER_SCRIPT = pathlib.Path(os.environ.get(
+    "OPENFLAMINGO_BENCH", ROOT.parent / "shared" / "peers" / "openflamingo" / "bench_openflamingo.py"))
 
 
 def load_config(name: str):

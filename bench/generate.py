@@ -1,7 +1,8 @@
 """Generation benchmark on the REF-CPU config, beside the OpenFlamingo peer.
 
     python bench/generate.py --json=bench/results/generate.json \
-        [--peer_python=/path/to/openflamingo-venv/bin/python]
+        [--peer_python=/path/to/openflamingo-venv/bin/python] [--cache_len=2048] \
+        [--positions=relative] [--layout=scanned] [--precision=bf16] [--greedy_only]
 
 The peer's generation setting: batch 1, a 4-shot prompt with 5 images (four
 `<image> 24 tokens <EOC>` shots, then `<image>` and 3 tokens: 108 tokens), xattn
@@ -55,24 +56,41 @@ def run_ours(args) -> dict:
 
     from flamingo_jax.core.parts import ModelParts
     from flamingo_jax.inference import decoding
+    from flamingo_jax.models import unrolled
     from flamingo_jax.models.config import FlamingoConfig
 
-    cfg = FlamingoConfig.from_dict(load_config("ref_cpu").model)
+    model_config = load_config("ref_cpu").model
+    model_config.decoder.positions = args.positions
+    cfg = FlamingoConfig.from_dict(model_config)
     parts = ModelParts.flamingo(cfg)
     params, frozen = jax.jit(parts.init, static_argnums=0)(args.seed)
     model = parts.merge(params, frozen)
     model.xattn.attention_gate.set_value(jnp.full_like(model.xattn.attention_gate.get_value(), args.gate))
     model.xattn.ffw_gate.set_value(jnp.full_like(model.xattn.ffw_gate.get_value(), args.gate))
-    graphdef, state = nnx.split(model)
-    del params, frozen
+    if args.layout == "unrolled":
+        graphdef, state, layer_states = unrolled.split_for_decoding(model, consume=True)
+        merge = lambda state, layer_states: unrolled.UnrolledFlamingo.merge(graphdef, state, layer_states)
+    else:
+        (graphdef, state), layer_states = nnx.split(model), None
+        merge = lambda state, layer_states: nnx.merge(graphdef, state)
+    del params, frozen, model
+    if args.precision == "bf16":
+        # Frozen LM layers, xattn blocks and unembedding stored in bf16, computed in fp32: the
+        # reduced-precision weights tried for decoding (see BENCHMARKS.md for why it is slower here).
+        to_bf16 = lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim >= 2 else a
+        reference = (state, layer_states)
+        state = jax.tree_util.tree_map_with_path(
+            lambda path, a: to_bf16(a) if "unembedding" in jax.tree_util.keystr(path) else a, state)
+        layer_states = jax.tree.map(to_bf16, layer_states)
     prompt = jax.device_put(gen_prompt(cfg, args.shots, args.shot_text, args.query_text, args.seed))
     prompt_len = prompt[0].shape[1]
+    num_slots = max(args.cache_len or 0, prompt_len + args.new)
     stop = (-1,)  # never stop early: every run decodes exactly the requested tokens, as the peer's
 
-    def program(new_tokens: int, beams: int):
-        def run(state, tokens, media, media_index, positions, valid):
-            m = nnx.merge(graphdef, state)
-            context = decoding.prefill(m, tokens, media, media_index, positions, valid, prompt_len + new_tokens)
+    def program(new_tokens: int, beams: int, weights=None):
+        def run(state, layer_states, tokens, media, media_index, positions, valid):
+            m = merge(state, layer_states)
+            context = decoding.prefill(m, tokens, media, media_index, positions, valid, num_slots)
             if beams > 1:
                 return decoding.beam_search(m, context, num_beams=beams, max_new_tokens=new_tokens,
                                             stop_ids=stop, pad_id=0)
@@ -80,18 +98,24 @@ def run_ours(args) -> dict:
                                    pad_id=0, choose=decoding.greedy_chooser())
 
         started = time.perf_counter()
-        compiled = jax.jit(run).lower(state, *prompt).compile()
+        options = unrolled.COMPILER_OPTIONS if args.layout == "unrolled" else None
+        weights = weights or (state, layer_states)
+        compiled = jax.jit(run, compiler_options=options).lower(*weights, *prompt).compile()
         return compiled, time.perf_counter() - started
 
-    def timed(compiled):
+    def timed_with(compiled, weights):
         t = time.perf_counter()
-        out = compiled(state, *prompt)
+        out = compiled(*weights, *prompt)
         out.tokens.block_until_ready()
         return time.perf_counter() - t, out
 
+    timed = lambda compiled: timed_with(compiled, (state, layer_states))
+
     result = {"config": "ref_cpu", "prompt_len": prompt_len, "images": args.shots + 1, "gen_batch": 1,
-              "new_tokens": args.new, "xattn_gate_value": args.gate, "dtype": "float32"}
-    for name, beams in (("greedy", 1), ("beam3", 3)):
+              "new_tokens": args.new, "xattn_gate_value": args.gate, "dtype": "float32",
+              "weights": "bf16 frozen LM layers, xattn blocks, unembedding" if args.precision == "bf16" else "float32",
+              "cache_slots": num_slots, "positions": args.positions, "layout": args.layout}
+    for name, beams in (("greedy", 1), ("beam3", 3))[:1 if args.greedy_only else 2]:
         full, compile_full = program(args.new, beams)
         one, compile_one = program(1, beams)
         timed(full), timed(one)  # warm-up
@@ -107,6 +131,20 @@ def run_ours(args) -> dict:
             "decode_per_token_ms": summary(decodes), "compile_s": compile_full + compile_one,
             "generated_ids_row0": np.asarray(out.tokens[0]).tolist(),
         }
+    if args.precision == "bf16":
+        # The prompt's next-token logits and the greedy tokens against the fp32 weights'.
+        def last_logits(state, layer_states, *prompt):
+            return decoding.prefill(merge(state, layer_states), *prompt, num_slots).last_logits
+
+        ours = jax.jit(last_logits)(state, layer_states, *prompt)
+        exact = jax.jit(last_logits)(*reference, *prompt)
+        deviation = np.abs(np.asarray(ours) - np.asarray(exact))
+        exact_tokens = timed_with(program(args.new, 1, reference)[0], reference)[1].tokens[0]
+        result["bf16_vs_fp32"] = {"max_abs_logit_deviation": float(deviation.max()),
+                                  "mean_abs_logit_deviation": float(deviation.mean()),
+                                  "logit_std": float(np.asarray(exact).std()),
+                                  "greedy_tokens_agree": int((np.asarray(exact_tokens)
+                                                              == np.asarray(result["greedy"]["generated_ids_row0"])).sum())}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["versions"] = {"jax": jax.__version__, "flax": flax.__version__}
     return result
@@ -129,6 +167,15 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gate", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_len", type=int, default=0, help="KV cache slots (default: prompt + new tokens); "
+                        "the slots after the new tokens stay free")
+    parser.add_argument("--positions", choices=("rotary", "relative"), default="rotary",
+                        help="the LM's positions: REF-CPU's rotary, or Chinchilla's Transformer-XL relative ones")
+    parser.add_argument("--layout", choices=("unrolled", "scanned"), default="unrolled",
+                        help="decoding over per-layer weights and caches (models/unrolled.py) or the scanned stacks")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the frozen weights stored in bf16 (unrolled layout only)")
+    parser.add_argument("--greedy_only", action="store_true", help="skip beam search")
     parser.add_argument("--peer_python", default=None, help="python of a venv made by the peer's install.sh")
     parser.add_argument("--peer_threads", type=int, default=2, help="torch threads for the peer (match the cores "
                         "this process may use, e.g. under taskset)")
@@ -136,6 +183,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.new < 2:
         parser.error("--new must be at least 2 (per-token time is total(new) - total(1)).")
+    if args.precision == "bf16" and args.layout != "unrolled":
+        parser.error("--precision=bf16 needs --layout=unrolled.")
 
     result = {
         "benchmark": "generate",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.models.attention import IMPLEMENTATIONS, attention
+from flamingo_jax.models.attention import IMPLEMENTATIONS, attention, attention_over_parts
 
 
 def reference(q, k, v, bias, mask, scale):
@@ -37,6 +37,15 @@ def runnable(implementation):
 def test_every_runnable_implementation_equals_attention_written_out(implementation, num_kv_heads):
     q, k, v, bias, mask = inputs(num_kv_heads)
     out = attention(q, k, v, bias=bias, mask=mask, scale=0.3, implementation=implementation)
+    np.testing.assert_allclose(out, reference(q, k, v, bias, mask, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_attention_over_parts_equals_attention_over_the_concatenated_keys(num_kv_heads):
+    """Keys/values in two parts (a decoding step's cache and its new keys) = the same attention
+    over them concatenated."""
+    q, k, v, bias, mask = inputs(num_kv_heads)
+    out = attention_over_parts(q, (k[:, :4], k[:, 4:]), (v[:, :4], v[:, 4:]), bias=bias, mask=mask, scale=0.3)
     np.testing.assert_allclose(out, reference(q, k, v, bias, mask, 0.3), atol=1e-5, rtol=1e-5)
 
 

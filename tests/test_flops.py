@@ -162,6 +162,7 @@ def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_
     from flax import nnx
 
     from flamingo_jax.inference import decoding
+    from flamingo_jax.models import unrolled
     from flamingo_jax.models.flamingo import Flamingo
 
     from helpers import tiny_model_config
@@ -171,11 +172,12 @@ def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Flamingo(cfg, rngs=nnx.Rngs(0))))
     batch, num_media, prompt = 2, 2, 8
 
+    sds = jax.ShapeDtypeStruct
+    args = (sds((batch, prompt), jnp.int32), sds((batch, num_media, 1, 32, 32, 3), jnp.float32),
+            sds((batch, prompt), jnp.int32), sds((batch, prompt), jnp.int32), sds((batch, prompt), bool),
+            sds((batch, 1), jnp.int32))
+
     def step_flops(num_slots):
-        sds = jax.ShapeDtypeStruct
-        args = (sds((batch, prompt), jnp.int32), sds((batch, num_media, 1, 32, 32, 3), jnp.float32),
-                sds((batch, prompt), jnp.int32), sds((batch, prompt), jnp.int32), sds((batch, prompt), bool),
-                sds((batch, 1), jnp.int32))
         context = jax.eval_shape(lambda s, *a: decoding.prefill(nnx.merge(graphdef, s), *a[:5], num_slots),
                                  state, *args[:5])
         return flops.traced_flops(lambda s, c, t: decoding.extend(nnx.merge(graphdef, s), c, t), state, context,
@@ -187,6 +189,18 @@ def test_a_decoding_step_costs_what_the_analytic_count_says_and_grows_only_with_
     # Per layer and slot: scores and values (2 x 2 FLOPs per head dim), and the relative term q . r (2).
     per_slot = (4 + (2 if positions == "relative" else 0)) * cfg.decoder.num_heads * cfg.decoder.head_dim
     assert large - small == pytest.approx(batch * cfg.decoder.num_layers * 48 * per_slot, rel=1e-9)
+
+    # The per-layer path (models/unrolled.py) does the same work, plus attention to the new
+    # token's own key beside the cache (scores and values, no position-table term).
+    model_state, layer_states = jax.eval_shape(lambda s: unrolled.split_for_decoding(nnx.merge(graphdef, s))[1:],
+                                               state)
+    merge = lambda s, ls: unrolled.UnrolledFlamingo.merge(graphdef, s, ls)
+    context = jax.eval_shape(lambda s, ls, *a: decoding.prefill(merge(s, ls), *a, 16), model_state, layer_states,
+                             *args[:5])
+    per_layer = flops.traced_flops(lambda s, ls, c, t: decoding.extend(merge(s, ls), c, t)[0], model_state,
+                                   layer_states, context, args[5])
+    extra_key = 4 * cfg.decoder.num_heads * cfg.decoder.head_dim
+    assert per_layer == pytest.approx(small + batch * cfg.decoder.num_layers * extra_key, rel=1e-9)
 
 
 @pytest.mark.parametrize("encoder,remat_policy", [("nfnet", "full"), ("vit", "dots_no_batch")])

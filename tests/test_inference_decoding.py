@@ -3,6 +3,7 @@ compiled unoptimised, `helpers.FAST_COMPILE`)."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from flamingo_jax.inference import decoding
+from flamingo_jax.models import unrolled
 from flamingo_jax.models.flamingo import Flamingo
 
 from helpers import FAST_COMPILE, random_media, set_gates, tiny_model_config
@@ -49,10 +51,21 @@ def gates_open_with_prompt(cfg, seed):
     return graphdef, state, prompt
 
 
-def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1, max_new=NEW, choose=None):
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(state, tokens, media, media_index, positions, valid):
-        model = nnx.merge(graphdef, state)
+def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1, max_new=NEW, choose=None,
+                 layout="scanned"):
+    """Prefill and decode in one program, over the scanned stacks or (`layout='unrolled'`) the
+    per-layer weights and caches of `models/unrolled.py`."""
+    layer_states, options = None, FAST_COMPILE
+    if layout == "unrolled":
+        graphdef, state, layer_states = unrolled.split_for_decoding(nnx.merge(graphdef, state))
+        options = {**FAST_COMPILE, **unrolled.COMPILER_OPTIONS}
+
+    @functools.partial(jax.jit, compiler_options=options)
+    def run(state, layer_states, tokens, media, media_index, positions, valid):
+        if layer_states is None:
+            model = nnx.merge(graphdef, state)
+        else:
+            model = unrolled.UnrolledFlamingo.merge(graphdef, state, layer_states)
         context = decoding.prefill(model, tokens, media, media_index, positions, valid, P + max_new)
         if method == "beam":
             return decoding.beam_search(model, context, num_beams=num_beams, max_new_tokens=max_new,
@@ -60,7 +73,10 @@ def run_decoding(graphdef, state, prompt, method, *, stop_ids=(-1,), num_beams=1
         return decoding.decode(model, context, jax.random.key(0), max_new_tokens=max_new, stop_ids=stop_ids,
                                pad_id=0, choose=choose or decoding.greedy_chooser())
 
-    return run, jax.tree.map(np.asarray, run(state, *prompt))
+    bound = functools.partial(run, state, layer_states)
+    bound._cache_size = run._cache_size
+    bound.hlo = lambda *arrays: run.lower(state, layer_states, *arrays).compile().as_text()
+    return bound, jax.tree.map(np.asarray, bound(*prompt))
 
 
 def uncached_greedy(graphdef, state, prompt):
@@ -122,6 +138,52 @@ def test_cached_greedy_equals_uncached_argmax_under_openflamingo_placement():
     np.testing.assert_allclose(cached.scores, expected_scores, rtol=1e-5, atol=1e-4)
 
 
+def test_unrolled_decoding_equals_uncached_argmax_and_the_scanned_beams(setup):
+    """The per-layer path (its own cache layout, the new keys attended beside the cache, the write
+    last) decodes what full forward passes do, and beam search over its cache rows matches the
+    scanned one's."""
+    graphdef, state, prompt = setup
+    _, cached = run_decoding(graphdef, state, prompt, "greedy", layout="unrolled")
+    expected, expected_scores = uncached_greedy(graphdef, state, prompt)
+    np.testing.assert_array_equal(cached.tokens, expected)
+    np.testing.assert_allclose(cached.scores, expected_scores, rtol=1e-5, atol=1e-4)
+    _, beams = run_decoding(graphdef, state, prompt, "beam", num_beams=3, layout="unrolled")
+    _, scanned_beams = run_decoding(graphdef, state, prompt, "beam", num_beams=3)
+    np.testing.assert_array_equal(beams.tokens, scanned_beams.tokens)
+    np.testing.assert_allclose(beams.scores, scanned_beams.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unrolled_decoding_step_copies_no_cache_sized_buffer(setup):
+    """The compiled decoding loop (what the engine runs) updates each layer's cache in place and
+    reads it where it lies: its body holds no copy or transpose of a cache-shaped array."""
+    graphdef, state, prompt = setup
+    run, _ = run_decoding(graphdef, state, prompt, "greedy", layout="unrolled")
+    hlo = run.hlo(*prompt)
+    bodies = re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo)
+    body = max((re.search(r"\n" + re.escape(name) + r" .*?\n}\n", hlo, re.DOTALL).group(0) for name in bodies), key=len)
+    cfg = fast_config().decoder
+    heads, slots = cfg.num_kv_heads or cfg.num_heads, P + NEW
+    cache_shapes = [f"f32[2,{heads},{slots},{cfg.head_dim}]", f"f32[2,{heads},{cfg.head_dim},{slots}]"]
+    assert all(shape in body for shape in cache_shapes)  # the loop carries the caches
+    moved = [line for line in body.splitlines()
+             if re.search(r"= \S+ (copy|transpose)\(", line) and any(shape in line for shape in cache_shapes)]
+    assert not moved, moved
+
+
+@pytest.mark.parametrize("positions", ["relative", "alibi"])
+def test_unrolled_decoding_equals_uncached_argmax_with_distance_biases(positions):
+    """Relative (Chinchilla's) and ALiBi positions, blocks OpenFlamingo-placed (a lead layer): the
+    new token's distance to itself and to the cache is biased as in a full forward pass."""
+    cfg = fast_config()
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=4, positions=positions),
+                              xattn=dataclasses.replace(cfg.xattn, every=2, first_layer=1))
+    graphdef, state, prompt = gates_open_with_prompt(cfg, seed=4)
+    _, cached = run_decoding(graphdef, state, prompt, "greedy", layout="unrolled")
+    expected, expected_scores = uncached_greedy(graphdef, state, prompt)
+    np.testing.assert_array_equal(cached.tokens, expected)
+    np.testing.assert_allclose(cached.scores, expected_scores, rtol=1e-5, atol=1e-4)
+
+
 def test_beam_one_is_greedy_and_beam_three_scores_at_least_greedy(setup):
     graphdef, state, prompt = setup
     _, greedy = run_decoding(graphdef, state, prompt, "greedy")
@@ -151,7 +213,7 @@ def test_decoding_twenty_tokens_compiles_the_step_once(setup):
 
     run, first = run_decoding(graphdef, state, prompt, "greedy", max_new=20, choose=counting_greedy)
     other = (prompt[0][::-1].copy(),) + prompt[1:]
-    second = run(state, *other)
+    second = run(*other)
     assert first.tokens.shape == (2, 20) and (first.lengths == 20).all()
     assert len(traces) == 1 and run._cache_size() == 1
     assert not np.array_equal(np.asarray(second.tokens), first.tokens)

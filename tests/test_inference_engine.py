@@ -103,7 +103,7 @@ def test_a_30_frame_clip_reaches_a_model_with_fewer_temporal_embeddings(engine):
     changed = [np.abs(batch.media[1, 0, k] - batch.media[0, 0, k]).max() > 0 for k in range(30)]
     assert changed == [False] * 29 + [True]
     forward = nnx.jit(lambda m, *arrays: m(*arrays))
-    logits = np.asarray(forward(nnx.merge(engine.graphdef, engine.state), batch.tokens, batch.media,
+    logits = np.asarray(forward(engine.model, batch.tokens, batch.media,
                                 batch.media_index, batch.positions, batch.valid))
     before = batch.valid[0] & (batch.media_index[0] < 0)
     after = batch.media_index[0] >= 0
@@ -198,10 +198,10 @@ def test_a_reloaded_engine_holds_the_trainers_last_weights_bit_for_bit(trained_r
         trained = pickle.load(f)
     engine = Engine.from_workdir(str(trained_run / "run"))
     assert engine.step == 2
-    reloaded = flat_arrays(nnx.to_pure_dict(engine.state))
+    reloaded = flat_arrays(nnx.to_pure_dict(nnx.state(engine.model)))
     assert trained and set(trained) <= set(reloaded)
     for path, value in trained.items():
         assert reloaded[path].dtype == value.dtype, path
         np.testing.assert_array_equal(reloaded[path], value, err_msg=path)
-    np.testing.assert_array_equal(trained_logits(nnx.merge(engine.graphdef, engine.state)),
+    np.testing.assert_array_equal(trained_logits(engine.model),
                                   np.load(trained_run / "trained_logits.npy"))

@@ -133,7 +133,7 @@ def test_converted_workdir_gives_openflamingo_logits(converted):
     assert not [p for p in os.listdir(out.parent) if p.startswith(".")]  # no staging left behind
     engine = Engine.from_workdir(str(out))
     assert engine.step == 0 and engine.tokenizer.vocab_size == VOCAB
-    model = nnx.merge(engine.graphdef, engine.state)
+    model = engine.model
     ids, valid, pixels = case.inputs(VOCAB, 16)
     expected = case.reference_logits(reference, ids, valid, pixels)
     got = case.our_logits(model, ids, valid, pixels, VOCAB + 1)
@@ -341,7 +341,7 @@ def test_a_hugging_face_clip_tower_gives_the_same_logits(mpt_sources, tmp_path):
     engine = Engine.from_workdir(str(out))
     ids, valid, pixels = case.inputs(VOCAB, 16)
     expected = case.reference_logits(reference, ids, valid, pixels)
-    got = case.our_logits(nnx.merge(engine.graphdef, engine.state), ids, valid, pixels, VOCAB + 1)
+    got = case.our_logits(engine.model, ids, valid, pixels, VOCAB + 1)
     error = float(np.abs(got - expected)[valid].max())
     print(f"convert openflamingo (mpt, HF CLIP tower): max abs logit error {error:.2e}")  # shown with -s
     assert error < 1e-4, error

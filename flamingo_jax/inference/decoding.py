@@ -1,7 +1,8 @@
 """Cached decoding: prefill once, then extend a preallocated KV cache token by token.
 
-Everything here is a pure function of a `Flamingo` module and arrays, with
-static shapes, meant to run under one `jax.jit` each:
+Everything here is a pure function of a `Flamingo` module (or of the same
+weights split per layer, `models/unrolled.py`'s `UnrolledFlamingo`, whose steps
+are faster) and arrays, with static shapes, meant to run under one `jax.jit` each:
 
 * `prefill` encodes the prompt's media, projects every xattn block's visual
   keys/values once, and runs the prompt through the LM into a cache of
@@ -31,16 +32,19 @@ import jax.numpy as jnp
 
 from flamingo_jax.models.decoder import CacheSlots
 from flamingo_jax.models.flamingo import Flamingo, MediaKV, StackCache
+from flamingo_jax.models.unrolled import LayerwiseCache, LayerwiseMediaKV, UnrolledFlamingo
 
 Array = jax.Array
+# The scanned model, or the same weights split per layer (`models/unrolled.py`: faster steps).
+DecodingModel = Flamingo | UnrolledFlamingo
 
 
 @flax.struct.dataclass
 class Context:
     """A prefilled batch: what decoding needs besides the weights. Rows are prompts."""
 
-    cache: StackCache  # LM keys/values, [..., B, S, K, H]
-    media_kv: MediaKV  # xattn keys/values of each prompt's media
+    cache: StackCache | LayerwiseCache  # LM keys/values, [..., B, S, K, H]
+    media_kv: MediaKV | LayerwiseMediaKV  # xattn keys/values of each prompt's media
     position_keys: Array | None  # [L, S, N, H]: the LM's relative-position tables (None: other positions)
     slot_positions: Array  # int32 [B, S]: token position held by each cache slot
     slot_valid: Array  # bool [B, S]: slot holds a real token
@@ -51,24 +55,13 @@ class Context:
 
     def take_rows(self, rows: Array) -> "Context":
         """The context of rows `rows` [B'] (repeats allowed): beams, candidates."""
-        take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
         return self.replace(
-            cache=_take_cache_rows(self.cache, rows),
-            media_kv=MediaKV(jax.tree.map(take(1), self.media_kv.head),
-                             jax.tree.map(take(0), self.media_kv.tail)),
-            slot_positions=self.slot_positions[rows], slot_valid=self.slot_valid[rows],
+            cache=self.cache.take_rows(rows), media_kv=self.media_kv.take_rows(rows), slot_positions=self.slot_positions[rows], slot_valid=self.slot_valid[rows],
             next_position=self.next_position[rows], media_index=self.media_index[rows],
             last_logits=self.last_logits[rows])
 
 
-def _take_cache_rows(cache: StackCache, rows: Array) -> StackCache:
-    # head leaves are [G, k, B, ...], tail and lead leaves [t, B, ...].
-    return StackCache(jax.tree.map(lambda a: jnp.take(a, rows, axis=2), cache.head),
-                      jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache.tail),
-                      jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache.lead))
-
-
-def prefill(model: Flamingo, tokens: Array, media: Array, media_index: Array, positions: Array, valid: Array,
+def prefill(model: DecodingModel, tokens: Array, media: Array, media_index: Array, positions: Array, valid: Array,
             num_slots: int) -> Context:
     """Runs left-padded prompts tokens [B, P] (with `media` [B, M, T, H, W, 3], `media_index`,
     `positions`, `valid` [B, P]) into a fresh cache of `num_slots` >= P slots."""
@@ -82,13 +75,13 @@ def prefill(model: Flamingo, tokens: Array, media: Array, media_index: Array, po
     slot_valid = jnp.zeros((batch, num_slots), bool).at[:, :prompt_len].set(valid)
     slots = CacheSlots(jnp.zeros((), jnp.int32), slot_positions, slot_valid)
     logits, cache = model.extend_cache(tokens, media_index, positions, media_kv,
-                                       model.empty_cache(batch, num_slots), slots, position_keys)
+                                       model.empty_cache(batch, num_slots), slots, position_keys, last_only=True)
     return Context(cache=cache, media_kv=media_kv, position_keys=position_keys, slot_positions=slot_positions, slot_valid=slot_valid,
                    length=jnp.asarray(prompt_len, jnp.int32), next_position=positions[:, -1] + 1,
                    media_index=media_index[:, -1], last_logits=logits[:, -1])
 
 
-def extend(model: Flamingo, context: Context, tokens: Array, valid: Array | None = None) -> tuple[Array, Context]:
+def extend(model: DecodingModel, context: Context, tokens: Array, valid: Array | None = None) -> tuple[Array, Context]:
     """Appends tokens [B, T] (right-padded where `valid` is False) to every row:
     returns their logits [B, T, V] and the extended context."""
     steps = tokens.shape[1]
@@ -143,7 +136,7 @@ class Decoded(NamedTuple):
     scores: Array  # float32 [B]: sum of the model's log-probabilities of those tokens
 
 
-def decode(model: Flamingo, context: Context, key: Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
+def decode(model: DecodingModel, context: Context, key: Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
            pad_id: int, choose: TokenChooser) -> Decoded:
     """Up to `max_new_tokens` tokens per row; a row stops after its first stop token."""
     batch = context.last_logits.shape[0]
@@ -182,7 +175,7 @@ def length_penalty(lengths: Array, alpha: float) -> Array:
     return ((5.0 + lengths) / 6.0) ** alpha
 
 
-def beam_search(model: Flamingo, context: Context, *, num_beams: int, max_new_tokens: int,
+def beam_search(model: DecodingModel, context: Context, *, num_beams: int, max_new_tokens: int,
                 stop_ids: tuple[int, ...], pad_id: int, alpha: float = 0.0) -> Decoded:
     """The best of `num_beams` hypotheses per row, by score / length_penalty(length, alpha)."""
     batch, vocab = context.last_logits.shape
@@ -208,7 +201,7 @@ def beam_search(model: Flamingo, context: Context, *, num_beams: int, max_new_to
         parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
         sequences = jnp.take_along_axis(sequences, parent[..., None], axis=1).at[:, :, step].set(token)
         finished = jnp.take_along_axis(finished, parent, axis=1) | jnp.isin(token, stop_ids)
-        context = context.replace(cache=_take_cache_rows(context.cache, (first_of_row + parent).reshape(-1)))
+        context = context.replace(cache=context.cache.take_rows((first_of_row + parent).reshape(-1)))
         _, context = extend(model, context, token.reshape(-1, 1))
         return step + 1, context, sequences, top_scores, finished
 
@@ -222,7 +215,7 @@ def beam_search(model: Flamingo, context: Context, *, num_beams: int, max_new_to
     return Decoded(pick(sequences), pick(lengths), pick(scores))
 
 
-def score_continuations(model: Flamingo, context: Context, tokens: Array, valid: Array) -> Array:
+def score_continuations(model: DecodingModel, context: Context, tokens: Array, valid: Array) -> Array:
     """Log-likelihood of candidate continuations tokens [B, C, T] (right-padded, `valid`)
     given each row's prompt: [B, C]. The prompt's cache is shared, not recomputed."""
     batch, num_candidates, length = tokens.shape

@@ -6,6 +6,9 @@
 
 Three compiled programs per shape bucket (prefill, decode, score), with the
 weights passed as arguments, so new prompts of a seen bucket never recompile.
+They run the model over per-layer weights and caches (`models/unrolled.py`): the
+stacked layers are split once here, which makes each decoding step read every
+weight and cache slot where it lies.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flamingo_jax.errors import UserError
 from flamingo_jax.inference import decoding, prompting
 from flamingo_jax.inference.items import Media
 from flamingo_jax.inference.prompting import PromptError
+from flamingo_jax.models import unrolled
 from flamingo_jax.models.flamingo import Flamingo
 
 
@@ -67,9 +71,12 @@ class Engine:
     """A Flamingo with weights, its tokenizer and image preparation, and compiled programs."""
 
     def __init__(self, model: Flamingo, tokenizer: Tokenizer, image_config: ImageConfig, *,
-                 min_length: int = 32, video_frames: int | None = None, video_fps: float | None = None):
+                 min_length: int = 32, video_frames: int | None = None, video_fps: float | None = None,
+                 consume_model: bool = False):
         """`video_frames` (default: the model's `vision.num_frames`) frames are fed per video,
-        sampled at `video_fps` when the video's stored rate is known (`prompting.MediaLoader`)."""
+        sampled at `video_fps` when the video's stored rate is known (`prompting.MediaLoader`).
+        `consume_model`: free the model's stacked layers as they are split (it is unusable after),
+        so the weights are never held twice."""
         cfg = model.cfg
         if tokenizer.vocab_size != cfg.decoder.vocab_size:
             raise PromptError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's frozen vocabulary "
@@ -82,11 +89,13 @@ class Engine:
         self.load_media = prompting.MediaLoader(
             image_config, cfg.vision.num_frames if video_frames is None else video_frames, video_fps)
         self.min_length = min_length
-        self.graphdef, self.state = nnx.split(model)
+        # The model's state without its stacked layers, and those as per-layer arrays.
+        self.graphdef, self.state, self.layer_states = unrolled.split_for_decoding(model, consume=consume_model)
         self.stop_ids = (tokenizer.eoc_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_slots",))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("options",))
-        self._score = jax.jit(self._score_fn)
+        jit = functools.partial(jax.jit, compiler_options=unrolled.COMPILER_OPTIONS)
+        self._prefill = jit(self._prefill_fn, static_argnames=("num_slots",))
+        self._decode = jit(self._decode_fn, static_argnames=("options",))
+        self._score = jit(self._score_fn)
         self.step: int | None = None  # set when loaded from a training run
         self.run_config = None
 
@@ -97,7 +106,7 @@ class Engine:
         from flamingo_jax.inference.loading import load_trained
 
         trained = load_trained(workdir, step=step, tokenizer_path=tokenizer_path)
-        engine = cls(trained.model, trained.tokenizer, trained.image_config, **kwargs)
+        engine = cls(trained.model, trained.tokenizer, trained.image_config, consume_model=True, **kwargs)
         engine.step, engine.run_config = trained.step, trained.config
         return engine
 
@@ -110,14 +119,20 @@ class Engine:
         return engine
 
     # ------------------------------------------------------------------ programs
-    def _model(self, state) -> Flamingo:
-        return nnx.merge(self.graphdef, state)
+    @property
+    def model(self) -> Flamingo:
+        """The whole model, layers re-stacked (a copy of their weights): for forward passes."""
+        return unrolled.merge_stacked(self.graphdef, self.state, self.layer_states)
 
-    def _prefill_fn(self, state, tokens, media, media_index, positions, valid, *, num_slots):
-        return decoding.prefill(self._model(state), tokens, media, media_index, positions, valid, num_slots)
+    def _model(self, state, layer_states) -> unrolled.UnrolledFlamingo:
+        return unrolled.UnrolledFlamingo.merge(self.graphdef, state, layer_states)
 
-    def _decode_fn(self, state, context, key, *, options: DecodeOptions):
-        model = self._model(state)
+    def _prefill_fn(self, state, layer_states, tokens, media, media_index, positions, valid, *, num_slots):
+        return decoding.prefill(self._model(state, layer_states), tokens, media, media_index, positions, valid,
+                                num_slots)
+
+    def _decode_fn(self, state, layer_states, context, key, *, options: DecodeOptions):
+        model = self._model(state, layer_states)
         common = dict(max_new_tokens=options.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
         if options.method == "beam":
             return decoding.beam_search(model, context, num_beams=options.num_beams, alpha=options.length_penalty,
@@ -126,8 +141,8 @@ class Engine:
                   decoding.sampling_chooser(options.temperature, options.top_k, options.top_p))
         return decoding.decode(model, context, key, choose=choose, **common)
 
-    def _score_fn(self, state, context, tokens, valid):
-        return decoding.score_continuations(self._model(state), context, tokens, valid)
+    def _score_fn(self, state, layer_states, context, tokens, valid):
+        return decoding.score_continuations(self._model(state, layer_states), context, tokens, valid)
 
     # ------------------------------------------------------------------ prompts
     def batch(self, prompts: Sequence[Sequence[object]], *, batch_size: int | None = None,
@@ -140,7 +155,7 @@ class Engine:
                                     batch_size=batch_size)
 
     def prefill(self, batch: prompting.PromptBatch, num_new: int) -> decoding.Context:
-        return self._prefill(self.state, *batch.arrays(), num_slots=batch.tokens.shape[1] + num_new)
+        return self._prefill(self.state, self.layer_states, *batch.arrays(), num_slots=batch.tokens.shape[1] + num_new)
 
     @contextlib.contextmanager
     def blind(self, media: Sequence[Media]) -> Iterator[np.ndarray]:
@@ -161,7 +176,8 @@ class Engine:
         batch = self.batch(prompts, batch_size=batch_size, reserve=options.max_new_tokens)
         context = self.prefill(batch, options.max_new_tokens)
         key = jax.random.key(options.seed)
-        decoded = self._decode(self.state, context, key, options=dataclasses.replace(options, seed=0))  # seed: not static
+        decoded = self._decode(self.state, self.layer_states, context, key,
+                               options=dataclasses.replace(options, seed=0))  # seed: not static
         return jax.tree.map(lambda x: np.asarray(x)[:len(prompts)], decoded)
 
     def generate(self, prompts: Sequence[Sequence[object]], options: DecodeOptions = DecodeOptions(), *,
@@ -200,7 +216,7 @@ class Engine:
                 tokens[b, c, :len(ids)] = ids
                 valid[b, c, :len(ids)] = True
         context = self.prefill(batch, length)
-        scores = np.asarray(self._score(self.state, context, tokens, valid))
+        scores = np.asarray(self._score(self.state, self.layer_states, context, tokens, valid))
         return list(scores[:len(prompts)])
 
     def media_features(self, media: Sequence[object], *, batch_size: int = 16) -> np.ndarray:
@@ -217,7 +233,7 @@ class Engine:
     def _features(self):
         def features(state, pixels):  # [N, T, S, S, 3] -> [N, Dv]
             n, t = pixels.shape[:2]
-            out = self._model(state).vision_encoder(pixels.reshape(n * t, *pixels.shape[2:]))
+            out = nnx.merge(self.graphdef, state).vision_encoder(pixels.reshape(n * t, *pixels.shape[2:]))
             return jnp.mean(out.reshape(n, -1, out.shape[-1]), axis=1)
 
         return jax.jit(features)

@@ -13,6 +13,10 @@ is one config switch (`model.attention`), never hard-wired in a module:
   it cannot run, e.g. on CPU or for masks it does not support);
 * 'auto': JAX picks (cuDNN where it can on GPU, else XLA).
 
+`attention_over_parts` is the same computation (XLA only) over keys/values given in
+parts, e.g. a decoding step's cache and its new keys, so that the cache is read where it
+lies instead of being concatenated (a copy of it) or updated first (XLA then copies it).
+
 A query row whose keys are all masked gets an arbitrary (finite) output:
 callers that can produce such rows zero them explicitly (xattn does).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import chex
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -41,3 +46,28 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None, mask: 
     return jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask, scale=scale,
         implementation=None if implementation == "auto" else implementation)
+
+
+def attention_over_parts(q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], *,
+                         bias: Array | None = None, mask: Array | None = None, scale: float) -> Array:
+    """`attention(q, concat(keys), concat(values), ...)` without the concatenation: keys/values
+    [B, S_i, K, H] per part; bias and mask broadcastable to [B, N, T, sum S_i]."""
+    b, t, n, h = q.shape
+    k = keys[0].shape[2]
+    if n % k:
+        raise ValueError(f"{n} query heads are not a multiple of {k} key/value heads.")
+    grouped = q.reshape(b, t, k, n // k, h)
+    logits = jnp.concatenate([jnp.einsum("btkgh,bskh->bkgts", grouped, part.astype(q.dtype),
+                                         preferred_element_type=jnp.float32) for part in keys], axis=-1)
+    logits = logits.reshape(b, n, t, -1) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype).reshape(b, k, n // k, t, -1)
+    out, start = 0, 0
+    for part in values:
+        size = part.shape[1]
+        out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., start:start + size], part.astype(q.dtype))
+        start += size
+    return out.reshape(b, t, n, h)

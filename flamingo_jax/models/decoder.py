@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.models import layers
-from flamingo_jax.models.attention import attention
+from flamingo_jax.models.attention import attention, attention_over_parts
 from flamingo_jax.models.config import DecoderConfig, RopeScaling
 from flamingo_jax.models.partitioning import constrain
 
@@ -112,12 +112,37 @@ class CacheSlots(NamedTuple):
     valid: Array  # bool [B, S]
 
 
-def write_cache(cache: LayerCache | None, keys: Array, values: Array, start: Array) -> LayerCache:
-    """The cache with new keys/values [B, T, K, H] at slot `start`; no cache: just the new ones."""
+# The decoding layout of a layer's cache (`DecoderLayer.__call__(..., decode_layout=True)`):
+# keys [B, K, S, H], values [B, K, H, S], the orders XLA:CPU's attention dots of one new token
+# read in place (from [B, S, K, H] it transposes, a copy of the whole cache, every step).
+_TO_DECODE_LAYOUT = ((0, 2, 1, 3), (0, 2, 3, 1))  # from [B, T, K, H]
+_FROM_DECODE_LAYOUT = ((0, 2, 1, 3), (0, 3, 1, 2))  # back to [B, S, K, H]
+_DECODE_SLOT_AXIS = (2, 3)
+
+
+def write_cache(cache: LayerCache | None, keys: Array, values: Array, start: Array, *,
+                decode_layout: bool = False) -> LayerCache:
+    """The cache with new keys/values [B, T, K, H] at slot `start`; no cache: just the new ones.
+    `decode_layout`: the cache is laid out as `_TO_DECODE_LAYOUT` says."""
     if cache is None:
         return LayerCache(keys, values)
-    write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=1)
-    return LayerCache(write(cache.keys, keys), write(cache.values, values))
+    if not decode_layout:
+        write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, 1)
+        return LayerCache(write(cache.keys, keys), write(cache.values, values))
+    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(buffer, jnp.transpose(new, order).astype(buffer.dtype),
+                                                            start, axis)
+                        for buffer, new, order, axis in zip(cache, (keys, values), _TO_DECODE_LAYOUT,
+                                                            _DECODE_SLOT_AXIS)))
+
+
+def decode_layout_view(cache: LayerCache) -> LayerCache:
+    """A cache in the decoding layout seen as [B, S, K, H] (transposes XLA folds into the dots)."""
+    return LayerCache(*(jnp.transpose(a, order) for a, order in zip(cache, _FROM_DECODE_LAYOUT)))
+
+
+def decode_layout_shapes(batch: int, num_slots: int, num_kv_heads: int, head_dim: int) -> LayerCache:
+    """The shapes of one layer's cache in the decoding layout."""
+    return LayerCache((batch, num_kv_heads, num_slots, head_dim), (batch, num_kv_heads, head_dim, num_slots))
 
 
 # ------------------------------------------------------------------ layers
@@ -158,10 +183,15 @@ class SelfAttention(nnx.Module):
         cfg = self.cfg
         return rotary_frequencies(int(cfg.head_dim * cfg.rotary_fraction), cfg.rope_theta, cfg.rope_scaling)
 
-    def position_keys(self, num_distances: int) -> Array:
-        """Transformer-XL: the projected sinusoid of every distance 0..num_distances-1, [R, N, H].
-        It depends only on the weights and the number of key slots, so callers compute it once."""
-        return self.relative(sinusoid_table(num_distances, self.cfg.dim, self.dtype))
+    def position_keys(self, num_distances: int, *, heads_first: bool = False) -> Array:
+        """Transformer-XL: the projected sinusoid of every distance 0..num_distances-1, [R, N, H]
+        ([N, R, H] if `heads_first`, computed so, not transposed after: the order a decoding
+        step's q . r dot reads in place). It depends only on the weights and the number of key
+        slots, so callers compute it once."""
+        table = sinusoid_table(num_distances, self.cfg.dim, self.dtype)
+        if not heads_first:
+            return self.relative(table)
+        return jnp.einsum("rd,dnh->nrh", table, self.relative.kernel[...].astype(self.dtype))
 
     def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
         """Keys and values of `x` [B, S, D] -> ([B, S, K, H], [B, S, K, H]); rotary applied."""
@@ -171,15 +201,26 @@ class SelfAttention(nnx.Module):
         return k, v
 
     def attend_to(self, x: Array, positions: Array, cache: LayerCache, slots: CacheSlots,
-                  position_keys: Array | None) -> Array:
+                  position_keys: Array | None, new_kv: tuple[Array, Array] | None = None) -> Array:
         """Queries from `x` [B, T, D] at `positions` [B, T] over the cached keys/values [B, S, K, H]
         at `slots.positions` [B, S] (valid where `slots.valid`). Causality is by position: a query
-        sees keys at positions <= its own."""
+        sees keys at positions <= its own.
+
+        `new_kv`: the new tokens' own keys/values [B, T, K, H], not yet written to `cache` (whose
+        slots [start, start + T) are then ignored): attended beside the cache, not copied into it."""
         cfg = self.cfg
         q = self.query(x)  # [B, T, N, H]
         scale = cfg.head_dim ** -0.5
-        mask = (slots.positions[:, None, :] <= positions[:, :, None]) & slots.valid[:, None, :]  # [B, T, S]
-        distance = positions[:, :, None] - slots.positions[:, None, :]  # [B, T, S]
+        key_positions, key_valid = slots.positions, slots.valid
+        if new_kv is not None:
+            steps, num_slots = x.shape[1], slots.valid.shape[1]
+            index = jnp.arange(num_slots)
+            pending = (index >= slots.start) & (index < slots.start + steps)
+            new_valid = jax.lax.dynamic_slice_in_dim(slots.valid, slots.start, steps, axis=1)
+            key_positions = jnp.concatenate([slots.positions, positions], axis=1)
+            key_valid = jnp.concatenate([slots.valid & ~pending, new_valid], axis=1)
+        mask = (key_positions[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
+        distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
         bias = None
         if cfg.positions == "rotary":
             q = apply_rotary(q, positions, self._inv_freq)
@@ -195,8 +236,12 @@ class SelfAttention(nnx.Module):
             all_distances = jnp.einsum("btnh,rnh->bntr", q_pos_term, position_keys.astype(q.dtype))  # [B, N, T, R]
             distance = jnp.clip(distance, 0, num_distances - 1)
             bias = jnp.take_along_axis(all_distances, distance[:, None], axis=-1) * scale
-        out = attention(q, cache.keys, cache.values, bias=bias, mask=mask[:, None], scale=scale,
-                        implementation=self.implementation)
+        if new_kv is None:
+            out = attention(q, cache.keys, cache.values, bias=bias, mask=mask[:, None], scale=scale,
+                            implementation=self.implementation)
+        else:
+            out = attention_over_parts(q, (cache.keys, new_kv[0]), (cache.values, new_kv[1]), bias=bias,
+                                       mask=mask[:, None], scale=scale)
         return self.out(out)
 
 
@@ -216,13 +261,24 @@ class DecoderLayer(nnx.Module):
             variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.ffw_bias)
 
     def __call__(self, x: Array, positions: Array, slots: CacheSlots, cache: LayerCache | None = None,
-                 position_keys: Array | None = None) -> tuple[Array, LayerCache]:
+                 position_keys: Array | None = None, *, decode_layout: bool = False) -> tuple[Array, LayerCache]:
         """New tokens x [B, T, D] at `positions` [B, T]: their keys/values are written into `cache`
         at `slots.start` first (no cache: they are the keys), so the new tokens see each other
-        (causally, by position) and everything cached before them. Returns (x, cache)."""
+        (causally, by position) and everything cached before them. Returns (x, cache).
+
+        `decode_layout`: the cache is in the decoding layout (`write_cache`), the tokens attend to
+        the cache as it was plus their own keys, and the write comes last. XLA then updates the
+        cache in place and reads it where it lies; writing first makes it fuse the write into
+        every reader, each building its own copy of the cache."""
         h = self.attention_norm(x)
-        cache = write_cache(cache, *self.attention.project_kv(h, positions), slots.start)
-        attended = self.attention.attend_to(h, positions, cache, slots, position_keys)
+        keys, values = self.attention.project_kv(h, positions)
+        if decode_layout:
+            attended = self.attention.attend_to(h, positions, decode_layout_view(cache), slots, position_keys,
+                                                new_kv=(keys, values))
+            cache = write_cache(cache, keys, values, slots.start, decode_layout=True)
+        else:
+            cache = write_cache(cache, keys, values, slots.start)
+            attended = self.attention.attend_to(h, positions, cache, slots, position_keys)
         if self.parallel_residual:
             return x + attended + self.ffw(self.ffw_norm(x)), cache
         x = x + attended

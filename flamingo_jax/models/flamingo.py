@@ -45,12 +45,23 @@ class StackCache(NamedTuple):
     tail: LayerCache | None
     lead: LayerCache | None = None
 
+    def take_rows(self, rows: Array) -> StackCache:
+        """The cache of batch rows `rows` [B'] (repeats allowed)."""
+        take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
+        return StackCache(jax.tree.map(take(2), self.head), jax.tree.map(take(1), self.tail),
+                          jax.tree.map(take(1), self.lead))
+
 
 class MediaKV(NamedTuple):
     """Each xattn block's projected visual keys/values: `head` [G, B, M, R, N, H], `tail` [B, M, R, N, H]."""
 
     head: LayerCache
     tail: LayerCache | None
+
+    def take_rows(self, rows: Array) -> MediaKV:
+        """The keys/values of batch rows `rows` [B'] (repeats allowed)."""
+        take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
+        return MediaKV(jax.tree.map(take(1), self.head), jax.tree.map(take(0), self.tail))
 
 
 def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
@@ -237,14 +248,18 @@ class Flamingo(nnx.Module):
         return self.decoder.position_keys(num_slots)
 
     def extend_cache(self, tokens: Array, media_index: Array, positions: Array, media_kv: MediaKV,
-                     cache: StackCache, slots: CacheSlots, position_keys: Array | None) -> tuple[Array, StackCache]:
+                     cache: StackCache, slots: CacheSlots, position_keys: Array | None, *,
+                     last_only: bool = False) -> tuple[Array, StackCache]:
         """Runs new tokens [B, T] against the cache: returns their logits [B, T, V + new]
         and the cache with their keys/values written at `slots.start`. Prefill is this
-        call with the whole prompt; each decoding step, with one token."""
+        call with the whole prompt (`last_only`: the last token's logits, [B, 1, V + new]);
+        each decoding step, with one token."""
         chex.assert_rank(tokens, 2)
         chex.assert_shape([media_index, positions], tokens.shape)
         x, cache = self._stack(self.embed(tokens), positions, slots, media_index, media_kv=media_kv, cache=cache,
                                position_keys=position_keys)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self.decoder.final_norm(x)), cache
 
     def final_hidden(self, tokens: Array, media: Array, media_index: Array, positions: Array | None = None,
