@@ -26,8 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # name -> (config, slice, extra flags). For the 80B: the smallest v4 slices, with
 # each sharding preset (16 chips is the floor: on 8, its weights, Adam state and
-# one fp32 gradient alone are 35 GiB per chip), and the paper's 768-chip v4-1536, whose data axis
-# of 48 needs a global batch that 48 divides: the paper's ablation mixture x3.
+# one fp32 gradient alone are 35 GiB per chip), the 768-chip v4-1536, whose data axis of 48 needs a
+# global batch that 48 divides (the paper's ablation mixture x3), and the paper's 1,536 chips.
 CASES = {
     "80b-fsdp-v4-64": ("configs/80b.py:fsdp", "v4-64", []),
     "80b-fsdp-v4-32": ("configs/80b.py:fsdp", "v4-32", ["--config.mesh.tensor=8"]),
@@ -38,6 +38,14 @@ CASES = {
     "9b-v4-32": ("configs/9b.py", "v4-32", []),
     "80b-v4-1536": ("configs/80b.py", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
     "80b-fsdp-v4-1536": ("configs/80b.py:fsdp", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
+    # The paper's 1,536 chips (v4-3072, data axis 96): one micro-batch, so each data shard's frames
+    # (40, 16, 16, 16) split over the 16 tensor ranks with little padding ('vision_batch').
+    "80b-v4-3072": ("configs/80b.py", "v4-3072", ["--batch_multiplier=3", "--config.train.microbatches=1"]),
+    "80b-v4-3072-mb2-nfnet-replicated": ("configs/80b.py", "v4-3072", [
+        "--batch_multiplier=3", "--config.train.microbatches=2", "--config.mesh_rules.vision_batch=fsdp"]),
+    # The frozen NFNet-F6's share of that step alone, scans unrolled: executed vs analytic FLOPs.
+    "80b-vision-encoder-v4-3072": ("configs/80b.py", "v4-3072", [
+        "--batch_multiplier=3", "--config.train.microbatches=1", "--vision_encoder"]),
     # The vision encoder's contrastive pretraining: NFNet-F6 at 288 px, 16,384 pairs on the paper's 512 chips.
     "contrastive-f6-v4-1024": ("configs/contrastive_nfnet_f6.py", "v4-1024", []),
     "contrastive-f6-v4-1024-noremat": ("configs/contrastive_nfnet_f6.py", "v4-1024",

@@ -10,15 +10,17 @@ Sharding presets (`--config=configs/80b.py:<preset>`):
   tensor (default)  the paper's: 16-way Megatron-style tensor parallelism of the LM,
                     xattn blocks and embeddings ('heads', 'mlp', 'vocab' over 'tensor'),
                     data parallelism over the rest, optimizer state split over 'data'
-                    too (ZeRO-1), the NFNet replicated;
+                    too (ZeRO-1), the NFNet's weights replicated and its frames split over
+                    'tensor' as well ('vision_batch': the tensor ranks share its forward);
   fsdp              FSDP x tensor: the same 16-way tensor parallelism inside 2-way FSDP
                     groups (weights, gradients and optimizer state split 32 ways), data
                     parallelism over the rest.
 With the paper's ablation batch, full remat and 16 micro-batches, compiled for TPU v4
 (BENCHMARKS.md, AOT section): 'fsdp' fits a v4-64 (32 chips, 25.3 GiB per chip), the
-smallest v4 slice that holds the model; 'tensor' needs a v4-128 (26.1 GiB). On a v4-1536
-(768 chips, data axis 48) ZeRO-1 cannot split the power-of-two weight shapes 48 ways,
-so 'tensor' does not fit there and 'fsdp' does (22.3 GiB, batch x3, 4 micro-batches).
+smallest v4 slice that holds the model; 'tensor' needs a v4-128 (26.1 GiB). On the paper's
+1,536 chips (a v4-3072: v4 names count TensorCores; data axis 96) 'tensor' fits with the
+batch x3 (`--batch_multiplier=3`, which 96 divides) and `--config.train.microbatches=1`
+(24.0 GiB per chip; the NFNet executes 1.18x its analytic FLOPs, not 16x).
 Micro-batches must divide each dataset's batch per data shard: set
 `--config.train.microbatches` for bigger slices.
 """

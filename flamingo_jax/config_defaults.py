@@ -38,9 +38,12 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     m.vision.update(encoder="nfnet", image_size=320, num_frames=8)
     m.vision.nfnet.variant = "F6"
     m.resampler.update(num_layers=6, dim=1536, num_heads=16, head_dim=128, num_latents=64)
-    # The frozen NFNet's weights are replicated (None; the paper leaves it unsharded);
-    # e.g. --config.mesh_rules.conv_out=tensor splits its channels, and its compute, instead.
+    # The frozen NFNet's weights are replicated (None; the paper leaves it unsharded), and its
+    # frames are split over 'tensor' beside 'batch' ('vision_batch'), so the tensor ranks share
+    # its forward instead of each repeating it (BENCHMARKS.md, AOT section); the features are
+    # gathered before the Resampler. ('fsdp', already in 'batch', turns the split off.)
     config.mesh_rules.conv_out = None
+    config.mesh_rules.vision_batch = "tensor"
     # Long runs on thousands of chips: a loss spike rolls back to the last good checkpoint by
     # itself (training/spike_guard.py) instead of waiting for a person to notice.
     config.train.spike_guard.enabled = True

@@ -28,7 +28,7 @@ from flax import nnx
 from flamingo_jax.models import layers
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.decoder import HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions, uncached_slots
-from flamingo_jax.models.partitioning import constrain
+from flamingo_jax.models.partitioning import constrain, split_ways
 from flamingo_jax.models.resampler import PerceiverResampler
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock
 
@@ -62,6 +62,27 @@ class MediaKV(NamedTuple):
         """The keys/values of batch rows `rows` [B'] (repeats allowed)."""
         take = lambda axis: (lambda a: jnp.take(a, rows, axis=axis))
         return MediaKV(jax.tree.map(take(1), self.head), jax.tree.map(take(0), self.tail))
+
+
+def encode_frames(encoder: nnx.Module, frames: Array) -> Array:
+    """A frozen encoder over frames [N, H, W, C] -> [N, S, Dv], its work shared out by the
+    'vision_batch' rule (e.g. 'tensor') beside 'batch': without it, each tensor rank would encode
+    all of its data shard's frames. Each data shard's frames are padded to a multiple of the
+    split and cut evenly (no communication: every rank holds them), the features gathered
+    after (the Resampler's tensor ranks all read every frame's)."""
+    outer, inner = split_ways(("batch", "vision_batch"))
+    n = frames.shape[0]
+    if inner == 1 or n % outer:
+        return encoder(frames)
+    local = n // outer
+    padded = -(-local // inner) * inner
+    x = frames.reshape(outer, local, *frames.shape[1:])
+    x = jnp.pad(x, ((0, 0), (0, padded - local)) + ((0, 0),) * (x.ndim - 2))
+    x = constrain(x, ("batch", "vision_batch") + (None,) * (x.ndim - 2))
+    features = encoder(x.reshape(outer * padded, *frames.shape[1:]))
+    features = features.reshape(outer, padded, *features.shape[1:])
+    features = constrain(features, ("batch",) + (None,) * (features.ndim - 1))
+    return features[:, :local].reshape(n, *features.shape[2:])
 
 
 def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
@@ -117,7 +138,7 @@ class Flamingo(nnx.Module):
         chex.assert_rank(media, 6)
         chex.assert_axis_dimension(media, 5, 3)
         b, m, t, h, w, c = media.shape
-        features = self.vision_encoder(media.reshape(b * m * t, h, w, c).astype(self.dtype))  # [BMT, S, Dv]
+        features = encode_frames(self.vision_encoder, media.reshape(b * m * t, h, w, c).astype(self.dtype))
         features = jax.lax.stop_gradient(features)
         visual = self.resampler(features.reshape(b, m, t, *features.shape[1:]))
         return constrain(visual, ("batch", "media", "latents", "media_embed"))

@@ -18,8 +18,10 @@ Conventions that the rest of `flamingo_jax.models` relies on:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -264,14 +266,29 @@ def scan_stack(
             layer_state, x = layer_state_and_x
             return body(nnx.merge(graphdef, layer_state), carry, x)
 
-        return jax.lax.scan(remat(step, remat_policy), carry, (stacked_state, xs))
+        return jax.lax.scan(remat(step, remat_policy), carry, (stacked_state, xs), unroll=_UNROLL.get())
 
     def indexed_step(carry, index_and_x):
         index, x = index_and_x
         layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked_state)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    return jax.lax.scan(remat(indexed_step, remat_policy), carry, (layer_indices, xs))
+    return jax.lax.scan(remat(indexed_step, remat_policy), carry, (layer_indices, xs), unroll=_UNROLL.get())
+
+
+_UNROLL: contextvars.ContextVar[bool | int] = contextvars.ContextVar("scan_unroll", default=1)
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+    """While tracing inside this context, `scan_stack` unrolls its loops: XLA's cost analysis
+    counts a loop body once whatever its trip count, so only an unrolled program's count is what
+    the chips execute (the AOT encoder report). Programs grow with depth: for measuring only."""
+    token = _UNROLL.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL.reset(token)
 
 
 def count_params(state: Any) -> int:

@@ -45,6 +45,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "conv_in": None,
     "conv_out": None,
     "se_hidden": None,
+    # The frozen encoder's images, beyond 'batch': 'tensor' shares its forward among the tensor
+    # ranks (each encodes 1/tensor of its data shard's images, the features are gathered after).
+    "vision_batch": None,
     "vit_positions": None,
     "joint_embed": None,  # the contrastive image-text embedding space
 }
@@ -86,6 +89,22 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def split_ways(axes: Sequence[str | None]) -> tuple[int, ...]:
+    """Into how many shards the active rules cut each of these logical axes of one array, as
+    `logical_to_spec` assigns mesh axes (each at most once); all 1 outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return (1,) * len(axes)
+    mesh, rules = active
+    used: set[str] = set()
+    ways = []
+    for name in axes:
+        mesh_axes = [a for a in _mesh_axes(rules.get(name) if name else None) if a in mesh.shape and a not in used]
+        used.update(mesh_axes)
+        ways.append(math.prod(mesh.shape[a] for a in mesh_axes))
+    return tuple(ways)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
