@@ -76,6 +76,17 @@ def test_scores_agree_with_generation(engine):
         np.testing.assert_allclose(scores[single.index(int(greedy.tokens[0, 0]))], greedy.scores[0], rtol=1e-5)
 
 
+def test_a_candidates_score_is_its_tokens_log_probability_after_the_prompt(engine):
+    """Chain rule over the prompt's own tokenization: p(" a red square" | "Output:") =
+    p(" a" | "Output:") * p(" red square" | "Output: a"). It fails if a candidate is scored as a
+    text of its own (an extra leading piece on each part)."""
+    head = [picture(1), "Output:"]
+    whole = engine.score([head], [[" a red square"]], end_with_eoc=False)[0][0]
+    first = engine.score([head], [[" a"]], end_with_eoc=False)[0][0]
+    rest = engine.score([[picture(1), "Output: a"]], [[" red square"]], end_with_eoc=False)[0][0]
+    np.testing.assert_allclose(whole, first + rest, rtol=1e-4)
+
+
 def test_decode_options_are_checked():
     with pytest.raises(ValueError, match="unknown"):
         DecodeOptions(method="nucleus")
@@ -121,7 +132,7 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={workdir}",
                f"--data_dir={synthetic_corpus}", "--shots=0,4", "--num_queries=4", "--batch_size=4",
                "--ensemble=2", "--num_beams=2", f"--output_dir={tmp_path / 'eval'}"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = (tmp_path / "eval").glob("step_2.*.json")
     assert json_path.name.startswith("step_2.4-tasks.shots-0-4.")  # the four synthetic held-out tasks
@@ -156,7 +167,7 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     assert "| synthetic_classification | roc_auc |" in blind_path.with_suffix(".md").read_text()
 
     missing = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'none'}"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "has no checkpoints/ directory" in missing.stderr
 
 

@@ -159,3 +159,16 @@ def test_frame_listing_is_in_time_order_for_every_reader(tmp_path):
     assert listed == ["f1.jpg", "f2.PNG", "f10.png"]
     assert sorted(["v1_f10", "v1_f9", "v10_f1", "v2_f1"], key=frame_files.natural_key) == \
         ["v1_f9", "v1_f10", "v2_f1", "v10_f1"]
+
+
+def test_a_continuation_is_tokenized_as_the_rest_of_the_prompts_last_text(tokenizer):
+    """" yes" after "Answer:" must be the ids "Answer: yes" ends with; encoded alone it starts with
+    an extra piece (the tokenizer's dummy prefix) that no training text puts before an answer."""
+    prompt = [image(1), "Question: What colour is the star? Answer:"]
+    whole = tokenizer.encode(prompt[-1] + " yes")
+    head = tokenizer.encode(prompt[-1])
+    ids = prompting.continuation_ids(prompt, " yes", tokenizer)
+    assert whole[:len(head)] == head and ids == whole[len(head):]
+    assert tokenizer.encode(" yes") != ids  # the old scoring: one piece too many
+    # After media the text starts an item of its own, as in training.
+    assert prompting.continuation_ids([image(1)], "Output: a cat", tokenizer) == tokenizer.encode("Output: a cat")

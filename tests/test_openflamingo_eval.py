@@ -20,13 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from flamingo_jax.errors import UserError
-from flamingo_jax.evaluation import openflamingo as OF
-from flamingo_jax.evaluation import readers as R
-from flamingo_jax.evaluation import tasks as T
-from flamingo_jax.evaluation.templates import build_prompt
-
 import torchvision_cpu  # noqa: F401  (open_flamingo's package imports open_clip, which imports torchvision)
 
 # The modules used here import nothing of their siblings, so they import as a package without
@@ -35,6 +28,12 @@ from open_flamingo.eval import coco_metric as of_coco
 from open_flamingo.eval import utils as of_utils
 from open_flamingo.eval import vqa_metric as of_vqa
 from open_flamingo.eval.eval_model import BaseEvalModel
+
+from flamingo_jax.errors import UserError
+from flamingo_jax.evaluation import openflamingo as OF
+from flamingo_jax.evaluation import readers as R
+from flamingo_jax.evaluation import tasks as T
+from flamingo_jax.evaluation.templates import build_prompt
 
 OF_EVAL_DIR = Path(importlib.util.find_spec("open_flamingo").submodule_search_locations[0]) / "eval"
 
@@ -300,9 +299,9 @@ def test_evaluate_cli_takes_the_flags_and_refuses_tasks_openflamingo_lacks(tmp_p
     no OpenFlamingo prompts, and an unknown normalisation is refused by the flag itself."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     base = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'none'}"]
-    done = subprocess.run(base + ["--prompts=openflamingo"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(base + ["--prompts=openflamingo"], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "OpenFlamingo has no prompts for task 'synthetic_captioning'" in done.stderr
-    done = subprocess.run(base + ["--vqa_normalization=sometimes"], env=env, capture_output=True, text=True,
+    done = subprocess.run(base + ["--vqa_normalization=sometimes"], check=False, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "vqa_normalization" in done.stderr
 
@@ -323,8 +322,9 @@ class RecordingEngine:
         from types import SimpleNamespace
 
         self.cfg = SimpleNamespace(decoder=SimpleNamespace(max_len=10_000))
-        self.tokenizer = SimpleNamespace(encode=lambda text: [1] * len(text.split()), bos_id=None,
-                                         image_marker_ids=(2,), eoc_id=3, pad_id=0)
+        # One id per word, a word's own (so "Output:great" is not mistaken for "Output:" + "great").
+        self.tokenizer = SimpleNamespace(encode=lambda text: [10 + sum(map(ord, w)) for w in text.split()],
+                                         bos_id=None, image_marker_ids=(2,), eoc_id=3, pad_id=0)
         self.generation = generation
         self.prompts: list[str] = []
         self.end_with_eoc: set[bool] = set()

@@ -168,8 +168,11 @@ class Evaluator:
         generating = task.mode == "generate"
         candidates = None if generating else [task.template.continuation(c) for c in task.candidates(support_pool)]
         # OpenFlamingo's ranking: the mean log-probability of a candidate's tokens (no <EOC>)
+        # (the candidate's tokens as the engine scores them: after the query's text)
+        query_end = [] if generating or not queries else task.template.query(queries[0])
         divisors = 1.0 if generating or not task.rank_mean_over_tokens else np.array(
-            [max(1, len(self.engine.tokenizer.encode(c)) + task.rank_with_eoc) for c in candidates])
+            [max(1, len(prompting.continuation_ids(query_end, c, self.engine.tokenizer)) + task.rank_with_eoc)
+             for c in candidates])
         reserve = task.max_new_tokens if generating else 16
         orders = [None] if generating or shots < 2 else support_lib.ensemble_orders(shots, settings.ensemble, rng)
         progress = Progress(len(queries), f"{task.name} {shots}-shot")

@@ -101,7 +101,7 @@ class Engine:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, step: int | None = None, tokenizer_path: str | None = None,
-                     **kwargs) -> "Engine":
+                     **kwargs) -> Engine:
         """The model a training run saved in `workdir` (latest step unless `step`)."""
         from flamingo_jax.inference.loading import load_trained
 
@@ -133,7 +133,7 @@ class Engine:
 
     def _decode_fn(self, state, layer_states, context, key, *, options: DecodeOptions):
         model = self._model(state, layer_states)
-        common = dict(max_new_tokens=options.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
+        common = {"max_new_tokens": options.max_new_tokens, "stop_ids": self.stop_ids, "pad_id": self.tokenizer.pad_id}
         if options.method == "beam":
             return decoding.beam_search(model, context, num_beams=options.num_beams, alpha=options.length_penalty,
                                         **common)
@@ -196,12 +196,14 @@ class Engine:
               end_with_eoc: bool = True, batch_size: int | None = None) -> list[np.ndarray]:
         """Log-likelihood of each prompt's candidate continuations (with a closing `<EOC>`
         unless `end_with_eoc=False`, so that 'yes' is not rewarded for being the start of
-        'yes, but'). Prompts in one call must have the same number of candidates."""
+        'yes, but'), tokenized as the rest of the prompt's last text (`prompting.continuation_ids`).
+        Prompts in one call must have the same number of candidates."""
         counts = {len(c) for c in candidates}
         if len(candidates) != len(prompts) or len(counts) != 1:
             raise PromptError("score() needs one list of candidates per prompt, all of the same length.")
-        encoded = [[self.tokenizer.encode(text) + ([self.tokenizer.eoc_id] if end_with_eoc else [])
-                    for text in row] for row in candidates]
+        encoded = [[prompting.continuation_ids(items, text, self.tokenizer)
+                    + ([self.tokenizer.eoc_id] if end_with_eoc else []) for text in row]
+                   for items, row in zip(prompts, candidates)]
         longest = max(len(ids) for row in encoded for ids in row)
         if longest == 0:
             raise PromptError("every candidate is empty; give non-empty answers (or keep end_with_eoc).")

@@ -87,6 +87,22 @@ def encode_prompt(items: Sequence[object], tokenizer: Tokenizer, *,
     return EncodedPrompt(document.ids, media_index, media)
 
 
+def continuation_ids(items: Sequence[object], text: str, tokenizer: Tokenizer) -> list[int]:
+    """The ids `text` adds to the prompt `items` as the training data would tokenize it: as the
+    rest of the prompt's last text item, not as a text of its own. Encoded alone, " yes" gets the
+    tokenizer's own leading piece too (SentencePiece's dummy prefix: ['▁', '▁ye', 's'], where
+    "Answer: yes" ends ['▁ye', 's']), a token the model never sees before an answer. Falls back
+    to `text` alone when the prompt ends with media (text after an image starts its own item) or
+    when the join changes the prompt's own last tokens."""
+    last = items[-1] if items and isinstance(items[-1], str) else None
+    if last is None:
+        return tokenizer.encode(text)
+    head, joined = tokenizer.encode(last), tokenizer.encode(last + text)
+    if joined[:len(head)] != head:
+        return tokenizer.encode(text)
+    return joined[len(head):]
+
+
 MEDIA_TAG = re.compile(r"<(image|video):([^<>]+)>|<EOC>")
 TAG_START = re.compile(r"<(image|video)\b", re.IGNORECASE)
 
