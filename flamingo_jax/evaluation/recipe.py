@@ -70,8 +70,6 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
     among `shots`) and its blind control at `blind_shots` (captioning and VQA); returns (and
     writes) the report. `pretrained` names the pretraining stages whose export Flamingo freezes
     (an ablation leaves one out: that backbone stays random)."""
-    from flax import nnx
-
     from flamingo_jax.core.config import RunConfig
     from flamingo_jax.evaluation import backbone_checks, evaluator, image_dependence
     from flamingo_jax.evaluation.tasks import get_task
@@ -111,7 +109,7 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
     if any(d["kind"] == "image_text" for d in engine.run_config.data.datasets):  # held-out captions to score
         dependence_started = time.time()
         dependence = report["checks"]["image_dependence"] = image_dependence.caption_loss_by_image(
-            nnx.merge(engine.graphdef, engine.state), RunConfig.from_config(engine.run_config))
+            engine.model, RunConfig.from_config(engine.run_config))
         dependence["seconds"] = round(time.time() - dependence_started, 1)
         log(f"[checks] Flamingo: held-out caption loss {dependence['real']:.3f} with its images, "
             f"{dependence['shuffled']:.3f} shuffled, {dependence['blank']:.3f} blank "
