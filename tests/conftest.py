@@ -1,7 +1,7 @@
 """Test-wide settings and shared fixtures.
 
 * fp32 matmuls on CPU, so equivalence tests can be exact.
-* Unoptimised XLA code generation for every program (compiles are most of the suite's time).
+* Fast XLA:CPU compiles for every program (`xla_flags.py`; compiles are most of the suite's time).
 * The 'rbg' PRNG: XLA:CPU compiles threefry-based initialisers several times
   slower, and model construction dominates the suite's time otherwise.
 * A persistent compilation cache for the session: tests that build the same
@@ -21,10 +21,10 @@ import pickle
 import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compiling dominates the suite on XLA:CPU; unoptimised code generation about halves it. Every
-# program of the session (and of the subprocesses, which inherit the flags) is compiled alike, so
-# equalities within a test still hold; FAST_COMPILE in helpers.py names the same options for jit.
-_FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Every program of the session (and of the subprocesses, which inherit the flags) compiles fast
+# and alike (xla_flags.py says why).
+from xla_flags import FAST as _FAST_XLA  # noqa: E402
+
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_XLA}".strip()
 

@@ -10,15 +10,15 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import xla_flags
 from flax import nnx
 
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.flamingo import Flamingo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# For tests whose every compared program is compiled with it: unoptimised machine code, which
-# XLA:CPU compiles several times faster and which changes none of their checks.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# For tests whose every compared program is compiled with it (xla_flags.py says why).
+FAST_COMPILE = xla_flags.FAST_OPTIONS
 
 
 def load_config(name: str):

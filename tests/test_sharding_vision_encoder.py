@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import with_devices
 
 
 def test_vision_batch_rule_halves_each_chips_encoder_work_and_keeps_the_features():
     script = pathlib.Path(__file__).with_name("vision_encoder_split.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+               XLA_FLAGS=with_devices(4))
     done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -58,4 +58,5 @@ def test_a_session_artefact_is_built_once_and_a_failed_build_is_retried(tmp_path
 
 
 def test_every_program_compiles_unoptimised():
-    assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"].split()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_backend_optimization_level=0" in flags and "--xla_cpu_use_fusion_emitters=false" in flags

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+from xla_flags import with_devices
 
 
 def test_eight_device_mesh_matches_one_device_and_restores_a_one_device_checkpoint(synthetic_corpus, tmp_path):
     script = pathlib.Path(__file__).with_name("multidevice_training.py")
-    # Optimisation level 0 about halves the compile time of these tiny programs; both runs compared use it.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+               XLA_FLAGS=with_devices(8))
     done = subprocess.run([sys.executable, str(script), synthetic_corpus, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

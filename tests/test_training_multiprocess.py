@@ -13,12 +13,12 @@ import sys
 import time
 
 import numpy as np
+from xla_flags import with_devices
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_training.py")
 TIMEOUT_S = 900
-# Unoptimised machine code: XLA:CPU compiles the sharded train step over twice as fast, and these
-# processes compile far more than they run (the workers cannot use the persistent cache, see the script).
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+# These processes compile far more than they run (the workers cannot use the persistent cache, see
+# the script): they compile as fast as the rest of the suite.
 
 
 def _free_port() -> int:
@@ -33,7 +33,7 @@ def _run_all(commands: dict[str, tuple[list[str], int]], tmp_path) -> dict[str, 
     procs, logs = {}, {}
     for name, (argv, devices) in commands.items():
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}")
+                   XLA_FLAGS=with_devices(devices))
         logs[name] = (open(tmp_path / f"{name}.out", "w+"), open(tmp_path / f"{name}.err", "w+"))
         procs[name] = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=logs[name][0],
                                        stderr=logs[name][1], text=True)

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+from xla_flags import with_devices
 
 
 def test_zero1_over_a_data_axis_of_3_updates_as_the_unsharded_optimizer(synthetic_corpus, tmp_path):
     script = pathlib.Path(__file__).with_name("zero1_training.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=6 --xla_backend_optimization_level=0")
+               XLA_FLAGS=with_devices(6))
     done = subprocess.run([sys.executable, str(script), synthetic_corpus, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
