@@ -12,11 +12,13 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "flamingo_ja
 def enable_compilation_cache(directory: str | None = None) -> str:
     """Persistent XLA compilation cache: a rerun (e.g. resuming after preemption)
     reuses compiled programs instead of compiling the train step again.
-    `FLAMINGO_COMPILATION_CACHE=''` turns it off."""
+    `FLAMINGO_COMPILATION_CACHE=''` turns it off. Programs that compile in under a second are not
+    kept unless JAX's own `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise."""
     directory = os.environ.get("FLAMINGO_COMPILATION_CACHE", directory or DEFAULT_CACHE_DIR)
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return directory
 
 

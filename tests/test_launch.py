@@ -456,26 +456,17 @@ def test_notebook_uses_only_flags_its_commands_define():
     assert {"flamingo_jax.recipe", "flamingo_jax.evaluate"} <= checked
 
 
-RECIPE_CONFIG = """\"\"\"The notebook test's recipe: tests/helpers.py's tiny configs, one step a stage.\"\"\"
+RECIPE_CONFIG = """\"\"\"The notebook test's recipe: test_recipe.py's stage configs, so the programs its run
+compiled (same worker, just before: `conftest.TOGETHER`) come from the compilation cache.\"\"\"
 import sys
 
 sys.path.insert(0, {tests!r})
-import jax
-
-jax.config.update("jax_default_prng_impl", "rbg")  # as the suite: XLA:CPU compiles its initialisers faster
-from helpers import train_config
-from test_pretraining import pretraining_config
-
-DATASETS = {{"contrastive": ("image_text",), "lm": ("interleaved", "image_text")}}
+import conftest  # the suite's JAX settings (precision, PRNG, compilation cache), as test_recipe.py compiled with
+from test_recipe import stage_configs
 
 
 def get_config(stage):
-    if stage == "flamingo":
-        config = train_config({corpus!r}, steps=1)
-    else:
-        config = pretraining_config({corpus!r}, stage, DATASETS[stage], steps=1)
-    config.synthetic.out_dir = {corpus!r}  # the validation split and the held-out tasks
-    return config
+    return stage_configs({corpus!r})[stage]
 """
 
 
@@ -493,7 +484,6 @@ def test_notebook_runs_top_to_bottom_on_cpu(synthetic_corpus, tmp_path, monkeypa
     parameters.source = (f"CONFIG = {str(config)!r}\nWORKDIR = {str(workdir)!r}\nSHOTS = '0,2'\nNUM_QUERIES = 2\n"
                          "TASKS = 'synthetic_classification'\nBLIND_SHOTS = 2\nREPO_URL = 'unused'")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("FLAMINGO_COMPILATION_CACHE", os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
 
     report = json.loads((workdir / "recipe.json").read_text())

@@ -5,7 +5,7 @@ import os
 import types
 
 import pytest
-from conftest import MODULE_SECONDS, long_modules_first, once_per_session
+from conftest import MODULE_SECONDS, TOGETHER, long_modules_first, once_per_session
 
 
 def fake_items(counts: dict[str, int]) -> list:
@@ -34,6 +34,18 @@ def test_long_modules_first_is_a_permutation_that_keeps_long_modules_together(wo
         # worksteal gives worker i the i-th contiguous share: the two longest start different workers' shares
         first_share = {module_of(i) for i in ordered[:len(ordered) // workers]}
         assert longest[0] in first_share and longest[1] not in first_share
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_together_group_runs_on_one_worker_in_its_order(workers):
+    first, second = TOGETHER[0]
+    longest = [m for m in sorted(MODULE_SECONDS, key=MODULE_SECONDS.get, reverse=True) if m not in TOGETHER[0]][:2]
+    items = fake_items({second: 3, longest[0]: 4, "tests/test_a.py": 9, first: 2, longest[1]: 5})
+    ordered = [module_of(i) for i in long_modules_first(items, workers)]
+    start = ordered.index(first)
+    assert ordered[start:start + 5] == [first] * 2 + [second] * 3  # contiguous, in the group's order
+    share = len(ordered) // workers  # worksteal's contiguous share per worker
+    assert start // share == (start + 4) // share  # within one worker's share
 
 
 def test_a_session_artefact_is_built_once_and_a_failed_build_is_retried(tmp_path):

@@ -216,8 +216,7 @@ def test_training_on_tfds_equals_training_on_the_same_examples_as_tfrecords(stra
 def test_evaluate_reads_coco_and_imagenet_from_tfds(straight, tfds_root):
     _, workdir, _, _ = straight
     tfds_mock.write_synset_mapping(tfds_root)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               FLAMINGO_COMPILATION_CACHE=os.environ["FLAMINGO_TEST_COMPILATION_CACHE"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     command = [sys.executable, str(ROOT / "tests" / "tfds_mock.py"), tfds_root, "-m", "flamingo_jax.evaluate",
                f"--workdir={workdir}", "--tasks=coco,imagenet", "--source=tfds", f"--tfds_data_dir={tfds_root}",
                "--shots=0", "--num_queries=3", "--support_size=4", "--batch_size=4", "--ensemble=1", "--num_beams=2"]
