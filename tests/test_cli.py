@@ -1,12 +1,14 @@
 """Every command-line entry point answers `--help` with its usage, and a mistake with one line.
 
-Each case is a fresh `python -m` process (absl parses a process's flags once); none
-of them reaches a model, so each takes about a second.
+Each case is a fresh process (absl parses a process's flags once) that runs the module as
+`python -m` does, forked from one that has imported the libraries already (`cli_zygote.py`); none
+of them reaches a model.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -34,14 +36,29 @@ CLIS = [
 ]
 
 
-def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+@pytest.fixture(scope="module")
+def run_cli():
+    """`python -m <module> <args>` in the checkout with JAX_PLATFORMS=cpu, as a CompletedProcess."""
+    zygote = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+        zygote.stdin.write(json.dumps({"module": module, "args": list(args), "timeout": 120}) + "\n")
+        zygote.stdin.flush()
+        reply = zygote.stdout.readline()
+        assert reply, f"cli_zygote.py exited ({zygote.poll()}) while running {module} {args}"
+        reply = json.loads(reply)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], reply["returncode"],
+                                           reply["stdout"], reply["stderr"])
+
+    yield run
+    zygote.stdin.close()
+    zygote.wait(timeout=60)
 
 
 @pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
-def test_help_prints_the_usage(module, extra, usage):
+def test_help_prints_the_usage(run_cli, module, extra, usage):
     result = run_cli(module, *extra, "--help")
     assert usage in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -49,7 +66,7 @@ def test_help_prints_the_usage(module, extra, usage):
 
 
 @pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
-def test_an_unknown_flag_is_one_line_and_the_usage(module, extra, usage):
+def test_an_unknown_flag_is_one_line_and_the_usage(run_cli, module, extra, usage):
     result = run_cli(module, *extra, "--no_such_flag=1")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -63,7 +80,7 @@ def test_an_unknown_flag_is_one_line_and_the_usage(module, extra, usage):
     (["--config=configs/tiny.py", "--config.train.steps=-5"], "`train.steps`: -5 must be >= 1"),
     (["--config=configs/no_such_config.py"], "No such file or directory: 'configs/no_such_config.py'"),
 ])
-def test_a_config_mistake_is_one_line_before_anything_runs(args, message, tmp_path):
+def test_a_config_mistake_is_one_line_before_anything_runs(run_cli, args, message, tmp_path):
     result = run_cli("flamingo_jax.train", *args, f"--workdir={tmp_path / 'run'}")
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr
@@ -106,7 +123,7 @@ MISTAKES = [
 
 @pytest.mark.parametrize("module, args, message", MISTAKES,
                          ids=[f"{m.split('.', 1)[1]}: {' '.join(a)}" for m, a, _ in MISTAKES])
-def test_a_mistake_is_one_clear_line(module, args, message):
+def test_a_mistake_is_one_clear_line(run_cli, module, args, message):
     result = run_cli(module, *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
