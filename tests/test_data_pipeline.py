@@ -1,6 +1,8 @@
 """Shared pipeline machinery: determinism, save/restore, host sharding, counted skipping of bad
 records and of damaged files."""
 
+import gc
+import glob
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import pytest
 from flamingo_jax.data import formats, images, interleaved, pairs
 from flamingo_jax.data._tf import tf
 from flamingo_jax.data.mixture import Mixture
+from flamingo_jax.data.pipeline import orphan_fields
 
 from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
@@ -66,6 +69,26 @@ def test_same_seed_same_batches_other_seed_other_batches(docs_pattern, tok):
     assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(first, other))
     for batch in first:
         check_contract(batch, tok.vocab_size)
+
+
+def test_a_python_step_in_flight_when_its_pipeline_is_freed_returns_a_result_of_its_types(docs_pattern, tok):
+    """tf.data may still be inside a record's Python step when the pipeline is freed (a run's end):
+    the step then returns a result shaped like a live one instead of raising, which made
+    TensorFlow log a traceback."""
+    pipeline = make(docs_pattern, tok, seed=0)
+    step = pipeline._python("_sample", orphan_fields(pipeline.config.max_len))
+    record = next(iter(tf().data.TFRecordDataset(sorted(glob.glob(docs_pattern))[0]))).numpy()
+    seed = np.array([0, 0, 0], np.int64)
+    live = step(record, seed)
+    del pipeline
+    gc.collect()
+    orphan = step(record, seed)
+    assert len(orphan) == len(live)
+    for got, want in zip(orphan, live):  # the graph's output types (bytes of any length for the detail)
+        got, want = np.asarray(got).dtype, np.asarray(want).dtype
+        assert got == want or got.kind == want.kind == "S"
+    assert [np.shape(x) for x in orphan[:4]] == [np.shape(x) for x in live[:4]]  # the token fields
+    assert orphan[-2] > 0  # a skip, were it ever read
 
 
 def test_restore_continues_exactly_across_epochs_with_skips(docs_pattern, tok):

@@ -24,7 +24,15 @@ import numpy as np
 
 from flamingo_jax.data import formats, images, sequence
 from flamingo_jax.data._tf import tf
-from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, assemble_example, numpy_rng, text_reason
+from flamingo_jax.data.pipeline import (
+    REASON_CODE,
+    RecordPipeline,
+    assemble_example,
+    numpy_rng,
+    orphan_fields,
+    refused_fields,
+    text_reason,
+)
 from flamingo_jax.data.tokenizer import Tokenizer
 
 
@@ -101,16 +109,14 @@ class InterleavedPipeline(RecordPipeline):
         except Exception as error:  # noqa: BLE001 - one odd record must never stop a training run
             example, reason, detail = None, REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
         if example is None:
-            zeros = np.zeros(self.config.max_len, np.int32)
-            return (zeros, zeros, zeros.astype(np.float32), zeros - 1, np.zeros([0], np.uint8),
-                    np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
+            return refused_fields(self.config.max_len, reason, detail)
         return (example.tokens, example.targets, example.loss_mask, example.media_index, pixels, shapes, np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
         t = tf()
         length, slots, size = self.config.max_len, self.config.max_images, self.image_config.size
         tokens, targets, loss_mask, media_index, pixels, shapes, reason, detail = t.numpy_function(
-            self._python("_sample"), [example["serialized"], example["seed_ints"]],
+            self._python("_sample", orphan_fields(length)), [example["serialized"], example["seed_ints"]],
             [t.int32, t.int32, t.float32, t.int32, t.uint8, t.int32, t.int32, t.string], stateful=False)
         decoded = images.prepare_decoded(pixels, shapes, self.image_config, self.training, example["seed"])
         padding = t.zeros([slots - t.shape(decoded)[0], size, size, 3], t.float32)

@@ -409,17 +409,17 @@ class RecordPipeline(abc.ABC):
         self.close()
 
     # ------------------------------------------------------------ the tf.data graph
-    def _python(self, method_name: str) -> Any:
+    def _python(self, method_name: str, orphan: Any) -> Any:
         """`self.<method_name>` for `tf.numpy_function`, holding `self` weakly: the traced graph
         keeps its Python functions alive, and a strong reference would keep a dropped pipeline,
-        its iterator and its threads alive until the next garbage collection."""
+        its iterator and its threads alive until the next garbage collection. A call still in
+        flight when the pipeline is freed returns `orphan` (a result of the right types, never
+        read: its iterator is gone); raising instead made TensorFlow log a traceback at exit."""
         pipeline = weakref.ref(self)
 
         def call(*args):
             owner = pipeline()
-            if owner is None:  # only reachable by a call already in flight while the pipeline is freed
-                raise RuntimeError(f"input pipeline freed while its tf.data graph still called {method_name}")
-            return getattr(owner, method_name)(*args)
+            return orphan if owner is None else getattr(owner, method_name)(*args)
 
         return call
 
@@ -444,7 +444,7 @@ class RecordPipeline(abc.ABC):
         stream = t.data.Dataset.range(start_epoch, last_epoch).flat_map(epoch_records)
 
         pipeline = weakref.proxy(self)  # the traced graph keeps `process`; it must not keep `self`
-        log_skip = self._python("_log_skip")
+        log_skip = self._python("_log_skip", orphan=np.int32(REASON_CODE["malformed"]))
 
         def process(example):
             seed = t.random.experimental.stateless_fold_in(
@@ -517,6 +517,18 @@ class RecordPipeline(abc.ABC):
             logging.warning("dataset %r: skipping record %d of %s: %s%s", self.name, int(index), file, name,
                             explained)
         return np.asarray(reason, np.int32)
+
+
+def refused_fields(length: int, reason: int, detail: str) -> tuple:
+    """A `_sample` result for a record that is skipped: token fields of `length`, no pixels, the reason."""
+    zeros = np.zeros(length, np.int32)
+    return (zeros, zeros, zeros.astype(np.float32), zeros - 1, np.zeros([0], np.uint8), np.zeros([0, 2], np.int32),
+            np.int32(reason), detail.encode())
+
+
+def orphan_fields(length: int) -> tuple:
+    """What a `_sample` call in flight returns once its pipeline is freed (`RecordPipeline._python`)."""
+    return refused_fields(length, REASON_CODE["malformed"], "the input pipeline was freed")
 
 
 def assemble_example(tokens, targets, loss_mask, media_index, media, reason, detail, length: int) -> dict[str, Any]:
