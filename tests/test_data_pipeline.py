@@ -15,7 +15,6 @@ import pytest
 from flamingo_jax.data import formats, images, interleaved, pairs
 from flamingo_jax.data._tf import tf
 from flamingo_jax.data.mixture import Mixture
-from flamingo_jax.data.pipeline import orphan_fields
 
 from test_data_utils import check_contract, collect, make_tokenizer, red_value, rows, solid_png
 
@@ -76,7 +75,7 @@ def test_a_python_step_in_flight_when_its_pipeline_is_freed_returns_a_result_of_
     the step then returns a result shaped like a live one instead of raising, which made
     TensorFlow log a traceback."""
     pipeline = make(docs_pattern, tok, seed=0)
-    step = pipeline._python("_sample", orphan_fields(pipeline.config.max_len))
+    step = pipeline._sample_step(pipeline.config.max_len)  # what the graph calls
     record = next(iter(tf().data.TFRecordDataset(sorted(glob.glob(docs_pattern))[0]))).numpy()
     seed = np.array([0, 0, 0], np.int64)
     live = step(record, seed)

@@ -24,15 +24,7 @@ import numpy as np
 
 from flamingo_jax.data import formats, images, sequence
 from flamingo_jax.data._tf import tf
-from flamingo_jax.data.pipeline import (
-    REASON_CODE,
-    RecordPipeline,
-    assemble_example,
-    numpy_rng,
-    orphan_fields,
-    refused_fields,
-    text_reason,
-)
+from flamingo_jax.data.pipeline import REASON_CODE, RecordPipeline, assemble_example, numpy_rng, text_reason
 from flamingo_jax.data.tokenizer import Tokenizer
 
 
@@ -109,15 +101,13 @@ class InterleavedPipeline(RecordPipeline):
         except Exception as error:  # noqa: BLE001 - one odd record must never stop a training run
             example, reason, detail = None, REASON_CODE["malformed"], f"{type(error).__name__}: {error}"
         if example is None:
-            return refused_fields(self.config.max_len, reason, detail)
+            return self.refused_fields(self.config.max_len, reason, detail)
         return (example.tokens, example.targets, example.loss_mask, example.media_index, pixels, shapes, np.int32(0), b"")
 
     def _process(self, example: dict[str, Any]) -> dict[str, Any]:
         t = tf()
         length, slots, size = self.config.max_len, self.config.max_images, self.image_config.size
-        tokens, targets, loss_mask, media_index, pixels, shapes, reason, detail = t.numpy_function(
-            self._python("_sample", orphan_fields(length)), [example["serialized"], example["seed_ints"]],
-            [t.int32, t.int32, t.float32, t.int32, t.uint8, t.int32, t.int32, t.string], stateful=False)
+        tokens, targets, loss_mask, media_index, pixels, shapes, reason, detail = self._sample_in_graph(example, length)
         decoded = images.prepare_decoded(pixels, shapes, self.image_config, self.training, example["seed"])
         padding = t.zeros([slots - t.shape(decoded)[0], size, size, 3], t.float32)
         media = t.reshape(t.concat([decoded, padding], 0), [slots, 1, size, size, 3])

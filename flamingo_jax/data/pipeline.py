@@ -423,6 +423,26 @@ class RecordPipeline(abc.ABC):
 
         return call
 
+    @staticmethod
+    def refused_fields(length: int, reason: int, detail: str) -> tuple:
+        """A `_sample` result for a record that is skipped: token fields of `length`, no pixels, the reason."""
+        zeros = np.zeros(length, np.int32)
+        return (zeros, zeros, zeros.astype(np.float32), zeros - 1, np.zeros([0], np.uint8),
+                np.zeros([0, 2], np.int32), np.int32(reason), detail.encode())
+
+    def _sample_step(self, length: int) -> Any:
+        """`self._sample` for the graph; once the pipeline is freed, a refused record's fields."""
+        freed = self.refused_fields(length, REASON_CODE["malformed"], "the input pipeline was freed")
+        return self._python("_sample", orphan=freed)
+
+    def _sample_in_graph(self, example: dict[str, Any], length: int) -> tuple:
+        """The record's Python step (`self._sample`, shaped as `refused_fields`) in the graph:
+        tokens, targets, loss_mask, media_index [length], pixels, shapes, reason, detail."""
+        t = tf()
+        return t.numpy_function(
+            self._sample_step(length), [example["serialized"], example["seed_ints"]],
+            [t.int32, t.int32, t.float32, t.int32, t.uint8, t.int32, t.int32, t.string], stateful=False)
+
     def _build(self, start_epoch: int, start_position: int) -> Any:
         t = tf()
         parallel_calls = self.num_parallel_calls or os.cpu_count() or 1
@@ -517,18 +537,6 @@ class RecordPipeline(abc.ABC):
             logging.warning("dataset %r: skipping record %d of %s: %s%s", self.name, int(index), file, name,
                             explained)
         return np.asarray(reason, np.int32)
-
-
-def refused_fields(length: int, reason: int, detail: str) -> tuple:
-    """A `_sample` result for a record that is skipped: token fields of `length`, no pixels, the reason."""
-    zeros = np.zeros(length, np.int32)
-    return (zeros, zeros, zeros.astype(np.float32), zeros - 1, np.zeros([0], np.uint8), np.zeros([0, 2], np.int32),
-            np.int32(reason), detail.encode())
-
-
-def orphan_fields(length: int) -> tuple:
-    """What a `_sample` call in flight returns once its pipeline is freed (`RecordPipeline._python`)."""
-    return refused_fields(length, REASON_CODE["malformed"], "the input pipeline was freed")
 
 
 def assemble_example(tokens, targets, loss_mask, media_index, media, reason, detail, length: int) -> dict[str, Any]:
