@@ -7,11 +7,11 @@ emitters (`--xla_cpu_use_fusion_emitters=false`) cut the tiny train step's compi
 the same run time. Every program of a session is compiled alike, so equalities within a test hold.
 """
 
-FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-        " --xla_cpu_use_fusion_emitters=false")
-# The same, as `jax.jit(..., compiler_options=...)` for programs that must say so themselves.
+# As `jax.jit(..., compiler_options=...)` for programs that must say so themselves ...
 FAST_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                 "xla_cpu_use_fusion_emitters": False}
+# ... and as XLA_FLAGS for the session and its subprocesses.
+FAST = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_OPTIONS.items())
 
 
 def with_devices(count: int) -> str:
