@@ -8,6 +8,7 @@ Protocol, one JSON object a line: stdin {"module", "args", "timeout"} -> stdout 
 "stdout", "stderr"} (returncode -9 when the child ran past its timeout and was killed).
 """
 
+import importlib.util
 import json
 import os
 import runpy
@@ -38,7 +39,11 @@ def _child(module: str, args: list[str], out: str, err: str) -> None:
     sys.path[0] = os.getcwd()  # as `python -m` puts the working directory first
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if importlib.util.find_spec(module) is None:  # as `python -m` says it: one line, exit 1
+            print(f"{sys.executable}: No module named {module}", file=sys.stderr)
+            code = 1
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         if isinstance(exit_.code, int) or exit_.code is None:
             code = exit_.code or 0

@@ -57,6 +57,19 @@ def run_cli():
     zygote.wait(timeout=60)
 
 
+@pytest.mark.parametrize("module, args", [
+    ("platform", []),  # prints, exit 0
+    ("json.tool", ["/no/such/file.json"]),  # an argparse error, exit 2
+    ("flamingo_jax.no_such_module", []),  # an uncaught exception: traceback, exit 1
+])
+def test_the_zygote_runs_a_module_as_python_m_does(run_cli, module, args):
+    forked = run_cli(module, *args)
+    real = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120)
+    assert (forked.returncode, forked.stdout) == (real.returncode, real.stdout)
+    assert forked.stderr.strip().splitlines()[-1:] == real.stderr.strip().splitlines()[-1:]
+
+
 @pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
 def test_help_prints_the_usage(run_cli, module, extra, usage):
     result = run_cli(module, *extra, "--help")

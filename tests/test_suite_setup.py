@@ -72,3 +72,27 @@ def test_a_session_artefact_is_built_once_and_a_failed_build_is_retried(tmp_path
 def test_every_program_compiles_unoptimised():
     flags = os.environ["XLA_FLAGS"].split()
     assert "--xla_backend_optimization_level=0" in flags and "--xla_cpu_use_fusion_emitters=false" in flags
+
+
+@pytest.mark.parametrize("threshold, expected", [(None, 1.0), ("0.1", 0.1)])
+def test_a_cli_keeps_programs_from_the_threshold_jax_is_given(monkeypatch, tmp_path, threshold, expected):
+    """`runtime.enable_compilation_cache` keeps programs of a second and more, unless JAX's own
+    variable says otherwise (the suite's subprocesses set it: their short compiles are cached too)."""
+    import jax
+
+    from flamingo_jax import runtime
+
+    saved = {name: getattr(jax.config, name) for name in
+             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    monkeypatch.setenv("FLAMINGO_COMPILATION_CACHE", str(tmp_path))
+    if threshold is None:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", threshold)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # what JAX read from the variable
+    try:
+        assert runtime.enable_compilation_cache() == str(tmp_path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == expected
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
