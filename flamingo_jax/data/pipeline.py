@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from flamingo_jax.data import formats, images, records
-from flamingo_jax.data._tf import tf
+from flamingo_jax.data._tf import as_written, tf
 from flamingo_jax.data.errors import DamagedData, DataError, DataFileMissing
 
 # Reason codes: 0 = good record; i > 0 = SKIP_REASONS[i - 1]. Codes live inside one run's graph;
@@ -203,14 +203,15 @@ class FileSource(RecordSource):
             items = t.data.Dataset.from_generator(_file_records, args=(path,), output_signature=(
                 t.TensorSpec([None], t.int64), t.TensorSpec([None], t.int64), t.TensorSpec([None], t.string),
                 t.TensorSpec([None], t.int32), t.TensorSpec([None], t.string))).unbatch()
-            return items.map(lambda index, offset, data, damage, detail: (path, index, offset, data, damage, detail))
+            return items.map(as_written(lambda index, offset, data, damage, detail: (
+                path, index, offset, data, damage, detail)))
 
         order = t.range(num_files)
         if shuffle:
             order = t.random.experimental.stateless_shuffle(order, seed=t.stack([base_seed, epoch]))
         parallel = {"num_parallel_calls": cycle_length, "deterministic": True} if cycle_length > 1 else {}
         return t.data.Dataset.from_tensor_slices(t.gather(files, order)).interleave(
-            read_file, cycle_length=cycle_length, block_length=1, **parallel)
+            as_written(read_file), cycle_length=cycle_length, block_length=1, **parallel)
 
 
 class RecordPipeline(abc.ABC):
@@ -456,12 +457,12 @@ class RecordPipeline(abc.ABC):
                 raw = raw.shuffle(buffer, seed=(base_seed * 1_000_003 + epoch * 7_919 + 1) % 2_147_483_647)
             raw = raw.enumerate().skip(
                 t.where(epoch == start_epoch, t.constant(start_position, t.int64), t.constant(0, t.int64)))
-            return raw.map(lambda position, r: {
+            return raw.map(as_written(lambda position, r: {
                 "epoch": epoch, "position": position, "file": r[0], "index": r[1], "offset": r[2],
-                "serialized": r[3], "damage": r[4], "damage_detail": r[5]})
+                "serialized": r[3], "damage": r[4], "damage_detail": r[5]}))
 
         last_epoch = (1 << 62) if self.num_epochs is None else self.num_epochs
-        stream = t.data.Dataset.range(start_epoch, last_epoch).flat_map(epoch_records)
+        stream = t.data.Dataset.range(start_epoch, last_epoch).flat_map(as_written(epoch_records))
 
         pipeline = weakref.proxy(self)  # the traced graph keeps `process`; it must not keep `self`
         log_skip = self._python("_log_skip", orphan=np.int32(REASON_CODE["malformed"]))
@@ -483,7 +484,7 @@ class RecordPipeline(abc.ABC):
             out.update(_reason=t.reshape(reason, []), _epoch=example["epoch"], _position=example["position"])
             return out
 
-        processed = stream.map(process, num_parallel_calls=parallel_calls, deterministic=True)
+        processed = stream.map(as_written(process), num_parallel_calls=parallel_calls, deterministic=True)
         if self.num_epochs is not None:
             processed = processed.concatenate(t.data.Dataset.from_tensors(_sentinel_like(processed.element_spec)))
 
@@ -509,11 +510,11 @@ class RecordPipeline(abc.ABC):
 
         initial = (t.zeros([num_reasons], t.int64), t.constant(-1, t.int64), t.constant(False), t.constant(False))
         batches = (
-            processed.scan(initial, tally)
-            .take_while(lambda e: t.logical_not(e["_stop"]))
-            .filter(lambda e: t.logical_or(e["_reason"] <= 0, e["_empty_epoch"]))
-            .map(lambda e: dict({k: v for k, v in e.items() if k not in ("_reason", "_stop")},
-                                _sentinel=t.logical_or(e["_reason"] == _SENTINEL, e["_empty_epoch"])))
+            processed.scan(initial, as_written(tally))
+            .take_while(as_written(lambda e: t.logical_not(e["_stop"])))
+            .filter(as_written(lambda e: t.logical_or(e["_reason"] <= 0, e["_empty_epoch"])))
+            .map(as_written(lambda e: dict({k: v for k, v in e.items() if k not in ("_reason", "_stop")},
+                                           _sentinel=t.logical_or(e["_reason"] == _SENTINEL, e["_empty_epoch"]))))
             .batch(self.batch_size)
             .prefetch(self.prefetch)
         )

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from flamingo_jax.data import formats
-from flamingo_jax.data._tf import tf
+from flamingo_jax.data._tf import as_written, tf
 from flamingo_jax.data.errors import DataError, DataFileMissing
 from flamingo_jax.data.pipeline import REASON_CODE, RecordSource
 
@@ -237,8 +237,8 @@ class TfdsSource(RecordSource):
             return (t.constant(origin), index, t.constant(0, t.int64), t.reshape(record, []),
                     t.reshape(damage, []), t.reshape(detail, []))
 
-        return self.dataset().enumerate().map(select).map(as_tuple, num_parallel_calls=os.cpu_count() or 1,
-                                                         deterministic=True)
+        return self.dataset().enumerate().map(as_written(select)).map(
+            as_written(as_tuple), num_parallel_calls=os.cpu_count() or 1, deterministic=True)
 
     def _record(self, index: int, media: list[bytes], texts: np.ndarray, frame_rate: float) -> tuple[bytes, int, str]:
         """One example's encoded record of our schema, or (b'', reason code, detail) if it cannot be one."""
