@@ -31,6 +31,8 @@ _SHOTS = flags.DEFINE_string("shots", "0,4,8", "Comma-separated shot counts (vid
 _TASKS = flags.DEFINE_string("tasks", "synthetic_captioning,synthetic_vqa,synthetic_classification,synthetic_video_qa",
                              "Comma-separated held-out tasks.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", None, "Queries per task (default: all of the split).")
+_BLIND_SHOTS = flags.DEFINE_string("blind_shots", "4", "Comma-separated shot counts of the blind control "
+                                   "(captioning and VQA shown only the mean image); empty: none.")
 
 
 def main(argv):
@@ -44,8 +46,9 @@ def main(argv):
     shots = evaluator.parse_ints(_SHOTS.value)
     tasks = tuple(name.strip() for name in _TASKS.value.split(",") if name.strip())
     logging.set_verbosity(logging.WARNING)  # the stages' progress lines are the trainer's warnings-free INFO
+    blind_shots = evaluator.parse_ints(_BLIND_SHOTS.value, "blind_shots") if _BLIND_SHOTS.value.strip() else ()
     recipe.run(configs, _WORKDIR.value, shots=shots, tasks=tasks, num_queries=_NUM_QUERIES.value,
-        log=lambda line: print(line, flush=True, file=sys.stdout))
+               blind_shots=blind_shots, log=lambda line: print(line, flush=True, file=sys.stdout))
 
 
 if __name__ == "__main__":

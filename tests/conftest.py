@@ -8,8 +8,8 @@
   train step (a fresh closure each time) reuse one compiled program.
 * The long modules run first, spread over the xdist workers (`long_modules_first`),
   so no worker starts a three-minute test near the end.
-* The synthetic corpus and one tiny trained run are made once per session, shared by
-  every xdist worker through a file lock.
+* The synthetic corpus, one tiny trained run and one run of the Colab notebook (the whole
+  recipe) are made once per session, shared by every xdist worker through a file lock.
 """
 
 import contextlib
@@ -56,8 +56,8 @@ MODULE_SECONDS = {
     "tests/test_openflamingo_modules.py": 28, "tests/test_zero1.py": 25,
 }
 LONG_MODULE_S = 25
-# Modules that run on one worker, in this order: the notebook's recipe compiles the programs
-# test_recipe.py's run just put in the compilation cache.
+# Modules that run on one worker, in this order: both read the session's notebook run
+# (`notebook_recipe_run`), which the first of them builds.
 TOGETHER = (("tests/test_recipe.py", "tests/test_launch.py"),)
 
 
@@ -177,3 +177,50 @@ def trained_run(synthetic_corpus, session_dir):
         (out / "run_info.json").write_text(json.dumps({"specs": specs, "config": config.to_dict()}))
 
     return once_per_session(session_dir, "trained_run", build)
+
+
+NOTEBOOK_RECIPE_CONFIG = """\"\"\"The session's notebook run: test_recipe.py's stage configs at the suite's settings.\"\"\"
+import sys
+
+sys.path.insert(0, {tests!r})
+import conftest  # the suite's JAX settings (precision, PRNG, compilation cache)
+from test_recipe import stage_configs
+
+
+def get_config(stage):
+    return stage_configs({corpus!r})[stage]
+"""
+NOTEBOOK_TASKS = ("synthetic_captioning", "synthetic_vqa", "synthetic_classification")
+
+
+@pytest.fixture(scope="session")
+def notebook_recipe_run(synthetic_corpus, session_dir) -> dict:
+    """launch/colab_small.ipynb executed top to bottom once per session, as a user runs it inside
+    this checkout, with its parameters cell set to test_recipe.py's tiny stage configs, shots 0
+    and 1, two queries per task and the blind control at 1 shot: the whole recipe from scratch
+    through its CLI. test_recipe.py checks what the recipe wrote, test_launch.py the notebook.
+    Returns {"workdir", "report" (recipe.json right after the run), "notebook" (executed)}."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def build(out):
+        config, workdir = out / "recipe_config.py", out / "work"
+        config.write_text(NOTEBOOK_RECIPE_CONFIG.format(tests=str(root / "tests"), corpus=synthetic_corpus))
+        notebook = nbformat.reads((root / "launch" / "colab_small.ipynb").read_text(), as_version=4)
+        [parameters] = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+        parameters.source = (f"CONFIG = {str(config)!r}\nWORKDIR = {str(workdir)!r}\nSHOTS = '0,1'\nNUM_QUERIES = 2\n"
+                             f"TASKS = {','.join(NOTEBOOK_TASKS)!r}\nBLIND_SHOTS = 1\nREPO_URL = 'unused'")
+        python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PYTHONPATH", python_path)
+            NotebookClient(notebook, timeout=300, kernel_name="python3",
+                           resources={"metadata": {"path": str(root)}}).execute()
+        nbformat.write(notebook, str(out / "executed.ipynb"))
+        shutil.copy(workdir / "recipe.json", out / "report.json")
+
+    out = once_per_session(session_dir, "notebook_recipe_run", build)
+
+    return {"workdir": out / "work", "report": json.loads((out / "report.json").read_text()),
+            "notebook": nbformat.read(str(out / "executed.ipynb"), as_version=4)}

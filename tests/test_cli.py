@@ -113,6 +113,7 @@ MISTAKES = [
     ("flamingo_jax.generate", ["--workdir=/no/such/run"], "has no checkpoints/ directory"),
     ("flamingo_jax.recipe", ["--config=configs/none.py", "--workdir=/tmp/x"], "configs/none.py: no such file"),
     ("flamingo_jax.recipe", ["--config=configs/tiny.py", "--shots=4,x"], "--shots takes comma-separated integers"),
+    ("flamingo_jax.recipe", ["--config=configs/tiny.py", "--blind_shots=-1"], "--blind_shots needs non-negative"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run", "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run", "--method=sample", "--temperature=0"],
      "temperature must be > 0"),

@@ -456,37 +456,11 @@ def test_notebook_uses_only_flags_its_commands_define():
     assert {"flamingo_jax.recipe", "flamingo_jax.evaluate"} <= checked
 
 
-RECIPE_CONFIG = """\"\"\"The notebook test's recipe: test_recipe.py's stage configs, so the programs its run
-compiled (same worker, just before: `conftest.TOGETHER`) come from the compilation cache.\"\"\"
-import sys
-
-sys.path.insert(0, {tests!r})
-import conftest  # the suite's JAX settings (precision, PRNG, compilation cache), as test_recipe.py compiled with
-from test_recipe import stage_configs
-
-
-def get_config(stage):
-    return stage_configs({corpus!r})[stage]
-"""
-
-
-def test_notebook_runs_top_to_bottom_on_cpu(synthetic_corpus, tmp_path, monkeypatch):
-    """The notebook as a user runs it, inside this checkout, with its parameters cell set to the
-    suite's tiny configs: every cell runs without error, and the recipe's report, curves, table
-    and plot and the blind control's results are there and shown."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    config, workdir = tmp_path / "recipe_config.py", tmp_path / "work"
-    config.write_text(RECIPE_CONFIG.format(tests=str(ROOT / "tests"), corpus=synthetic_corpus))
-    notebook = nbformat.reads(NOTEBOOK.read_text(), as_version=4)
-    [parameters] = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    parameters.source = (f"CONFIG = {str(config)!r}\nWORKDIR = {str(workdir)!r}\nSHOTS = '0,2'\nNUM_QUERIES = 2\n"
-                         "TASKS = 'synthetic_classification'\nBLIND_SHOTS = 2\nREPO_URL = 'unused'")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-
-    report = json.loads((workdir / "recipe.json").read_text())
+def test_notebook_runs_top_to_bottom_on_cpu(notebook_recipe_run):
+    """The notebook as a user runs it, inside this checkout (`conftest.notebook_recipe_run`: its
+    parameters cell set to the suite's tiny configs): every cell ran without error, and the
+    recipe's report, curves, table and plot and the blind control's results are there and shown."""
+    notebook, report, workdir = (notebook_recipe_run[k] for k in ("notebook", "report", "workdir"))
     assert set(report["stages"]) == {"contrastive", "lm", "flamingo"}
     assert all((workdir / stage / "training.png").stat().st_size > 0 for stage in report["stages"])
     assert pathlib.Path(report["evaluation"]["plot"]).stat().st_size > 0
@@ -498,4 +472,5 @@ def test_notebook_runs_top_to_bottom_on_cpu(synthetic_corpus, tmp_path, monkeypa
     assert sum("image/png" in data for data in shown) == 4  # three stages' curves and the few-shot plot
     assert any("| synthetic_classification |" in data.get("text/markdown", "") for data in shown)
     assert "vision encoder: image-to-text recall@1" in text and "language model: held-out perplexity" in text
-    assert re.search(r"synthetic_classification 2-shot roc_auc: [\d.]+ sighted, [\d.]+ blind", text), text[-2000:]
+    assert "[blind] synthetic_captioning: 1-shot" in text  # the recipe's own control, at --blind_shots
+    assert re.search(r"synthetic_classification 1-shot roc_auc: [\d.]+ sighted, [\d.]+ blind", text), text[-2000:]

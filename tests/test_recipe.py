@@ -2,10 +2,11 @@
 over their exports, the backbone checks and the few-shot evaluation, its report and pictures; a
 second run skips the finished pretraining; a config file without stages is refused clearly."""
 
-import json
 import os
+import shutil
 
 import pytest
+from conftest import NOTEBOOK_TASKS as TASKS
 from test_pretraining import pretraining_config
 
 from flamingo_jax.core.checkpoint import Checkpointer
@@ -13,8 +14,6 @@ from flamingo_jax.errors import UserError
 from flamingo_jax.evaluation import recipe
 
 from helpers import train_config
-
-TASKS = ("synthetic_captioning", "synthetic_vqa", "synthetic_classification")
 
 
 def stage_configs(corpus: str) -> dict:
@@ -28,16 +27,17 @@ def stage_configs(corpus: str) -> dict:
     return configs
 
 
-def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthetic_corpus, tmp_path):
-    workdir = str(tmp_path / "recipe")
-    lines = []
-    report = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0, 1), num_queries=2, tasks=TASKS,
-                        blind_shots=(1,), log=lines.append)
-    assert {stage: r["steps"] for stage, r in report["stages"].items()} == {"contrastive": 2, "lm": 2, "flamingo": 2}
-    exports = {"vision": os.path.join(workdir, "contrastive", "backbones", "vision"),
-               "decoder": os.path.join(workdir, "lm", "backbones", "decoder")}
+def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(notebook_recipe_run, synthetic_corpus,
+                                                                           tmp_path):
+    """The session's run (the notebook's recipe cell: `python -m flamingo_jax.recipe` from
+    scratch) trained every stage over the previous one's exports and wrote the report; run
+    again on a copy of its workdir, the recipe skips the finished pretraining."""
+    source, written = notebook_recipe_run["workdir"], notebook_recipe_run["report"]
+    assert {stage: r["steps"] for stage, r in written["stages"].items()} == {"contrastive": 2, "lm": 2, "flamingo": 2}
+    exports = {"vision": os.path.join(source, "contrastive", "backbones", "vision"),
+               "decoder": os.path.join(source, "lm", "backbones", "decoder")}
     assert all(os.path.isdir(path) for path in exports.values())
-    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "flamingo", "checkpoints"), async_save=False)
+    checkpointer = Checkpointer(os.path.join(os.path.abspath(source), "flamingo", "checkpoints"), async_save=False)
     try:
         recorded = checkpointer.read_meta(checkpointer.latest_step())["backbones"]
     finally:
@@ -45,8 +45,6 @@ def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthe
     assert {name: os.path.realpath(path) for name, path in recorded.items()} == {
         name: os.path.realpath(path) for name, path in exports.items()}
 
-    with open(os.path.join(workdir, "recipe.json")) as f:
-        written = json.load(f)
     retrieval, lm = written["checks"]["vision_retrieval"], written["checks"]["lm_perplexity"]
     assert retrieval["num_pairs"] == 100 and 0 <= retrieval["recall_at_1"] <= retrieval["recall_at_5"] <= 100
     assert lm["perplexity"] > 1 and lm["random_init_perplexity"] > 1 and lm["num_tokens"] > 0
@@ -55,16 +53,20 @@ def test_recipe_runs_every_stage_once_then_skips_the_finished_pretraining(synthe
     assert all(0 < dependence[k] < 20 for k in ("real", "shuffled", "blank"))
     assert set(written["evaluation"]["scores"]) == set(TASKS)
     assert all(set(per_shot) == {"0", "1"} for per_shot in written["evaluation"]["scores"].values())
-    # the blind control covers the open-ended tasks only (ranking a mean image is not a control)
+    # the blind control (--blind_shots=1) covers the open-ended tasks only (ranking a mean image is not a control)
     assert set(written["evaluation"]["blind_scores"]) == {"synthetic_captioning", "synthetic_vqa"}
     assert all(set(per_shot) == {"1"} for per_shot in written["evaluation"]["blind_scores"].values())
     for stage in recipe.STAGES:
-        assert os.path.isfile(os.path.join(workdir, stage, "training.png")), stage
+        assert os.path.isfile(os.path.join(source, stage, "training.png")), stage
     assert os.path.isfile(written["evaluation"]["plot"]) and written["evaluation"]["plot"].endswith(".png")
 
-    again = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0,), num_queries=1,
-                       tasks=("synthetic_vqa",), blind_shots=(), log=lines.append)
+    workdir = str(tmp_path / "recipe")
+    shutil.copytree(source, workdir)
+    lines = []
+    again = recipe.run(stage_configs(synthetic_corpus), workdir, shots=(0,),
+                       num_queries=1, tasks=("synthetic_vqa",), blind_shots=(), log=lines.append)
     assert set(again["stages"]) == {"flamingo"}  # resumed at its last step: nothing left to train
+    assert again["stages"]["flamingo"]["steps"] == 2
     assert sum("skipped" in line for line in lines) == 2
 
 

@@ -235,13 +235,13 @@ def write_results(out_dir, stem: str, results: dict, meta: dict, metric_of: dict
     return json_path, table_path
 
 
-def parse_ints(values: Sequence[str] | str) -> tuple[int, ...]:
+def parse_ints(values: Sequence[str] | str, flag: str = "shots") -> tuple[int, ...]:
     if isinstance(values, str):
         values = values.split(",")
     try:
         parsed = tuple(int(v) for v in values if str(v).strip())
     except ValueError as error:
-        raise UserError(f"--shots takes comma-separated integers such as 0,4,32 (got {values!r}).") from error
+        raise UserError(f"--{flag} takes comma-separated integers such as 0,4,32 (got {values!r}).") from error
     if not parsed or min(parsed) < 0:
-        raise UserError(f"--shots needs non-negative shot counts (got {values!r}).")
+        raise UserError(f"--{flag} needs non-negative shot counts (got {values!r}).")
     return parsed
