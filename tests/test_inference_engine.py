@@ -153,23 +153,6 @@ def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run,
     assert "ETA" in done.stderr  # the progress line
     assert results["meta"]["blind"] is False
 
-    # The control (--blind, one task: the same programs) writes beside the normal results, not over them.
-    written = json_path.read_text()
-    blind = subprocess.run([*command, "--blind", "--tasks=synthetic_classification"], check=False, cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=900)
-    assert blind.returncode == 0, blind.stderr[-3000:]
-    (blind_path,) = (tmp_path / "eval").glob("step_2.*-blind.*.json")
-    assert blind_path.name.startswith("step_2.synthetic_classification-blind.shots-0-4.queries-4.")
-    assert json_path.read_text() == written and len(list((tmp_path / "eval").glob("*.json"))) == 2
-    blind_results = json.loads(blind_path.read_text())
-    assert blind_results["meta"]["blind"] is True
-    assert set(blind_results["results"]["synthetic_classification"]) == {"0", "4"}
-    assert "| synthetic_classification | roc_auc |" in blind_path.with_suffix(".md").read_text()
-
-    missing = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={tmp_path / 'none'}"],
-                             check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "has no checkpoints/ directory" in missing.stderr
-
 
 def test_a_blind_evaluation_shows_every_prompt_the_tasks_mean_image(trained_run, synthetic_corpus, monkeypatch):
     """What the model sees of each query (its vision features), and what RICES picks by them:

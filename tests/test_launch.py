@@ -19,7 +19,11 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
+from conftest import NOTEBOOK_TASKS
+
+from flamingo_jax.evaluation.tasks import get_task
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -464,7 +468,19 @@ def test_notebook_runs_top_to_bottom_on_cpu(notebook_recipe_run):
     assert set(report["stages"]) == {"contrastive", "lm", "flamingo"}
     assert all((workdir / stage / "training.png").stat().st_size > 0 for stage in report["stages"])
     assert pathlib.Path(report["evaluation"]["plot"]).stat().st_size > 0
-    assert list(workdir.glob("flamingo/eval/*synthetic_classification-blind*.json"))
+    # The evaluate CLI's control (--blind) wrote beside the recipe's results, not over them.
+    (blind_path,) = workdir.glob("flamingo/eval/*synthetic_classification-blind*.json")
+    assert blind_path.name.startswith("step_2.synthetic_captioning-blind+synthetic_vqa-blind+"
+                                      "synthetic_classification-blind.shots-1.queries-2."), blind_path.name
+    blind = json.loads(blind_path.read_text())
+    assert blind["meta"]["blind"] is True and set(blind["results"]) == set(NOTEBOOK_TASKS)
+    assert all(set(per_shot) == {"1"} for per_shot in blind["results"].values())
+    assert "| synthetic_classification | roc_auc |" in blind_path.with_suffix(".md").read_text()
+    sighted = json.loads(pathlib.Path(report["evaluation"]["results"]).read_text())
+    assert sighted["meta"]["blind"] is False
+    np.testing.assert_equal(  # NaN-aware: a 2-query ROC-AUC may be undefined
+        {task: {shots: r[get_task(task).primary_metric] for shots, r in per.items()}
+         for task, per in sighted["results"].items()}, report["evaluation"]["scores"])
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

@@ -128,7 +128,7 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
                for task in task_list}
     metric_of = {task.name: task.primary_metric for task in task_list}
     meta = {"workdir": os.path.abspath(os.path.join(workdir, "flamingo")), "step": engine.step,
-            "data_dir": str(data_dir.resolve()), "settings": dataclasses.asdict(settings),
+            "data_dir": str(data_dir.resolve()), "settings": dataclasses.asdict(settings), "blind": False,
             "seconds": round(time.time() - eval_started, 1)}
     stem = evaluator.results_stem(engine.step, [t.name for t in task_list], settings)
     out_dir = Path(workdir) / "flamingo" / "eval"
