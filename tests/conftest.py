@@ -52,7 +52,7 @@ MODULE_SECONDS = {
     "tests/test_backbone_checks.py": 55, "tests/test_launch.py": 52, "tests/test_openflamingo_convert.py": 47,
     "tests/test_recipe.py": 47, "tests/test_reliability.py": 40, "tests/test_training_multiprocess.py": 38,
     "tests/test_tfds.py": 37, "tests/test_inference_decoding.py": 35, "tests/test_pretraining.py": 31,
-    "tests/test_training_multidevice.py": 30, "tests/test_training_runs.py": 30,
+    "tests/test_training_runs.py": 30,
     "tests/test_openflamingo_modules.py": 28, "tests/test_zero1.py": 25,
 }
 LONG_MODULE_S = 25

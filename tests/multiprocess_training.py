@@ -9,11 +9,13 @@ pytest's process). Each prints one JSON line, last on stdout, to assert on
       same 2 steps on one 8-device mesh, each feeding its own data shard, and
       save the final checkpoint together; then both restore it, each setting
       its own saved data position into fresh pipelines (as a resume does).
-  reference CORPUS WORKDIR TWO_PROCESS_WORKDIR
+  reference CORPUS WORKDIR TWO_PROCESS_WORKDIR EIGHT_DEVICE_WORKDIR
       1 process with 8 CPU devices, the same mesh and the same global batch:
       each step, process 0's local batch then process 1's, read by pipelines
-      built exactly as the workers build theirs. Then it waits for the workers'
-      checkpoint and restores it here, on 1 process.
+      built exactly as the workers build theirs. While the workers finish, it
+      runs the 8-device checks (`eight_devices`: one device against a data x
+      fsdp x tensor mesh, a 1-device checkpoint resumed on 8). Then it waits
+      for the workers' checkpoint and restores it here, on 1 process.
 """
 
 import json
@@ -142,7 +144,37 @@ class _Concatenated:
             p.close()
 
 
-def reference(corpus_dir: str, workdir: str, two_process_workdir: str) -> dict:
+def eight_devices(corpus_dir: str, workdir: str) -> dict:
+    """5 steps on 1 device and on a (data 2, fsdp 2, tensor 2) mesh; then the 1-device checkpoint
+    restored onto the 8 devices, and 2 more steps there."""
+    from flamingo_jax.training.trainer import Trainer
+
+    config = train_config(corpus_dir, datasets=("image_text",), steps=5)
+    one = Trainer(config, f"{workdir}/one", devices=jax.devices()[:1])
+    one_device = one.run()
+    one_params = jax.tree.map(np.asarray, one.last_state.params)
+    one.close()
+
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    eight = Trainer(config, f"{workdir}/eight")
+    eight_devices = eight.run()
+    sharded = {str(x.sharding.spec) for x in jax.tree.leaves(eight.last_state.params)}
+    eight.close()
+
+    config.train.steps = 7
+    moved = Trainer(config, f"{workdir}/one")
+    state, _, _ = moved.initial_state()
+    restored_equal = all(np.array_equal(np.asarray(a), b) for a, b in
+                         zip(jax.tree.leaves(state.params), jax.tree.leaves(one_params)))
+    restored_devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)
+    del state
+    continued = moved.run()
+    moved.close()
+    return {"one_device": one_device.losses, "eight_devices": eight_devices.losses, "param_specs": sorted(sharded),
+            "restored_equal": restored_equal, "restored_devices": restored_devices, "continued": continued.losses}
+
+
+def reference(corpus_dir: str, workdir: str, two_process_workdir: str, eight_device_workdir: str) -> dict:
     from flamingo_jax.core.checkpoint import Checkpointer, abstract_with_shardings
     from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.training.trainer import Trainer
@@ -164,6 +196,8 @@ def reference(corpus_dir: str, workdir: str, two_process_workdir: str) -> dict:
     log(f"trained: {result.losses}")
     params = jax.tree.map(np.asarray, trainer.last_state.params)
     data_states = [h.get_state() for h in hosts]
+    eight = eight_devices(corpus_dir, eight_device_workdir)
+    log("ran the 8-device checks")
 
     # The checkpoint the 2 processes wrote, restored here, in 1 process, on the same mesh.
     deadline = time.time() + 600
@@ -180,7 +214,7 @@ def reference(corpus_dir: str, workdir: str, two_process_workdir: str) -> dict:
     trainer.close()
     return {
         "losses": result.losses, "data_states": data_states, "restored_step": int(restored.step),
-        "restored_max_abs_diff": max_diff, "restored_meta_data": meta["data"],
+        "restored_max_abs_diff": max_diff, "restored_meta_data": meta["data"], "eight_devices": eight,
     }
 
 
@@ -188,5 +222,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "worker":
         out = worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
-        out = reference(sys.argv[2], sys.argv[3], sys.argv[4])
+        out = reference(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     print(json.dumps(out), flush=True)

@@ -1,8 +1,9 @@
 """Multi-host training, simulated: 2 processes with 4 fake CPU devices each,
 joined by jax.distributed (a coordinator on localhost, Gloo collectives),
-against 1 process with 8 devices on the same mesh and the same global batch.
-All in subprocesses (device counts and jax.distributed must be set before JAX
-starts); the script is multiprocess_training.py."""
+against 1 process with 8 devices on the same mesh and the same global batch;
+that process also checks an 8-device mesh against 1 device. All in
+subprocesses (device counts and jax.distributed must be set before JAX
+starts), started once for the module; the script is multiprocess_training.py."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from xla_flags import with_devices
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_training.py")
@@ -66,13 +68,22 @@ def _run_all(commands: dict[str, tuple[list[str], int]], tmp_path) -> dict[str, 
     return {name: json.loads(out.strip().splitlines()[-1]) for name, (out, _) in outputs.items()}
 
 
-def test_two_processes_match_one_process_on_the_same_mesh_and_share_a_checkpoint(synthetic_corpus, tmp_path):
-    two, one = tmp_path / "two_processes", tmp_path / "one_process"
+@pytest.fixture(scope="module")
+def runs(synthetic_corpus, tmp_path_factory):
+    """The two workers and the 8-device reference, run together once: (their JSON, the base folder)."""
+    base = tmp_path_factory.mktemp("multiprocess")
+    two, one, eight = base / "two_processes", base / "one_process", base / "eight_devices"
     port = _free_port()
     results = _run_all({
         **{f"worker{i}": (["worker", str(i), str(port), synthetic_corpus, str(two)], 4) for i in range(2)},
-        "reference": (["reference", synthetic_corpus, str(one), str(two)], 8),
-    }, tmp_path)
+        "reference": (["reference", synthetic_corpus, str(one), str(two), str(eight)], 8),
+    }, base)
+    return results, base
+
+
+def test_two_processes_match_one_process_on_the_same_mesh_and_share_a_checkpoint(runs):
+    results, base = runs
+    two = base / "two_processes"
     workers = [results["worker0"], results["worker1"]]
     reference = results["reference"]
     assert [w["process_index"] for w in workers] == [0, 1]
@@ -109,3 +120,16 @@ def test_two_processes_match_one_process_on_the_same_mesh_and_share_a_checkpoint
     assert saved == [w["data_state"] for w in workers]
     assert reference["restored_step"] == 2
     assert reference["restored_max_abs_diff"] < 1e-5
+
+
+def test_eight_device_mesh_matches_one_device_and_restores_a_one_device_checkpoint(runs):
+    result = runs[0]["reference"]["eight_devices"]
+    one, eight = result["one_device"], result["eight_devices"]
+    assert sorted(one) == sorted(eight) == [str(s) for s in range(1, 6)]
+    np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-5)
+    # The weights really were split over the mesh (not all replicated).
+    assert any("tensor" in spec or "fsdp" in spec for spec in result["param_specs"]), result["param_specs"]
+    # A checkpoint written on 1 device restores onto 8 and training continues.
+    assert result["restored_equal"] and result["restored_devices"] == 8
+    assert sorted(result["continued"]) == ["6", "7"]
+    assert all(np.isfinite(v) for v in result["continued"].values())
