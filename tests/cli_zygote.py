@@ -1,8 +1,10 @@
-"""`python -m <module> <args>` many times over without paying Python's and JAX's start-up each time
-(about 1.5 s a case here): started once by `tests/test_cli.py`, this process imports the libraries
-every CLI needs, then forks one child per command line, which runs the module as `__main__` exactly
-as `python -m` does. Nothing of the package is imported before the fork (each child defines its own
-absl flags), and no JAX backend is started, so forking is safe.
+"""`python -m <module> <args>` many times over without paying Python's and the libraries' start-up
+each time (about 1.5 s a case here, 4 s with TensorFlow): started once by `tests/test_cli.py`, this
+process imports the libraries the CLIs use (JAX, Flax, optax, orbax, TensorFlow), then forks one
+child per command line, which runs the module as `__main__` exactly as `python -m` does. Nothing of
+the package is imported before the fork (a module run as `__main__` must define its absl flags
+itself, once), and no JAX backend or TensorFlow runtime is started (importing them starts no
+thread), so forking is safe.
 
 Protocol, one JSON object a line: stdin {"module", "args", "timeout"} -> stdout {"returncode",
 "stdout", "stderr"} (returncode -9 when the child ran past its timeout and was killed).
@@ -19,9 +21,15 @@ import time
 
 import absl.app  # noqa: F401  (imported once, for every child)
 import absl.flags  # noqa: F401
+import flax  # noqa: F401
 import jax  # noqa: F401  (the import, not a backend: no device is touched before the fork)
 import ml_collections  # noqa: F401
 import numpy  # noqa: F401
+import optax  # noqa: F401
+import orbax.checkpoint  # noqa: F401
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # as flamingo_jax.data._tf imports it
+import tensorflow  # noqa: E402,F401  (its devices are hidden by the child's first tf(), as in a real run)
 
 
 def _child(module: str, args: list[str], out: str, err: str) -> None:
