@@ -157,7 +157,7 @@ def eight_devices(corpus_dir: str, workdir: str) -> dict:
 
     config.mesh.update(data=2, fsdp=2, tensor=2)
     eight = Trainer(config, f"{workdir}/eight")
-    eight_devices = eight.run()
+    mesh_run = eight.run()
     sharded = {str(x.sharding.spec) for x in jax.tree.leaves(eight.last_state.params)}
     eight.close()
 
@@ -170,7 +170,7 @@ def eight_devices(corpus_dir: str, workdir: str) -> dict:
     del state
     continued = moved.run()
     moved.close()
-    return {"one_device": one_device.losses, "eight_devices": eight_devices.losses, "param_specs": sorted(sharded),
+    return {"one_device": one_device.losses, "eight_devices": mesh_run.losses, "param_specs": sorted(sharded),
             "restored_equal": restored_equal, "restored_devices": restored_devices, "continued": continued.losses}
 
 
