@@ -42,11 +42,11 @@ def main(argv):
 
     runtime.quiet_library_logs()
     runtime.enable_compilation_cache()
-    configs = recipe.load_stage_configs(_CONFIG.value)
     shots = evaluator.parse_ints(_SHOTS.value)
-    tasks = tuple(name.strip() for name in _TASKS.value.split(",") if name.strip())
-    logging.set_verbosity(logging.WARNING)  # the stages' progress lines are the trainer's warnings-free INFO
     blind_shots = evaluator.parse_ints(_BLIND_SHOTS.value, "blind_shots") if _BLIND_SHOTS.value.strip() else ()
+    tasks = tuple(name.strip() for name in _TASKS.value.split(",") if name.strip())
+    configs = recipe.load_stage_configs(_CONFIG.value)
+    logging.set_verbosity(logging.WARNING)  # the stages' progress lines are the trainer's warnings-free INFO
     recipe.run(configs, _WORKDIR.value, shots=shots, tasks=tasks, num_queries=_NUM_QUERIES.value,
                blind_shots=blind_shots, log=lambda line: print(line, flush=True, file=sys.stdout))
 
