@@ -13,9 +13,9 @@ pytest's process). Each prints one JSON line, last on stdout, to assert on
       1 process with 8 CPU devices, the same mesh and the same global batch:
       each step, process 0's local batch then process 1's, read by pipelines
       built exactly as the workers build theirs. While the workers finish, it
-      runs the 8-device checks (`eight_devices`: one device against a data x
-      fsdp x tensor mesh, a 1-device checkpoint resumed on 8). Then it waits
-      for the workers' checkpoint and restores it here, on 1 process.
+      runs the checks of mesh_checks.py (meshes against one device, ZeRO-1,
+      a 1-device checkpoint resumed on 8, the vision encoder's split). Then it
+      waits for the workers' checkpoint and restores it here, on 1 process.
 """
 
 import json
@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import conftest  # noqa: E402,F401  (same JAX settings and compilation cache as the tests)
 
+import mesh_checks  # noqa: E402
 from helpers import train_config  # noqa: E402
 
 NUM_PROCESSES = 2
@@ -144,36 +145,6 @@ class _Concatenated:
             p.close()
 
 
-def eight_devices(corpus_dir: str, workdir: str) -> dict:
-    """5 steps on 1 device and on a (data 2, fsdp 2, tensor 2) mesh; then the 1-device checkpoint
-    restored onto the 8 devices, and 2 more steps there."""
-    from flamingo_jax.training.trainer import Trainer
-
-    config = train_config(corpus_dir, datasets=("image_text",), steps=5)
-    one = Trainer(config, f"{workdir}/one", devices=jax.devices()[:1])
-    one_device = one.run()
-    one_params = jax.tree.map(np.asarray, one.last_state.params)
-    one.close()
-
-    config.mesh.update(data=2, fsdp=2, tensor=2)
-    eight = Trainer(config, f"{workdir}/eight")
-    mesh_run = eight.run()
-    sharded = {str(x.sharding.spec) for x in jax.tree.leaves(eight.last_state.params)}
-    eight.close()
-
-    config.train.steps = 7
-    moved = Trainer(config, f"{workdir}/one")
-    state, _, _ = moved.initial_state()
-    restored_equal = all(np.array_equal(np.asarray(a), b) for a, b in
-                         zip(jax.tree.leaves(state.params), jax.tree.leaves(one_params)))
-    restored_devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)
-    del state
-    continued = moved.run()
-    moved.close()
-    return {"one_device": one_device.losses, "eight_devices": mesh_run.losses, "param_specs": sorted(sharded),
-            "restored_equal": restored_equal, "restored_devices": restored_devices, "continued": continued.losses}
-
-
 def reference(corpus_dir: str, workdir: str, two_process_workdir: str, eight_device_workdir: str) -> dict:
     from flamingo_jax.core.checkpoint import Checkpointer, abstract_with_shardings
     from flamingo_jax.data.mixture import Mixture
@@ -196,8 +167,10 @@ def reference(corpus_dir: str, workdir: str, two_process_workdir: str, eight_dev
     log(f"trained: {result.losses}")
     params = jax.tree.map(np.asarray, trainer.last_state.params)
     data_states = [h.get_state() for h in hosts]
-    eight = eight_devices(corpus_dir, eight_device_workdir)
-    log("ran the 8-device checks")
+    mesh = {"training": mesh_checks.mesh_training(corpus_dir, eight_device_workdir)}
+    log("ran the mesh training checks")
+    mesh["vision_split"] = mesh_checks.vision_split()
+    log("ran the vision encoder split check")
 
     # The checkpoint the 2 processes wrote, restored here, in 1 process, on the same mesh.
     deadline = time.time() + 600
@@ -214,7 +187,7 @@ def reference(corpus_dir: str, workdir: str, two_process_workdir: str, eight_dev
     trainer.close()
     return {
         "losses": result.losses, "data_states": data_states, "restored_step": int(restored.step),
-        "restored_max_abs_diff": max_diff, "restored_meta_data": meta["data"], "eight_devices": eight,
+        "restored_max_abs_diff": max_diff, "restored_meta_data": meta["data"], "mesh": mesh,
     }
 
 

@@ -1,7 +1,8 @@
 """Multi-host training, simulated: 2 processes with 4 fake CPU devices each,
 joined by jax.distributed (a coordinator on localhost, Gloo collectives),
 against 1 process with 8 devices on the same mesh and the same global batch;
-that process also checks an 8-device mesh against 1 device. All in
+that process also runs mesh_checks.py (meshes and ZeRO-1 against 1 device, the
+vision encoder's split over 'tensor'). All in
 subprocesses (device counts and jax.distributed must be set before JAX
 starts), started once for the module; the script is multiprocess_training.py."""
 
@@ -123,13 +124,43 @@ def test_two_processes_match_one_process_on_the_same_mesh_and_share_a_checkpoint
 
 
 def test_eight_device_mesh_matches_one_device_and_restores_a_one_device_checkpoint(runs):
-    result = runs[0]["reference"]["eight_devices"]
+    result = runs[0]["reference"]["mesh"]["training"]
     one, eight = result["one_device"], result["eight_devices"]
     assert sorted(one) == sorted(eight) == [str(s) for s in range(1, 6)]
     np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-5)
+    assert result["eight_max_param_diff"] < 1e-5
     # The weights really were split over the mesh (not all replicated).
     assert any("tensor" in spec or "fsdp" in spec for spec in result["param_specs"]), result["param_specs"]
     # A checkpoint written on 1 device restores onto 8 and training continues.
     assert result["restored_equal"] and result["restored_devices"] == 8
     assert sorted(result["continued"]) == ["6", "7"]
     assert all(np.isfinite(v) for v in result["continued"].values())
+
+
+def test_zero1_over_a_data_axis_of_3_updates_as_the_unsharded_optimizer(runs):
+    result = runs[0]["reference"]["mesh"]["training"]
+    one, zero1 = result["one_device"], result["zero1"]
+    assert zero1["devices"] == 6 and sorted(zero1["losses"]) == sorted(one)
+    np.testing.assert_allclose([zero1["losses"][s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
+    assert zero1["max_param_diff"] < 1e-5
+    # Every moment of more than one element is split over 'data'; some only after padding (3 divides
+    # none of their power-of-two dimensions).
+    assert zero1["moments_split_over_data"] == zero1["moments"] > 0
+    assert zero1["padded_moment_shapes"] > 0
+
+
+def test_vision_batch_rule_halves_each_chips_encoder_work_and_keeps_the_features(runs):
+    """The frozen vision encoder's work shared over 'tensor' (the 'vision_batch' rule,
+    `models.flamingo.encode_frames`) on data 2 x tensor 2."""
+    result = runs[0]["reference"]["mesh"]["vision_split"]
+    assert result["feature_shape"][0] == 6  # the padding frame is cut off again
+    assert result["max_feature_diff"] <= 1e-5 * result["feature_scale"]
+    executed = result["executed_per_chip"]
+    if not executed:
+        pytest.skip("libtpu is not installed (pip install 'flamingo_jax[tpu]'): the features are checked, "
+                    "the executed FLOPs need the TPU compiler")
+    # Twice the frames, split over the 2 tensor ranks: each chip does the work of the replicated
+    # encoder's half batch (unsplit it would do twice that).
+    assert executed["split"] == pytest.approx(executed["replicated"], rel=0.02)
+    # The split costs one gather of the features (over 'tensor'); the replicated encoder moves nothing.
+    assert set(result["collectives"]["split"]) == {"all-gather"} and not result["collectives"]["replicated"]
