@@ -41,6 +41,7 @@ Command line (trains a model with byte fallback and `<image>` as a symbol):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -86,6 +87,7 @@ class Tokenizer:
     def __init__(self, model_path: str):
         self.model_path = model_path
         self._model_proto = _read_bytes(model_path)
+        self.digest = hashlib.sha256(self._model_proto).hexdigest()  # what a program holding its ids depends on
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(self._model_proto)
@@ -187,9 +189,11 @@ class HFTokenizer(Tokenizer):
             raise DataFileMissing(f"tokenizer {path!r} does not exist; pass a Hugging Face tokenizer.json or a "
                                   "SentencePiece .model.")
         try:
-            self.hf = RustTokenizer.from_str(_read_bytes(path).decode("utf-8"))
+            serialized = _read_bytes(path)
+            self.hf = RustTokenizer.from_str(serialized.decode("utf-8"))
         except Exception as error:  # tokenizers raises its own Exception subclass
             raise DataError(f"{path!r} is not a Hugging Face tokenizer.json ({error}).") from error
+        self.digest = hashlib.sha256(serialized).hexdigest()
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         for text in (EOC_TEXT, IMAGE_TEXT):
             if self.hf.token_to_id(text) is not None:

@@ -10,6 +10,7 @@ with checkpoints every K steps, on SIGTERM (TPU preemption) and at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from flamingo_jax.core.parts import ModelParts
 from flamingo_jax.data.mixture import Mixture
 from flamingo_jax.errors import UserError
 from flamingo_jax.models.partitioning import activation_sharding
-from flamingo_jax.training import plots
+from flamingo_jax.training import plots, programs
 from flamingo_jax.training.metrics import MetricsWriter
 from flamingo_jax.training.objectives import Objective, make_objective
 from flamingo_jax.training.optimizer import check_weight_decay_exempt, learning_rate_schedule
@@ -114,6 +115,25 @@ def jit_train_step(objective: Objective, parts: ModelParts, optimizer, weights, 
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
+def _compile_init_state(optimizer, seed: int, abstract_params, param_shardings, state_shardings):
+    """The compiled params -> TrainState (fresh optimizer state), laid out as the run's state."""
+    init_state = jax.jit(lambda p: new_train_state(p, optimizer, seed), in_shardings=(param_shardings,),
+                         out_shardings=state_shardings)
+    return init_state.lower(abstract_with_shardings(abstract_params, param_shardings)).compile()
+
+
+def _jit_random_weights(parts: ModelParts, resuming: bool, loaded: set[str], param_shardings, frozen_shardings):
+    """seed -> (trainable weights, or None when resuming; the frozen ones not in `loaded`)."""
+
+    def random_weights(seed):
+        params, frozen = parts.init(seed)
+        return (None if resuming else params), {k: v for k, v in frozen.items() if k not in loaded}
+
+    frozen_shardings = {k: v for k, v in frozen_shardings.items() if k not in loaded}
+    return jax.jit(random_weights, static_argnums=0,
+                   out_shardings=(None if resuming else param_shardings, frozen_shardings))
+
+
 class Trainer:
     """Builds everything a run needs; `run()` trains until `train.steps` or preemption."""
 
@@ -155,9 +175,9 @@ class Trainer:
                                              abstract_params)
         self.state_shardings = sharding.state_shardings(self.abstract_state, self.param_shardings, self.optimizer,
                                                         self.mesh, run.optimizer_sharding)
-        init_state = jax.jit(lambda p: new_train_state(p, self.optimizer, run.seed),
-                             in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)
-        self._init_state = init_state.lower(abstract_with_shardings(abstract_params, self.param_shardings)).compile()
+        self.program_key = programs.run_key(config, self.mesh, self.mixture.tokenizer)
+        self._init_state = programs.reuse((self.program_key, "init_state"), functools.partial(
+            _compile_init_state, self.optimizer, run.seed, abstract_params, self.param_shardings, self.state_shardings))
         self.guard = SpikeGuard(train.spike_guard)
         # ---- the workdir: one trainer at a time (process 0 holds the lock for the run)
         self.lock = None
@@ -195,13 +215,8 @@ class Trainer:
         resuming = self.checkpointer.latest_step() is not None
         loaded = {backbones.COMPONENTS[name] for name in self.backbone_paths}
 
-        def random_weights(seed):
-            params, frozen = self.parts.init(seed)
-            return (None if resuming else params), {k: v for k, v in frozen.items() if k not in loaded}
-
-        frozen_shardings = {k: v for k, v in self.frozen_shardings.items() if k not in loaded}
-        init = jax.jit(random_weights, static_argnums=0,
-                       out_shardings=(None if resuming else self.param_shardings, frozen_shardings))
+        init = programs.reuse((self.program_key, "random_weights", resuming, tuple(sorted(loaded))), functools.partial(
+            _jit_random_weights, self.parts, resuming, loaded, self.param_shardings, self.frozen_shardings))
         params, frozen = init(self.run_config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
         if not resuming:
@@ -256,9 +271,9 @@ class Trainer:
         """One jitted step over all datasets, or one per dataset under round-robin."""
         train = self.run_config.train
         groups = [self.datasets] if train.accumulation == "all" else [(n,) for n in self.datasets]
-        return {group: jit_train_step(self.objective, self.parts, self.optimizer, self.mixture.weights, group,
-                                      train.microbatches, self.state_shardings, self.frozen_shardings,
-                                      self.batch_sharding)
+        return {group: programs.reuse((self.program_key, "train_step", group), functools.partial(
+                    jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
+                    train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
                 for group in groups}
 
     def _next_batches(self, group: tuple[str, ...]) -> dict[str, Any]:
