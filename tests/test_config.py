@@ -1,13 +1,17 @@
 """Configs: impossible values fail early and clearly; paper parameter counts."""
 
 import dataclasses
+import functools
 
 import pytest
 
+from flamingo_jax.models import summary
 from flamingo_jax.models.config import ConfigError, FlamingoConfig
-from flamingo_jax.models.summary import param_counts
 
 from helpers import load_config
+
+# A config's counts, once per session: an 80B abstract model takes a second or two to build.
+param_counts = functools.cache(summary.param_counts)
 
 # Paper Table 5 (billions).
 TABLE5 = {
