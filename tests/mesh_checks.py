@@ -12,6 +12,8 @@ test_training_multiprocess.py asserts on.
 """
 
 import importlib.util
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +27,25 @@ STEPS = 5
 BATCH = 12  # divisible by the data x fsdp of both meshes (4 and 3)
 
 
+def _stop_after(step: int):
+    """An `after_step` that preempts the run (SIGTERM: it saves and returns) after `step`."""
+
+    def after_step(done: int) -> None:
+        if done == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return after_step
+
+
 def mesh_training(corpus_dir: str, workdir: str) -> dict:
+    """Every run is configured for STEPS + 2 steps and preempted after STEPS, so that the one that
+    resumes the 1-device checkpoint on 8 devices is the 8-device run's program (reused)."""
     from flamingo_jax.training.trainer import Trainer
 
-    config = train_config(corpus_dir, datasets=("image_text",), steps=STEPS)
+    config = train_config(corpus_dir, datasets=("image_text",), steps=STEPS + 2)
     config.data.datasets[0]["batch_size"] = BATCH
     one = Trainer(config, f"{workdir}/one", devices=jax.devices()[:1])
-    one_device = one.run()
+    one_device = one.run(after_step=_stop_after(STEPS))
     one_params = jax.tree.map(np.asarray, one.last_state.params)
     one.close()
 
@@ -41,7 +55,7 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
 
     config.mesh.update(data=2, fsdp=2, tensor=2)
     eight = Trainer(config, f"{workdir}/eight")
-    mesh_run = eight.run()
+    mesh_run = eight.run(after_step=_stop_after(STEPS))
     sharded = {str(x.sharding.spec) for x in jax.tree.leaves(eight.last_state.params)}
     eight_diff = max_diff(eight.last_state.params)
     eight.close()
@@ -50,7 +64,7 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
     zero1_config.mesh.update(data=3, fsdp=1, tensor=2)
     zero1_config.optimizer_sharding = "zero1"
     zero1 = Trainer(zero1_config, f"{workdir}/zero1", devices=jax.devices()[:6])
-    zero1_run = zero1.run()
+    zero1_run = zero1.run(after_step=_stop_after(STEPS))
     moments = [x for x in jax.tree.leaves(zero1.last_state.opt_state) if getattr(x, "ndim", 0) >= 1]
     split = [x for x in moments if "data" in str(x.sharding.spec)]
     shapes = {tuple(x.shape) for x in moments}
@@ -58,18 +72,18 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
     zero1_diff = max_diff(zero1.last_state.params)
     zero1.close()
 
-    config.train.steps = STEPS + 2
     moved = Trainer(config, f"{workdir}/one")
     state, _, _ = moved.initial_state()
     restored_equal = max_diff(state.params) == 0.0
     restored_devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)
     del state
     continued = moved.run()
+    reused = moved._compile_steps() == eight._compile_steps()
     moved.close()
     return {
         "one_device": one_device.losses, "eight_devices": mesh_run.losses, "param_specs": sorted(sharded),
         "eight_max_param_diff": eight_diff, "restored_equal": restored_equal, "restored_devices": restored_devices,
-        "continued": continued.losses,
+        "continued": continued.losses, "resumed_with_the_eight_device_program": reused,
         "zero1": {"losses": zero1_run.losses, "devices": zero1.mesh.devices.size, "max_param_diff": zero1_diff,
                   "moments": len(moments), "moments_split_over_data": len(split),
                   "padded_moment_shapes": len(shapes - param_shapes)},

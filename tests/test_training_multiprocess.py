@@ -133,7 +133,7 @@ def test_eight_device_mesh_matches_one_device_and_restores_a_one_device_checkpoi
     assert any("tensor" in spec or "fsdp" in spec for spec in result["param_specs"]), result["param_specs"]
     # A checkpoint written on 1 device restores onto 8 and training continues.
     assert result["restored_equal"] and result["restored_devices"] == 8
-    assert sorted(result["continued"]) == ["6", "7"]
+    assert sorted(result["continued"]) == ["6", "7"] and result["resumed_with_the_eight_device_program"]
     assert all(np.isfinite(v) for v in result["continued"].values())
 
 
