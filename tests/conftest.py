@@ -179,6 +179,33 @@ def trained_run(synthetic_corpus, session_dir):
     return once_per_session(session_dir, "trained_run", build)
 
 
+@pytest.fixture(scope="session")
+def run_cli():
+    """`run_cli(module, *args, timeout=120)`: `python -m <module> <args>` in the checkout with
+    JAX_PLATFORMS=cpu, as a CompletedProcess; forked from `cli_zygote.py`, which has imported the
+    libraries once for the session's commands (test_cli.py checks it behaves as `python -m`)."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    zygote = subprocess.Popen([sys.executable, str(root / "tests" / "cli_zygote.py")], cwd=root,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def run(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        zygote.stdin.write(json.dumps({"module": module, "args": list(args), "timeout": timeout}) + "\n")
+        zygote.stdin.flush()
+        reply = zygote.stdout.readline()
+        assert reply, f"cli_zygote.py exited ({zygote.poll()}) while running {module} {args}"
+        reply = json.loads(reply)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], reply["returncode"],
+                                           reply["stdout"], reply["stderr"])
+
+    yield run
+    zygote.stdin.close()
+    zygote.wait(timeout=60)
+
+
 NOTEBOOK_RECIPE_CONFIG = """\"\"\"The session's notebook run: test_recipe.py's stage configs at the suite's settings.\"\"\"
 import sys
 

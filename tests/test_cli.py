@@ -1,8 +1,9 @@
 """Every command-line entry point answers `--help` with its usage, and a mistake with one line.
 
 Each case is a fresh process (absl parses a process's flags once) that runs the module as
-`python -m` does, forked from one that has imported the libraries already (`cli_zygote.py`). Only
-the last one reaches a model: evaluate's `--blind` on the session's trained run.
+`python -m` does, forked from one that has imported the libraries already (`cli_zygote.py`,
+conftest's `run_cli`). Only the last one reaches a model: evaluate's `--blind` on the session's
+trained run.
 """
 
 from __future__ import annotations
@@ -34,27 +35,6 @@ CLIS = [
     ("flamingo_jax.data.tokenizer", [], "python -m flamingo_jax.data.tokenizer train"),
     ("flamingo_jax.convert", ["vision"], "python -m flamingo_jax.convert"),
 ]
-
-
-@pytest.fixture(scope="module")
-def run_cli():
-    """`python -m <module> <args>` in the checkout with JAX_PLATFORMS=cpu, as a CompletedProcess."""
-    zygote = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT,
-                              env=dict(os.environ, JAX_PLATFORMS="cpu"), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-
-    def run(module: str, *args: str) -> subprocess.CompletedProcess:
-        zygote.stdin.write(json.dumps({"module": module, "args": list(args), "timeout": 120}) + "\n")
-        zygote.stdin.flush()
-        reply = zygote.stdout.readline()
-        assert reply, f"cli_zygote.py exited ({zygote.poll()}) while running {module} {args}"
-        reply = json.loads(reply)
-        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], reply["returncode"],
-                                           reply["stdout"], reply["stderr"])
-
-    yield run
-    zygote.stdin.close()
-    zygote.wait(timeout=60)
 
 
 @pytest.mark.parametrize("module, args", [
@@ -110,6 +90,10 @@ MISTAKES = [
     ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--tasks=,"], "names no task"),
     ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--batch_size=0"], "--batch_size=0 must be >= 1"),
     ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--tasks=cocoo"], "unknown evaluation task 'cocoo'"),
+    # --prompts reaches the tasks before any checkpoint is read: the synthetic tasks have no OpenFlamingo prompts.
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--prompts=openflamingo"],
+     "OpenFlamingo has no prompts for task 'synthetic_captioning'"),
+    ("flamingo_jax.evaluate", ["--workdir=/no/such/run", "--vqa_normalization=sometimes"], "vqa_normalization"),
     ("flamingo_jax.generate", ["--workdir=/no/such/run"], "has no checkpoints/ directory"),
     ("flamingo_jax.recipe", ["--config=configs/none.py", "--workdir=/tmp/x"], "configs/none.py: no such file"),
     ("flamingo_jax.recipe", ["--config=configs/tiny.py", "--shots=4,x"], "--shots takes comma-separated integers"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -144,7 +143,7 @@ def gpt_neox(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mpt(tmp_path_factory):
+def mpt(tmp_path_factory, run_cli):
     """MPT: ALiBi with 6 heads (not a power of two: MPT's interleaved slopes), no biases, tied."""
     from transformers import MptConfig, MptForCausalLM
 
@@ -152,10 +151,9 @@ def mpt(tmp_path_factory):
     config = MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=2, max_seq_len=64, no_bias=True)
     model = randomise_(MptForCausalLM(config), seed=3)
     root = tmp_path_factory.mktemp("mpt")
-    # The converter is run as a user runs it: a subprocess of `python -m flamingo_jax.convert`.
+    # The converter is run as a user runs it: `python -m flamingo_jax.convert` (forked from the zygote).
     out = str(root / "converted")
-    result = subprocess.run([sys.executable, "-m", "flamingo_jax.convert", "decoder", f"--from={saved(model, root)}",
-                             f"--out={out}"], capture_output=True, text=True, timeout=300, check=False)
+    result = run_cli("flamingo_jax.convert", "decoder", f"--from={saved(model, root)}", f"--out={out}", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "--config.model.decoder.positions=alibi" in result.stdout
     return model, root, out

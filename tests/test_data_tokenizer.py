@@ -1,8 +1,6 @@
 """Tokenizer: special ids, `<EOC>` rendering, the two kinds of `<image>` marker, the CLI."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,14 +12,12 @@ from test_data_utils import WORDS, make_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_cli_writes_model_with_image_symbol_and_eoc(tmp_path):
+def test_train_cli_writes_model_with_image_symbol_and_eoc(tmp_path, run_cli):
     corpus = tmp_path / "corpus.txt"
     rng = np.random.default_rng(1)
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(300)))
-    result = subprocess.run(
-        [sys.executable, "-m", "flamingo_jax.data.tokenizer", "train", f"--input={corpus}", "--vocab_size=300",
-         f"--out={tmp_path / 'm'}", "--num_threads=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_cli("flamingo_jax.data.tokenizer", "train", f"--input={corpus}", "--vocab_size=300",
+                     f"--out={tmp_path / 'm'}", "--num_threads=1", timeout=60)
     assert result.returncode == 0, result.stderr
     tok = tokenizer.Tokenizer(str(tmp_path / "m.model"))
     assert tok.vocab_size == 300 and tok.eoc_id == 300 and tok.total_vocab_size == 301

@@ -3,8 +3,6 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.inference.prompting import mean_image
 from flamingo_jax.models.flamingo import Flamingo
 
-from helpers import ROOT, flat_arrays, set_gates, trained_logits
+from helpers import flat_arrays, set_gates, trained_logits
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +123,11 @@ def test_a_30_frame_clip_reaches_a_model_with_fewer_temporal_embeddings(engine):
         assert np.all(np.abs(logits[row, after] - logits[0, after]).max(-1) > 1e-6), row
 
 
-def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run, synthetic_corpus, tmp_path):
+def test_evaluate_cli_on_a_trained_checkpoint_writes_json_and_table(trained_run, synthetic_corpus, tmp_path, run_cli):
     """Acceptance: train (a few steps) -> checkpoint -> evaluate the synthetic held-out tasks at 0 and 4 shots."""
-    workdir = trained_run / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={workdir}",
-               f"--data_dir={synthetic_corpus}", "--shots=0,4", "--num_queries=4", "--batch_size=4",
-               "--ensemble=2", "--num_beams=2", f"--output_dir={tmp_path / 'eval'}"]
-    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = run_cli("flamingo_jax.evaluate", f"--workdir={trained_run / 'run'}", f"--data_dir={synthetic_corpus}",
+                   "--shots=0,4", "--num_queries=4", "--batch_size=4", "--ensemble=2", "--num_beams=2",
+                   f"--output_dir={tmp_path / 'eval'}", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = (tmp_path / "eval").glob("step_2.*.json")
     assert json_path.name.startswith("step_2.4-tasks.shots-0-4.")  # the four synthetic held-out tasks

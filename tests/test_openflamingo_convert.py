@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("USE_TF", "0")
 import jax
@@ -220,7 +218,7 @@ def test_a_tokenizer_of_the_wrong_size_is_refused(mpt_sources, tmp_path, capsys)
     assert_nothing_written(str(out))
 
 
-def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path):
+def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path, run_cli):
     """`python -m flamingo_jax.train --workdir=<converted> --config=<its config.py with the synthetic
     corpus as data>` resumes step 0: the loss falls, the trainable weights move, the frozen ones
     are the converted ones; then `python -m flamingo_jax.evaluate` reads it."""
@@ -230,7 +228,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     from flamingo_jax.data.tokenizer import load_tokenizer
     from flamingo_jax.inference.loading import load_trained
 
-    from helpers import ROOT, train_config
+    from helpers import train_config
 
     spm = os.path.join(synthetic_corpus, "spm.model")
     vocab = load_tokenizer(spm).vocab_size
@@ -255,10 +253,7 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
         "    config.train.learning_rate = 3e-3\n"
         "    config.checkpoint.update(every_steps=1000, keep=2, async_save=False)\n"
         "    return config\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "flamingo_jax.train", f"--config={fine_tune}", f"--workdir={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    done = run_cli("flamingo_jax.train", f"--config={fine_tune}", f"--workdir={out}", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting from the converted weights of step 0" in done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -279,10 +274,9 @@ def test_a_converted_model_fine_tunes_in_its_workdir(synthetic_corpus, tmp_path)
     tuned = torch.load(tmp_path / "tuned.pt", weights_only=True)
     np.testing.assert_array_equal(tuned["perceiver.latents"].numpy(), np.asarray(after.model.resampler.latents[...]))
     # ... and `python -m flamingo_jax.evaluate` reads the workdir (synthetic held-out tasks, 0 shots).
-    command = [sys.executable, "-m", "flamingo_jax.evaluate", f"--workdir={out}", f"--data_dir={synthetic_corpus}",
-               "--tasks=synthetic_captioning", "--shots=0", "--num_queries=2",
-               "--batch_size=2", "--ensemble=1", "--num_beams=1", f"--output_dir={tmp_path / 'eval'}"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = run_cli("flamingo_jax.evaluate", f"--workdir={out}", f"--data_dir={synthetic_corpus}",
+                   "--tasks=synthetic_captioning", "--shots=0", "--num_queries=2", "--batch_size=2", "--ensemble=1",
+                   "--num_beams=1", f"--output_dir={tmp_path / 'eval'}", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = (tmp_path / "eval").glob("step_4.*.json")
     assert json.loads(results.read_text())

@@ -448,18 +448,13 @@ def test_export_round_trips_into_openflamingo(reference, whole):
     assert error < 1e-5
 
 
-def test_params_cli_reads_an_openflamingo_config(tmp_path):
+def test_params_cli_reads_an_openflamingo_config(tmp_path, run_cli):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from helpers import ROOT, load_config
+    from helpers import load_config
 
     out = tmp_path / "counts.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "flamingo_jax.params", "--config=configs/openflamingo_9b.py",
-                           f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli("flamingo_jax.params", "--config=configs/openflamingo_9b.py", f"--json={out}", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(out.read_text())
     assert counts["config"] == "openflamingo-9b"
