@@ -10,6 +10,7 @@ Protocol, one JSON object a line: stdin {"module", "args", "timeout"} -> stdout 
 "stdout", "stderr"} (returncode -9 when the child ran past its timeout and was killed).
 """
 
+import gc
 import importlib.util
 import json
 import os
@@ -30,6 +31,9 @@ import orbax.checkpoint  # noqa: F401
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # as flamingo_jax.data._tf imports it
 import tensorflow  # noqa: E402,F401  (its devices are hidden by the child's first tf(), as in a real run)
+
+gc.collect()
+gc.freeze()  # the libraries' objects: no collection in a child walks them (nor copies their pages)
 
 
 def _child(module: str, args: list[str], out: str, err: str) -> None:

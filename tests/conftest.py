@@ -6,6 +6,8 @@
   slower, and model construction dominates the suite's time otherwise.
 * A persistent compilation cache for the session: tests that build the same
   train step (a fresh closure each time) reuse one compiled program.
+* Objects alive after collection are frozen (`freeze_imported_objects`): the garbage collector
+  stops walking the imported libraries' 0.7 M objects, which slowed every trace.
 * The long modules run first, spread over the xdist workers (`long_modules_first`),
   so no worker starts a three-minute test near the end.
 * The synthetic corpus, one tiny trained run and one run of the Colab notebook (the whole
@@ -14,6 +16,7 @@
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import pathlib
@@ -101,6 +104,19 @@ def long_modules_first(items: list, workers: int) -> list:
 
 def pytest_collection_modifyitems(config, items):
     items[:] = long_modules_first(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def pytest_collection_finish(session):
+    freeze_imported_objects()
+
+
+def freeze_imported_objects() -> None:
+    """Moves everything alive now (the libraries collection imported: JAX, TensorFlow, torch,
+    about 0.7 M objects) out of the garbage collector's sight. A full collection no longer walks
+    them, and tracing allocates enough to trigger one every few programs: a train step's trace
+    and lowering took 1.26-1.74 s with them, 1.25-1.39 s without."""
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-import conftest  # noqa: E402,F401  (same JAX settings and compilation cache as the tests)
+import conftest  # noqa: E402  (same JAX settings and compilation cache as the tests)
 
 import mesh_checks  # noqa: E402
 from helpers import train_config  # noqa: E402
@@ -80,6 +80,7 @@ def worker(process_id: int, port: int, corpus_dir: str, workdir: str) -> dict:
     from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.training.trainer import Trainer
 
+    conftest.freeze_imported_objects()
     assert (jax.process_index(), jax.process_count()) == (process_id, NUM_PROCESSES)
     assert (jax.local_device_count(), jax.device_count()) == (4, 8), jax.devices()
     log(f"process {process_id} of {NUM_PROCESSES} joined")
@@ -150,6 +151,7 @@ def reference(corpus_dir: str, workdir: str, two_process_workdir: str, eight_dev
     from flamingo_jax.data.mixture import Mixture
     from flamingo_jax.training.trainer import Trainer
 
+    conftest.freeze_imported_objects()
     assert (jax.process_count(), jax.device_count()) == (1, 8), jax.devices()
     per_process = config_for(corpus_dir)
     config = config_for(corpus_dir)
