@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,17 @@ def random_media(key, batch: int, num_media: int, frames: int, size: int) -> jax
 
 def jit_forward(model: Flamingo):
     return nnx.jit(lambda m, tokens, media, media_index: m(tokens, media, media_index))
+
+
+def preempt_after(stop_step: int):
+    """A `Trainer.run(after_step=...)` that preempts the run after `stop_step`, as a TPU
+    preemption does (SIGTERM: the trainer saves and returns)."""
+
+    def after_step(step: int) -> None:
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return after_step
 
 
 def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), steps: int = 5,

@@ -12,8 +12,6 @@ test_training_multiprocess.py asserts on.
 """
 
 import importlib.util
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +19,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from helpers import load_config, train_config
+from helpers import load_config, preempt_after, train_config
 
 STEPS = 5
 BATCH = 12  # divisible by the data x fsdp of both meshes (4 and 3)
-
-
-def _stop_after(step: int):
-    """An `after_step` that preempts the run (SIGTERM: it saves and returns) after `step`."""
-
-    def after_step(done: int) -> None:
-        if done == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return after_step
 
 
 def mesh_training(corpus_dir: str, workdir: str) -> dict:
@@ -45,7 +33,7 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
     config = train_config(corpus_dir, datasets=("image_text",), steps=STEPS + 2)
     config.data.datasets[0]["batch_size"] = BATCH
     one = Trainer(config, f"{workdir}/one", devices=jax.devices()[:1])
-    one_device = one.run(after_step=_stop_after(STEPS))
+    one_device = one.run(after_step=preempt_after(STEPS))
     one_params = jax.tree.map(np.asarray, one.last_state.params)
     one.close()
 
@@ -55,7 +43,7 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
 
     config.mesh.update(data=2, fsdp=2, tensor=2)
     eight = Trainer(config, f"{workdir}/eight")
-    mesh_run = eight.run(after_step=_stop_after(STEPS))
+    mesh_run = eight.run(after_step=preempt_after(STEPS))
     sharded = {str(x.sharding.spec) for x in jax.tree.leaves(eight.last_state.params)}
     eight_diff = max_diff(eight.last_state.params)
     eight.close()
@@ -64,7 +52,7 @@ def mesh_training(corpus_dir: str, workdir: str) -> dict:
     zero1_config.mesh.update(data=3, fsdp=1, tensor=2)
     zero1_config.optimizer_sharding = "zero1"
     zero1 = Trainer(zero1_config, f"{workdir}/zero1", devices=jax.devices()[:6])
-    zero1_run = zero1.run(after_step=_stop_after(STEPS))
+    zero1_run = zero1.run(after_step=preempt_after(STEPS))
     moments = [x for x in jax.tree.leaves(zero1.last_state.opt_state) if getattr(x, "ndim", 0) >= 1]
     split = [x for x in moments if "data" in str(x.sharding.spec)]
     shapes = {tuple(x.shape) for x in moments}

@@ -3,7 +3,6 @@ trainer's machinery: the loss falls, SIGTERM + resume is exact, and the exported
 what a Flamingo run restores through `config.backbones`."""
 
 import os
-import signal
 
 import chex
 import jax
@@ -15,7 +14,7 @@ from flamingo_jax.models.config import ConfigError
 from flamingo_jax.training.objectives import ObjectiveError
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import no_compiles, train_config
+from helpers import no_compiles, preempt_after, train_config
 
 TINY_TEXT_ENCODER = dict(dim=32, num_layers=1, num_heads=2, head_dim=16, mlp_ratio=2, max_len=32, embed_dim=24)
 
@@ -26,13 +25,6 @@ def pretraining_config(corpus, objective, datasets, steps=8):
     config.contrastive.text.update(**TINY_TEXT_ENCODER)
     config.train.update(learning_rate=3e-3, schedule="linear" if objective == "contrastive" else "constant")
     return config
-
-
-def preempt_at(stop_step):
-    def after_step(step):
-        if step == stop_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-    return after_step
 
 
 def train(config, workdir, after_step=None):
@@ -48,7 +40,7 @@ def train(config, workdir, after_step=None):
 def check_resume_and_export(config, tmp_path, component):
     """Trains 8 steps straight; then 4, SIGTERM, resume to 8. Returns the straight run's results."""
     straight, straight_params, exported = train(config, tmp_path / "straight")
-    first, _, first_exported = train(config, tmp_path / "resumed", preempt_at(4))
+    first, _, first_exported = train(config, tmp_path / "resumed", preempt_after(4))
     assert first.preempted and first.step == 4 and first_exported == {}  # nothing exported before the end
     resumed, resumed_params, _ = train(config, tmp_path / "resumed")
     assert resumed.step == 8 and sorted(resumed.losses) == list(range(5, 9))

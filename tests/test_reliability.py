@@ -14,7 +14,7 @@ from flamingo_jax.core.config import ResumeMismatch
 from flamingo_jax.training.trainer import Trainer
 from flamingo_jax.training.workdir_lock import LOCK_NAME, WorkdirBusy
 
-from helpers import train_config
+from helpers import preempt_after, train_config
 
 
 def run(config, workdir):
@@ -143,7 +143,6 @@ def test_a_loss_spike_rolls_back_skips_its_batches_and_training_finishes(synthet
 def test_training_over_damaged_shards_counts_the_skips_and_resumes_exactly(synthetic_corpus, tmp_path, caplog):
     """One image-text shard with flipped bytes (a CRC error), one interleaved shard cut in half."""
     import shutil
-    import signal
 
     corpus = tmp_path / "corpus"
     shutil.copytree(synthetic_corpus, corpus)
@@ -164,13 +163,9 @@ def test_training_over_damaged_shards_counts_the_skips_and_resumes_exactly(synth
     skipped = {key for record in records for key in record if key.startswith("skipped/")}
     assert any("image_text" in key for key in skipped) and any("interleaved" in key for key in skipped), skipped
 
-    def preempt_at_4(step):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     trainer = Trainer(config, str(tmp_path / "resumed"))
     try:
-        first = trainer.run(after_step=preempt_at_4)
+        first = trainer.run(after_step=preempt_after(4))
     finally:
         trainer.close()
     resumed = run(config, tmp_path / "resumed")

@@ -6,7 +6,6 @@ builder, split or data dir is named before anything compiles."""
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from flamingo_jax.evaluation import support as support_lib
 from flamingo_jax.evaluation import tfds_readers
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import ROOT, train_config
+from helpers import ROOT, preempt_after, train_config
 
 COCO = dict(image="image", text="captions/text")
 SPLIT = "train[:90%]"  # 18 of the mocked 20 examples, one of them without a caption
@@ -177,12 +176,8 @@ def test_a_tfds_mixture_trains_and_resumes_exactly_after_sigterm(straight, tmp_p
     assert sorted(uninterrupted.losses) == [1, 2, 3, 4]
     assert all(np.isfinite(loss) for loss in uninterrupted.losses.values())
 
-    def preempt_at_2(step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     first = Trainer(config, str(tmp_path / "resumed"))
-    stopped = first.run(after_step=preempt_at_2)
+    stopped = first.run(after_step=preempt_after(2))
     first.close()
     assert stopped.preempted and stopped.step == 2
     second = Trainer(config, str(tmp_path / "resumed"))

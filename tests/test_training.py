@@ -1,8 +1,6 @@
 """Training: the loss falls, frozen weights stay put, accumulation is exact,
 bad setups fail before compiling, and preemption + resume is exact."""
 
-import os
-import signal
 
 import chex
 import jax
@@ -25,7 +23,7 @@ from flamingo_jax.training.state import new_train_state
 from flamingo_jax.training.step import make_train_step
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import count_lowerings, load_config, no_compiles, train_config
+from helpers import count_lowerings, load_config, no_compiles, preempt_after, train_config
 
 
 def fixed_batches(config, num_batches=2):
@@ -241,12 +239,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_corpus, tmp_p
     uninterrupted = straight.run()
     straight.close()
 
-    def preempt_at_5(step):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     first = Trainer(config, str(tmp_path / "resumed"))
-    stopped = first.run(after_step=preempt_at_5)
+    stopped = first.run(after_step=preempt_after(5))
     first.close()
     assert stopped.preempted and stopped.step == 5
     second = Trainer(config, str(tmp_path / "resumed"))
