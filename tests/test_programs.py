@@ -42,11 +42,11 @@ def test_reuse_builds_once_per_key_keeps_the_newest_and_never_keeps_an_unknown_r
     def build(name):
         return lambda: built.append(name) or name
 
-    assert programs.reuse(("run", "step"), build("a")) == "a"
-    assert programs.reuse(("run", "step"), build("b")) == "a" and built == ["a"]
-    assert programs.reuse(("run", "init"), build("c")) == "c"
+    assert programs.reuse("run", ("step",), build("a")) == "a"
+    assert programs.reuse("run", ("step",), build("b")) == "a" and built == ["a"]
+    assert programs.reuse("run", ("init",), build("c")) == "c"
     for i in range(programs.KEPT):
-        programs.reuse((f"other{i}", "step"), build(i))
-    assert programs.reuse(("run", "step"), build("d")) == "d"  # the oldest were dropped
-    assert programs.reuse((None, "step"), build("e")) == "e" and programs.reuse((None, "step"), build("f")) == "f"
+        programs.reuse(f"other{i}", ("step",), build(i))
+    assert programs.reuse("run", ("step",), build("d")) == "d"  # the oldest were dropped
+    assert programs.reuse(None, ("step",), build("e")) == "e" and programs.reuse(None, ("step",), build("f")) == "f"
     assert built[-3:] == ["d", "e", "f"]

@@ -34,18 +34,20 @@ def run_key(config, mesh, tokenizer) -> str | None:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def reuse(key: tuple, build: Callable[[], Any]) -> Any:
-    """The program kept under `key`, or `build()`'s, kept from now on (unless `key[0]`, the run's
-    key, is None)."""
-    if key[0] is None:
+def reuse(run: str | None, program: tuple, build: Callable[[], Any]) -> Any:
+    """The program `program` (a name and what else tells a run's programs apart) of the run
+    `run_key` gave `run`, kept from an earlier Trainer; else `build()`'s, kept from now on
+    (never for a run without a key)."""
+    if run is None:
         return build()
+    key = (run, *program)
     if key in _programs:
         _programs.move_to_end(key)
         return _programs[key]
-    program = _programs[key] = build()
+    built = _programs[key] = build()
     while len(_programs) > KEPT:
         _programs.popitem(last=False)
-    return program
+    return built
 
 
 def clear() -> None:

@@ -176,7 +176,7 @@ class Trainer:
         self.state_shardings = sharding.state_shardings(self.abstract_state, self.param_shardings, self.optimizer,
                                                         self.mesh, run.optimizer_sharding)
         self.program_key = programs.run_key(config, self.mesh, self.mixture.tokenizer)
-        self._init_state = programs.reuse((self.program_key, "init_state"), functools.partial(
+        self._init_state = programs.reuse(self.program_key, ("init_state",), functools.partial(
             _compile_init_state, self.optimizer, run.seed, abstract_params, self.param_shardings, self.state_shardings))
         self.guard = SpikeGuard(train.spike_guard)
         # ---- the workdir: one trainer at a time (process 0 holds the lock for the run)
@@ -215,7 +215,7 @@ class Trainer:
         resuming = self.checkpointer.latest_step() is not None
         loaded = {backbones.COMPONENTS[name] for name in self.backbone_paths}
 
-        init = programs.reuse((self.program_key, "random_weights", resuming, tuple(sorted(loaded))), functools.partial(
+        init = programs.reuse(self.program_key, ("random_weights", resuming, tuple(sorted(loaded))), functools.partial(
             _jit_random_weights, self.parts, resuming, loaded, self.param_shardings, self.frozen_shardings))
         params, frozen = init(self.run_config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
@@ -271,7 +271,7 @@ class Trainer:
         """One jitted step over all datasets, or one per dataset under round-robin."""
         train = self.run_config.train
         groups = [self.datasets] if train.accumulation == "all" else [(n,) for n in self.datasets]
-        return {group: programs.reuse((self.program_key, "train_step", group), functools.partial(
+        return {group: programs.reuse(self.program_key, ("train_step", group), functools.partial(
                     jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
                     train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
                 for group in groups}
