@@ -217,6 +217,7 @@ def run_cli():
         return subprocess.CompletedProcess([sys.executable, "-m", module, *args], reply["returncode"],
                                            reply["stdout"], reply["stderr"])
 
+    run.pid = zygote.pid  # test_cli checks the zygote stays single-threaded (safe to fork)
     yield run
     zygote.stdin.close()
     zygote.wait(timeout=60)

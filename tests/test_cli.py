@@ -50,6 +50,14 @@ def test_the_zygote_runs_a_module_as_python_m_does(run_cli, module, args):
     assert forked.stderr.strip().splitlines()[-1:] == real.stderr.strip().splitlines()[-1:]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the zygote's threads from Linux's /proc")
+def test_the_zygote_is_one_thread_so_forking_it_is_safe(run_cli):
+    """Its imports (JAX, Flax, optax, orbax, TensorFlow) start no thread: a fork copies only the
+    calling thread, and a lock another thread held would stay locked in every child."""
+    run_cli("platform")  # the zygote has imported everything and served a child
+    assert os.listdir(f"/proc/{run_cli.pid}/task") == [str(run_cli.pid)]
+
+
 @pytest.mark.parametrize("module, extra, usage", CLIS, ids=[" ".join([m.split(".", 1)[1], *e]) for m, e, _ in CLIS])
 def test_help_prints_the_usage(run_cli, module, extra, usage):
     result = run_cli(module, *extra, "--help")

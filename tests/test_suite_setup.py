@@ -1,10 +1,13 @@
 """The suite's own machinery (conftest.py): the long-first order keeps every test exactly once and
-each long module together; session artefacts are built once; every program compiles unoptimised."""
+each long module together; session artefacts are built once; every program compiles unoptimised;
+the imported libraries' objects are out of the garbage collector's sight."""
 
+import gc
 import os
 import types
 
 import pytest
+import xla_flags
 from conftest import MODULE_SECONDS, TOGETHER, long_modules_first, once_per_session
 
 
@@ -70,8 +73,18 @@ def test_a_session_artefact_is_built_once_and_a_failed_build_is_retried(tmp_path
 
 
 def test_every_program_compiles_unoptimised():
-    flags = os.environ["XLA_FLAGS"].split()
-    assert "--xla_backend_optimization_level=0" in flags and "--xla_cpu_use_fusion_emitters=false" in flags
+    """The session and every subprocess test compile with all of xla_flags' options."""
+    fast = set(xla_flags.FAST.split())
+    assert "--xla_backend_optimization_level=0" in fast and "--xla_cpu_use_fusion_emitters=false" in fast
+    assert len(fast) == len(xla_flags.FAST_OPTIONS)
+    assert fast <= set(os.environ["XLA_FLAGS"].split())
+    subprocess_flags = set(xla_flags.with_devices(6).split())
+    assert fast <= subprocess_flags and "--xla_force_host_platform_device_count=6" in subprocess_flags
+
+
+def test_the_libraries_objects_are_frozen_after_collection():
+    """`freeze_imported_objects` ran (pytest_collection_finish): the collector does not walk them."""
+    assert gc.get_freeze_count() > 100_000
 
 
 @pytest.mark.parametrize("threshold, expected", [(None, 1.0), ("0.1", 0.1)])
