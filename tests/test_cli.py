@@ -162,18 +162,14 @@ def test_a_cli_without_jax_platforms_does_not_probe_an_absent_tpu(wrapper):
     assert not [word for word in TPU_NOISE if word in result.stderr], result.stderr[-2000:]
 
 
-def test_evaluate_blind_writes_the_control_beside_the_normal_results(run_cli, trained_run, synthetic_corpus,
-                                                                      tmp_path):
-    """`--blind` tags the task names in the file name and says so in the meta; the normal run's
-    file (another name) is left alone."""
-    sighted = tmp_path / "step_2.synthetic_vqa.shots-0.queries-2.json"
-    sighted.write_text("{}")
+def test_evaluate_blind_tags_its_results(run_cli, trained_run, synthetic_corpus, tmp_path):
+    """`--blind` tags the task names in the file names (so the control is written beside the
+    normal results, never over them) and says so in the meta."""
     result = run_cli("flamingo_jax.evaluate", f"--workdir={trained_run / 'run'}", f"--data_dir={synthetic_corpus}",
                      "--blind", "--tasks=synthetic_vqa", "--shots=0", "--num_queries=2", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = [p for p in tmp_path.glob("*.json") if p != sighted]
+    (path,) = tmp_path.glob("*.json")
     assert path.name.startswith("step_2.synthetic_vqa-blind.shots-0.queries-2."), path.name
+    assert path.with_suffix(".md").is_file()
     results = json.loads(path.read_text())
     assert results["meta"]["blind"] is True and results["results"]["synthetic_vqa"]["0"]["num_queries"] == 2
-    assert sighted.read_text() == "{}"
-
