@@ -2,8 +2,7 @@
 
 A second Trainer of one run in one process (a resume after an interruption, a notebook cell run
 again) would trace, lower and compile (or fetch from the persistent cache) the same train step
-and initialisers again: about 3 s for the tiny model, minutes for a large one. JAX's own jit
-cache cannot tell: each Trainer builds new closures. Here they are keyed by what determines
+and initialisers again. JAX's own jit cache cannot tell: each Trainer builds new closures. Here they are keyed by what determines
 them (`run_key`: the whole config, the devices of the mesh, the tokenizer file, whose ids a
 program may hold as constants). What is kept is the jitted function, not an executable, so JAX
 still traces afresh for other argument shapes or JAX settings.
