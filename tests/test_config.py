@@ -125,6 +125,8 @@ def tiny_dict():
     (lambda d: d["vision"].update(image_size=50), "model.vision.image_size", "multiple"),
     (lambda d: d["decoder"].update(positions="learned"), "model.decoder.positions", "one of"),
     (lambda d: d.update(dtype="fp8"), "model.dtype", "one of"),
+    (lambda d: d.update(freeze_lm=False, frozen_param_dtype="bfloat16"), "model.freeze_lm",
+     "--config.model.frozen_param_dtype=float32"),
     (lambda d: d["decoder"].update(n_layers=4), "model.decoder.n_layers", "valid fields"),
 ])
 def test_impossible_config_names_the_field_and_the_fix(edit, field, fix):

@@ -147,3 +147,46 @@ def test_round_robin_accumulation_alternates_datasets_and_resumes_exactly(synthe
         got = stopped.losses[step] if step == 1 else resumed.losses[step]
         np.testing.assert_allclose(got, straight.losses[step], rtol=1e-6, err_msg=f"step {step}")
     chex.assert_trees_all_close(resumed_params, straight_params, rtol=1e-6, atol=1e-7)
+
+
+def test_an_unfrozen_lm_starts_from_its_backbone_trains_resumes_and_reloads(synthetic_corpus, tmp_path, caplog):
+    """`model.freeze_lm` off (the paper's Table 3 ablation): the LM's weights are trainable, start
+    from the decoder backbone's checkpoint, change in training, and a resume or a reload gets the
+    trained ones, never the backbone's again."""
+    from flamingo_jax.core import backbones
+    from flamingo_jax.core.parts import ModelParts
+    from flamingo_jax.models.config import FlamingoConfig
+
+    config = train_config(synthetic_corpus, steps=2)
+    pretrained = jax.jit(ModelParts.flamingo(FlamingoConfig.from_dict(config.model)).init, static_argnums=0)(7)[1]
+    path = str(tmp_path / "decoder")
+    backbones.save(path, pretrained["decoder"])
+    config.backbones.decoder = path
+    config.model.freeze_lm = False
+    workdir = str(tmp_path / "run")
+
+    def state_of_a_new_trainer():
+        trainer = Trainer(config, workdir)
+        try:
+            return trainer, trainer.initial_state()
+        finally:
+            trainer.close()
+
+    with caplog.at_level("INFO"):
+        trainer, (state, frozen, _) = state_of_a_new_trainer()
+    assert f"restored trainable decoder from {path}" in caplog.text
+    assert "decoder" not in frozen and set(frozen) == {"vision_encoder"}
+    chex.assert_trees_all_equal(state.params["decoder"], pretrained["decoder"])  # the backbone, not random
+    trainer = Trainer(config, workdir)
+    try:
+        assert trainer.run().step == 2
+    finally:
+        trainer.close()
+
+    _, (resumed, _, _) = state_of_a_new_trainer()
+    assert int(resumed.step) == 2
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed.params["decoder"]),
+                                                        jax.tree.leaves(pretrained["decoder"]))]
+    assert all(changed), "every LM weight trains (none is the backbone's after 2 steps)"
+    reloaded = load_trained(workdir).model
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(reloaded.decoder)), resumed.params["decoder"])

@@ -69,11 +69,14 @@ def restore(path: str, abstract: Any, shardings: Any) -> Any:
                 "config's model sizes are those the backbone was trained with.") from error
 
 
-def load_into(frozen: Any, frozen_abstract: Any, frozen_shardings: Any, paths: dict[str, str]) -> Any:
-    """Adds the components named in `paths`, read from their checkpoints, to the frozen pure dict."""
-    frozen = dict(frozen)
+def load_into(weights: Any, abstract: Any, shardings: Any, paths: dict[str, str], *, role: str = "frozen") -> Any:
+    """Adds the components named in `paths` that `abstract` holds, read from their checkpoints,
+    to the pure dict `weights`: the frozen weights, or the trainable ones of a run that trains a
+    backbone (`model.freeze_lm` off), which start from it."""
+    weights = dict(weights)
     for name, path in paths.items():
         key = COMPONENTS[name]
-        frozen[key] = restore(path, frozen_abstract[key], frozen_shardings[key])
-        logging.info("restored frozen %s from %s", key, path)
-    return frozen
+        if key in abstract:
+            weights[key] = restore(path, abstract[key], shardings[key])
+            logging.info("restored %s %s from %s", role, key, path)
+    return weights

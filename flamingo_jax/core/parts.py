@@ -33,7 +33,11 @@ class ModelParts:
         self.graphdef, self._trainable, self._frozen = self._split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
 
     @classmethod
-    def flamingo(cls, cfg: FlamingoConfig, *, trainable: Any = nnx.Param) -> "ModelParts":
+    def flamingo(cls, cfg: FlamingoConfig, *, trainable: Any = None) -> "ModelParts":
+        """Flamingo's parts: by default its `nnx.Param`s train, and with `model.freeze_lm` off
+        the LM's weights too (`layers.Frozen`-typed, under 'decoder')."""
+        if trainable is None:
+            trainable = nnx.Param if cfg.freeze_lm else nnx.Any(nnx.Param, nnx.PathContains("decoder"))
         parts = cls(lambda rngs: Flamingo(cfg, rngs=rngs), trainable=trainable)
         parts.cfg = cfg
         return parts

@@ -332,6 +332,9 @@ class FlamingoConfig:
     trainable_param_dtype: str = "float32"
     remat_policy: str = "none"  # see layers.REMAT_POLICIES
     attention: str = "xla"  # the kernel every attention uses: see models/attention.py
+    # The paper freezes the LM (Table 3 ablates it: unfrozen, worse). False trains its weights with
+    # the Flamingo weights; they are then kept in the trainable dtype and checkpointed with them.
+    freeze_lm: bool = True
 
     # ------------------------------------------------------------ derived values
     @property
@@ -373,6 +376,11 @@ class FlamingoConfig:
         _require(self.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
                  f"{self.attention!r} is unknown; use one of {ATTENTION_IMPLEMENTATIONS}.")
         _require(self.num_new_tokens >= 1, "model.num_new_tokens", "must be >= 1 (<EOC> is id vocab_size).")
+        _require(self.freeze_lm or self.frozen_param_dtype == self.trainable_param_dtype, "model.freeze_lm",
+                 f"False trains the LM, whose weights are stored in model.frozen_param_dtype="
+                 f"{self.frozen_param_dtype!r}; the optimizer updates weights in model.trainable_param_dtype="
+                 f"{self.trainable_param_dtype!r}. Set --config.model.frozen_param_dtype="
+                 f"{self.trainable_param_dtype} to train it.")
 
         v = self.vision
         _require(v.encoder in ("nfnet", "vit"), "model.vision.encoder",

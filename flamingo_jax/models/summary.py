@@ -28,7 +28,8 @@ def param_counts(cfg: FlamingoConfig) -> dict[str, int]:
             [model.new_token_embedding, model.new_token_unembedding]),
     }
     counts["total"] = layers.count_params(nnx.state(model))
-    counts["trainable"] = layers.count_params(nnx.state(model, nnx.Param))
-    counts["frozen"] = layers.count_params(nnx.state(model, layers.Frozen))
+    trained_lm = 0 if cfg.freeze_lm else counts["frozen_lm"]  # the column keeps the paper's name
+    counts["trainable"] = layers.count_params(nnx.state(model, nnx.Param)) + trained_lm
+    counts["frozen"] = layers.count_params(nnx.state(model, layers.Frozen)) - trained_lm
     assert counts["trainable"] + counts["frozen"] == counts["total"]
     return counts

@@ -111,7 +111,10 @@ class FlamingoObjective(Objective):
     def parts(self) -> ModelParts:
         return ModelParts.flamingo(self.run.model)
 
-    def step_flops(self, shapes: Mapping[str, flops.BatchShape], num_microbatches: int = 1) -> flops.StepFlops:
+    def step_flops(self, shapes: Mapping[str, flops.BatchShape],
+                   num_microbatches: int = 1) -> flops.StepFlops | None:
+        if not self.run.model.freeze_lm:
+            return None  # the count models the paper's frozen LM (no weight gradients)
         return flops.step_flops(self.run.model, shapes, num_microbatches)
 
     def batch_loss(self, model, batch: Batch) -> BatchLoss:

@@ -219,7 +219,9 @@ class Trainer:
             _jit_random_weights, self.parts, resuming, loaded, self.param_shardings, self.frozen_shardings))
         params, frozen = init(self.run_config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
-        if not resuming:
+        if not resuming:  # a backbone that trains (`model.freeze_lm` off) starts from its checkpoint
+            params = backbones.load_into(params, self.parts.abstract()[0], self.param_shardings, self.backbone_paths,
+                                         role="trainable")
             return self._init_state(params), frozen, {}
         latest = self.checkpointer.latest_step()
         try:
