@@ -88,7 +88,9 @@ def run(configs: dict[str, Any], workdir: str, *, shots: tuple[int, ...] = (0, 4
             report["stages"][stage] = train_stage(configs[stage], stage_dir)
             log(f"[{stage}] {report['stages'][stage]}")
         flamingo.backbones[EXPORTS[stage]] = export
-    log("[flamingo] training over the frozen pretrained backbones ...")
+    over = ("the frozen pretrained backbones" if flamingo.model.freeze_lm
+            else "the pretrained backbones, the LM trained too")
+    log(f"[flamingo] training over {over} ...")
     report["stages"]["flamingo"] = train_stage(flamingo, os.path.join(workdir, "flamingo"))
     log(f"[flamingo] {report['stages']['flamingo']}")
 
