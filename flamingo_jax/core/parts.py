@@ -4,8 +4,9 @@ Training, inference and pod tooling all hold a model as its graph (no arrays),
 the trainable weights (fp32 by the paper's policy) and the frozen ones (bf16),
 both plain nested dicts of arrays ("pure dicts") so optax and orbax see
 ordinary pytrees; `ModelParts.merge` turns them back into the module inside
-jitted functions. Which weights train is a variable-type filter: Flamingo
-trains its `nnx.Param`s and keeps its `layers.Frozen` backbones fixed; the
+jitted functions. Which weights train is a variable filter: Flamingo trains
+its `nnx.Param`s and keeps its `layers.Frozen` backbones fixed (with
+`model.freeze_lm` off, the LM's `Frozen`-typed weights train too); the
 backbones' own pretraining objectives train everything.
 """
 

@@ -5,7 +5,8 @@ Conventions that the rest of `flamingo_jax.models` relies on:
 * Frozen vs trainable is a *variable type*: pretrained backbone weights are
   `Frozen`, everything Flamingo learns is `nnx.Param`. `split_trainable` splits a
   model into the two, so gradients and optimizer state only ever exist for
-  `nnx.Param` leaves.
+  `nnx.Param` leaves; `core.parts.ModelParts` takes a filter instead where a run
+  trains a backbone too (`model.freeze_lm` off, a pretraining objective).
 * Every variable carries `logical_axes` metadata (e.g. ``('embed', 'mlp')``);
   `flamingo_jax.core.sharding` maps those names to mesh axes with a rules
   table. We deliberately do not use Flax's `out_sharding` metadata: Flax would
