@@ -123,15 +123,18 @@ def _compile_init_state(optimizer, seed: int, abstract_params, param_shardings, 
 
 
 def _jit_random_weights(parts: ModelParts, resuming: bool, loaded: set[str], param_shardings, frozen_shardings):
-    """seed -> (trainable weights, or None when resuming; the frozen ones not in `loaded`)."""
+    """seed -> (the trainable weights not in `loaded`, or None when resuming; the frozen ones not
+    in `loaded`). A loaded component comes from its backbone checkpoint, frozen or (a trained LM)
+    trainable, so it is never initialised."""
+    def unloaded(tree):
+        return {k: v for k, v in tree.items() if k not in loaded}
 
     def random_weights(seed):
         params, frozen = parts.init(seed)
-        return (None if resuming else params), {k: v for k, v in frozen.items() if k not in loaded}
+        return (None if resuming else unloaded(params)), unloaded(frozen)
 
-    frozen_shardings = {k: v for k, v in frozen_shardings.items() if k not in loaded}
     return jax.jit(random_weights, static_argnums=0,
-                   out_shardings=(None if resuming else param_shardings, frozen_shardings))
+                   out_shardings=(None if resuming else unloaded(param_shardings), unloaded(frozen_shardings)))
 
 
 class Trainer:
@@ -169,7 +172,7 @@ class Trainer:
         self.param_shardings, self.frozen_shardings = sharding.weight_shardings(self.parts, self.mesh, self.rules)
         self.optimizer = sharding.optimizer_for(self.objective.optimizer(), abstract_params, self.param_shardings,
                                                 self.mesh, run.optimizer_sharding)
-        self.abstract_frozen = abstract_frozen
+        self.abstract_params, self.abstract_frozen = abstract_params, abstract_frozen
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.abstract_state = jax.eval_shape(lambda p: new_train_state(p, self.optimizer, run.seed),
                                              abstract_params)
@@ -220,7 +223,7 @@ class Trainer:
         params, frozen = init(self.run_config.seed)
         frozen = backbones.load_into(frozen, self.abstract_frozen, self.frozen_shardings, self.backbone_paths)
         if not resuming:  # a backbone that trains (`model.freeze_lm` off) starts from its checkpoint
-            params = backbones.load_into(params, self.parts.abstract()[0], self.param_shardings, self.backbone_paths,
+            params = backbones.load_into(params, self.abstract_params, self.param_shardings, self.backbone_paths,
                                          role="trainable")
             return self._init_state(params), frozen, {}
         latest = self.checkpointer.latest_step()
@@ -230,7 +233,7 @@ class Trainer:
             meta = {}
         if meta.get("params_only"):  # a converted model (`convert openflamingo`): its weights, a fresh optimizer
             self._check_resumable(latest, meta)
-            abstract_params = abstract_with_shardings(self.parts.abstract()[0], self.param_shardings)
+            abstract_params = abstract_with_shardings(self.abstract_params, self.param_shardings)
             reader = Checkpointer(self.checkpointer.directory, async_save=False)  # its own handlers: saves are
             try:  # the train state's, this restore is a partial PyTree one
                 state = self._init_state(reader.restore_params(abstract_params, latest))
