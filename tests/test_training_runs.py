@@ -168,12 +168,12 @@ def test_an_unfrozen_lm_starts_from_its_backbone_trains_resumes_and_reloads(synt
     def state_of_a_new_trainer():
         trainer = Trainer(config, workdir)
         try:
-            return trainer, trainer.initial_state()
+            return trainer.initial_state()
         finally:
             trainer.close()
 
     with caplog.at_level("INFO"):
-        trainer, (state, frozen, _) = state_of_a_new_trainer()
+        state, frozen, _ = state_of_a_new_trainer()
     assert f"restored trainable decoder from {path}" in caplog.text
     assert "decoder" not in frozen and set(frozen) == {"vision_encoder"}
     chex.assert_trees_all_equal(state.params["decoder"], pretrained["decoder"])  # the backbone, not random
@@ -183,7 +183,7 @@ def test_an_unfrozen_lm_starts_from_its_backbone_trains_resumes_and_reloads(synt
     finally:
         trainer.close()
 
-    _, (resumed, _, _) = state_of_a_new_trainer()
+    resumed, _, _ = state_of_a_new_trainer()
     assert int(resumed.step) == 2
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed.params["decoder"]),
                                                         jax.tree.leaves(pretrained["decoder"]))]
