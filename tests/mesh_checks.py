@@ -106,8 +106,8 @@ def vision_split() -> dict:
     # encodes its data shard's 2; split, 8 frames: 4 per data shard, 2 per tensor rank again.
     reports = {name: encoder_aot.compile_vision_encoder(_vision_config(VISION_RULES[name], frames), "v4-8")
                for name, frames in (("replicated", 4), ("split", 8))} if importlib.util.find_spec("libtpu") else {}
-    # Features: 6 frames (3 per data shard, padded to 4 to split over 2 tensor ranks) equal the
-    # unsharded encoder's.
+    # Features: 6 frames (3 per data shard; over 2 tensor ranks each frame's rows are split, as
+    # whole frames they would pad to 4) equal the unsharded encoder's.
     cfg = FlamingoConfig.from_dict(_vision_config({}, 6).model)
     parts = ModelParts(lambda rngs: build_vision_encoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs))
     _, frozen = jax.jit(lambda: parts.init(0))()

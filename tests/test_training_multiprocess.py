@@ -153,7 +153,7 @@ def test_vision_batch_rule_halves_each_chips_encoder_work_and_keeps_the_features
     """The frozen vision encoder's work shared over 'tensor' (the 'vision_batch' rule,
     `models.flamingo.encode_frames`) on data 2 x tensor 2."""
     result = runs[0]["reference"]["mesh"]["vision_split"]
-    assert result["feature_shape"][0] == 6  # the padding frame is cut off again
+    assert result["feature_shape"][0] == 6  # 3 frames per data shard, their rows split over 'tensor'
     assert result["max_feature_diff"] <= 1e-5 * result["feature_scale"]
     executed = result["executed_per_chip"]
     # The executed FLOPs need the TPU compiler, which the test extra installs (jax[tpu]).

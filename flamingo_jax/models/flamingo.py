@@ -18,6 +18,7 @@ vocabulary: ids >= vocab_size index the trainable table.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -28,7 +29,7 @@ from flax import nnx
 from flamingo_jax.models import layers
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.decoder import HIDDEN_AXES, CacheSlots, Decoder, LayerCache, default_positions, uncached_slots
-from flamingo_jax.models.partitioning import constrain, split_ways
+from flamingo_jax.models.partitioning import constrain, constrain_subdivided, last_mesh_axis_size, split_ways
 from flamingo_jax.models.resampler import PerceiverResampler
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock
 
@@ -67,22 +68,49 @@ class MediaKV(NamedTuple):
 def encode_frames(encoder: nnx.Module, frames: Array) -> Array:
     """A frozen encoder over frames [N, H, W, C] -> [N, S, Dv], its work shared out by the
     'vision_batch' rule (e.g. 'tensor') beside 'batch': without it, each tensor rank would encode
-    all of its data shard's frames. Each data shard's frames are padded to a multiple of the
-    split and cut evenly (no communication: every rank holds them), the features gathered
-    after (the Resampler's tensor ranks all read every frame's)."""
+    all of its data shard's frames. Each data shard's frames are cut among its ranks (no
+    communication: every rank holds them), the features gathered after (the Resampler's tensor
+    ranks all read every frame's).
+
+    Where the split does not divide a shard's frames (the 80B's 40 M3W frames over 16 ranks), an
+    encoder that is convolutional all through (`row_stride`: NFNet) may also split each frame's
+    rows: the frames over a factor of the ranks that divides them, the rows over the rest (8 x 2
+    for the 40), the convolutions trading a row of halo between neighbours. Frames are padded to
+    a multiple of the frame split only when that is less work (`_frame_and_row_ways`)."""
     outer, inner = split_ways(("batch", "vision_batch"))
     n = frames.shape[0]
     if inner == 1 or n % outer:
         return encoder(frames)
     local = n // outer
-    padded = -(-local // inner) * inner
+    frame_ways, row_ways = _frame_and_row_ways(encoder, local, frames.shape[1], inner)
+    padded = -(-local // frame_ways) * frame_ways
     x = frames.reshape(outer, local, *frames.shape[1:])
     x = jnp.pad(x, ((0, 0), (0, padded - local)) + ((0, 0),) * (x.ndim - 2))
-    x = constrain(x, ("batch", "vision_batch") + (None,) * (x.ndim - 2))
+    x = constrain_subdivided(x, ("batch", "vision_batch") + (None,) * (x.ndim - 2), "vision_batch", 2, row_ways)
     features = encoder(x.reshape(outer * padded, *frames.shape[1:]))
     features = features.reshape(outer, padded, *features.shape[1:])
     features = constrain(features, ("batch",) + (None,) * (features.ndim - 1))
     return features[:, :local].reshape(n, *features.shape[2:])
+
+
+def _frame_and_row_ways(encoder: nnx.Module, frames: int, rows: int, ways: int) -> tuple[int, int]:
+    """How `ways` ranks share `frames` frames of `rows` rows: (frame split, row split), their
+    product `ways`. Each rank's work is the padded frame count / `ways`, so the split that pads
+    least wins, and of equals the one that cuts fewer rows (less halo). Rows are cut only where
+    the encoder allows it (`row_stride`: its output has rows / row_stride rows, which the row
+    split must divide) and the mesh axis can be subdivided."""
+    stride = getattr(encoder, "row_stride", None)
+    best = (ways, 1)
+    if stride is None:
+        return best
+    subdivisible = math.gcd(ways, last_mesh_axis_size("vision_batch"))
+    for row_ways in range(2, subdivisible + 1):
+        if subdivisible % row_ways or rows % (stride * row_ways):
+            continue
+        frame_ways = ways // row_ways
+        if -(-frames // frame_ways) * frame_ways < -(-frames // best[0]) * best[0]:
+            best = (frame_ways, row_ways)
+    return best
 
 
 def build_vision_encoder(cfg: FlamingoConfig, *, dtype, param_dtype, rngs: nnx.Rngs,

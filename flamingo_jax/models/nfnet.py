@@ -253,6 +253,9 @@ class NFNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.final_conv = WSConv2D(in_ch, in_ch * spec.final_conv_mult, 1, **kw) if cfg.final_conv else None
         self.out_dim = in_ch * spec.final_conv_mult if cfg.final_conv else in_ch
+        # Every layer is a convolution, a pool or a per-image mean: images may be split along their
+        # rows (`models.flamingo.encode_frames`), the output having rows / row_stride rows.
+        self.row_stride = spec.total_stride
 
     def features(self, images: Array) -> Array:
         """Stem and stages, before the final conv: [B, H, W, 3] -> [B, H/32, W/32, last width]."""

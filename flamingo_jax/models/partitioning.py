@@ -15,6 +15,7 @@ import math
 from typing import Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -115,3 +116,57 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(axes, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def last_mesh_axis_size(name: str) -> int:
+    """The size of the last mesh axis that the active rules map logical axis `name` to (1 when
+    none, or outside `activation_sharding`): the axis `constrain_subdivided` can subdivide."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    mesh_axes = [a for a in _mesh_axes(rules.get(name)) if a in mesh.shape]
+    return mesh.shape[mesh_axes[-1]] if mesh_axes else 1
+
+
+def constrain_subdivided(x: jax.Array, axes: Sequence[str | None], name: str, minor_dim: int,
+                         minor_ways: int) -> jax.Array:
+    """`constrain(x, axes)`, except that the last mesh axis of logical axis `name` is viewed as
+    (its size / minor_ways, minor_ways): `name`'s dimension is split over the first factor and
+    `minor_dim` over the second. One mesh axis then splits two dimensions of an array (frames
+    and their rows, say) where neither dimension alone divides by its size.
+
+    The view is the same devices in the same order (a reshape of the mesh's device array), so
+    it places every shard on the device that a split over the whole axis would; jit accepts it
+    beside the mesh's own shardings. Shapes must divide (no fallback to replication)."""
+    active = _ACTIVE.get()
+    if active is None or minor_ways == 1:
+        return constrain(x, axes)
+    mesh, rules = active
+    dim = list(axes).index(name)
+    mesh_axes = [a for a in _mesh_axes(rules.get(name)) if a in mesh.shape]
+    if not mesh_axes or mesh.shape[mesh_axes[-1]] % minor_ways:
+        raise ValueError(f"constrain_subdivided: {name!r} maps to {mesh_axes} of {dict(mesh.shape)}, whose last "
+                         f"axis is not divisible by {minor_ways}")
+    last = mesh_axes[-1]
+    major, minor = f"{last}_major", f"{last}_minor"
+    names = []
+    for a in mesh.axis_names:
+        names += [major, minor] if a == last else [a]
+    shape = [n for a in mesh.axis_names for n in ((mesh.shape[a] // minor_ways, minor_ways) if a == last
+                                                   else (mesh.shape[a],))]
+    view = jax.sharding.Mesh(np.asarray(mesh.devices).reshape(shape), tuple(names))
+    spec = list(logical_to_spec(axes, rules, mesh))
+    spec += [None] * (x.ndim - len(spec))
+    entry = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
+    if last not in entry:
+        raise ValueError(f"constrain_subdivided: {name!r} does not use mesh axis {last!r} here (spec {spec})")
+    entry = tuple(major if a == last else a for a in entry)
+    sizes = dict(view.shape)
+    if spec[minor_dim] is not None or any(
+            x.shape[d] % math.prod(sizes[a] for a in e) for d, e in ((dim, entry), (minor_dim, (minor,)))):
+        raise ValueError(f"constrain_subdivided: dimensions {dim} and {minor_dim} of {x.shape} do not split over "
+                         f"{entry} and {minor} of {sizes}")
+    spec[dim] = entry[0] if len(entry) == 1 else entry
+    spec[minor_dim] = minor
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(view, jax.sharding.PartitionSpec(*spec)))
