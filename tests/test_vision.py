@@ -118,6 +118,18 @@ def test_ws_conv_kernel_is_standardised_per_output_channel():
     np.testing.assert_allclose(conv.standardized_kernel(), w * jnp.arange(1.0, 7.0), rtol=1e-5, atol=1e-6)
 
 
+def test_ws_conv_1x1_runs_as_a_matmul_and_equals_the_convolution():
+    """1x1 stride-1 convs are matmuls over channels (the TPU compiler pads a conv's width to its
+    tile, a matmul nothing); the result is the convolution's."""
+    conv = WSConv2D(12, 6, 1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv.bias.set_value(jnp.arange(6.0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 7, 12))
+    reference = jax.lax.conv_general_dilated(x, conv.standardized_kernel(), (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + jnp.arange(6.0)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv)(x))
+    np.testing.assert_allclose(conv(x), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_beta_follows_the_expected_variance_schedule():
     alpha = TINY.alpha
     spec = dataclasses.replace(TINY, depths=(2, 3, 1, 4))
