@@ -39,11 +39,13 @@ CASES = {
     "80b-v4-1536": ("configs/80b.py", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
     "80b-fsdp-v4-1536": ("configs/80b.py:fsdp", "v4-1536", ["--batch_multiplier=3", "--config.train.microbatches=4"]),
     # The paper's 1,536 chips (v4-3072, data axis 96): one micro-batch, so each data shard's frames
-    # (40, 16, 16, 16) split over the 16 tensor ranks with little padding ('vision_batch').
+    # (40, 16, 16, 16) split over the 16 tensor ranks without padding ('vision_batch'; the 40 as 8
+    # ways by frame x 2 by row).
     "80b-v4-3072": ("configs/80b.py", "v4-3072", ["--batch_multiplier=3", "--config.train.microbatches=1"]),
     "80b-v4-3072-mb2-nfnet-replicated": ("configs/80b.py", "v4-3072", [
         "--batch_multiplier=3", "--config.train.microbatches=2", "--config.mesh_rules.vision_batch=fsdp"]),
-    # The frozen NFNet-F6's share of that step alone, scans unrolled: executed vs analytic FLOPs.
+    # The frozen NFNet-F6's share of that step alone, scans unrolled (one program per frame shape):
+    # executed vs analytic FLOPs.
     "80b-vision-encoder-v4-3072": ("configs/80b.py", "v4-3072", [
         "--batch_multiplier=3", "--config.train.microbatches=1", "--vision_encoder"]),
     # The vision encoder's contrastive pretraining: NFNet-F6 at 288 px, 16,384 pairs on the paper's 512 chips.

@@ -20,7 +20,8 @@ With the paper's ablation batch, full remat and 16 micro-batches, compiled for T
 smallest v4 slice that holds the model; 'tensor' needs a v4-128 (26.1 GiB). On the paper's
 1,536 chips (a v4-3072: v4 names count TensorCores; data axis 96) 'tensor' fits with the
 batch x3 (`--batch_multiplier=3`, which 96 divides) and `--config.train.microbatches=1`
-(24.0 GiB per chip; the NFNet executes 1.18x its analytic FLOPs, not 16x).
+(24.0 GiB per chip; the NFNet executes 1.02x its analytic FLOPs, not 16x: M3W's 40 frames
+per data shard are split 8 ways by frame and 2 by row, `models.flamingo.encode_frames`).
 Micro-batches must divide each dataset's batch per data shard: set
 `--config.train.microbatches` for bigger slices.
 """

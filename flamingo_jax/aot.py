@@ -2,7 +2,8 @@
 
     python -m flamingo_jax.aot --config=configs/80b.py --topology=v4-32 [--json=aot.json]
     python -m flamingo_jax.aot --config=configs/80b.py --topology=v4-1536 --batch_multiplier=3
-    python -m flamingo_jax.aot --config=configs/80b.py --topology=v4-3072 --batch_multiplier=3 --vision_encoder
+    python -m flamingo_jax.aot --config=configs/80b.py --topology=v4-3072 --batch_multiplier=3 \
+        --config.train.microbatches=1 --vision_encoder
 
 Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: see flamingo_jax/pod/aot.py.
 Exits 3 when the step does not fit the slice's HBM.

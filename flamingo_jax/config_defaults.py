@@ -41,7 +41,9 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     # The frozen NFNet's weights are replicated (None; the paper leaves it unsharded), and its
     # frames are split over 'tensor' beside 'batch' ('vision_batch'), so the tensor ranks share
     # its forward instead of each repeating it (BENCHMARKS.md, AOT section); the features are
-    # gathered before the Resampler. ('fsdp', already in 'batch', turns the split off.)
+    # gathered before the Resampler. Where the tensor ranks do not divide a data shard's frames,
+    # the NFNet's frames are cut into rows as well rather than padded (`encode_frames`).
+    # ('fsdp', already in 'batch', turns the split off.)
     config.mesh_rules.conv_out = None
     config.mesh_rules.vision_batch = "tensor"
     # Long runs on thousands of chips: a loss spike rolls back to the last good checkpoint by
