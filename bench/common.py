@@ -17,12 +17,12 @@ PEER_SCRIPT = pathlib.Path(os.environ.get(
     "OPENFLAMINGO_BENCH", ROOT.parent / "shared" / "peers" / "openflamingo" / "bench_openflamingo.py"))
 
 
-def load_config(name: str):
-    """`configs/<name>.py`'s get_config()."""
+def load_config(name: str, *args):
+    """`configs/<name>.py`'s get_config(*args) (e.g. a stage of configs/tiny.py)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def machine() -> dict:
