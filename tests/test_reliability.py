@@ -173,3 +173,21 @@ def test_training_over_damaged_shards_counts_the_skips_and_resumes_exactly(synth
     combined = {**first.losses, **resumed.losses}
     np.testing.assert_allclose([combined[s] for s in range(1, 9)], [straight.losses[s] for s in range(1, 9)],
                                rtol=1e-6)
+
+
+def test_a_corpus_written_with_other_settings_is_used_as_it_is_and_named(synthetic_corpus, caplog):
+    from flamingo_jax.core.config import RunConfig
+    from flamingo_jax.training.trainer import prepare_synthetic_data
+
+    before = sorted(os.listdir(synthetic_corpus))
+    config = train_config(synthetic_corpus)
+    config.synthetic.update(out_dir=synthetic_corpus, num_examples=64, num_eval=16, image_size=32, seed=0)
+    with caplog.at_level("WARNING"):
+        prepare_synthetic_data(RunConfig.from_config(config))  # the corpus' own settings: nothing to say
+    assert not [r for r in caplog.records if "synthetic corpus" in r.getMessage()]
+    config.synthetic.num_examples = 8000
+    with caplog.at_level("WARNING"):
+        prepare_synthetic_data(RunConfig.from_config(config))
+    assert any("num_examples=64 (config: 8000)" in r.getMessage() and "Delete the directory" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert sorted(os.listdir(synthetic_corpus)) == before  # not regenerated over a corpus someone uses
