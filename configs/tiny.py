@@ -48,7 +48,10 @@ def get_config(stage: str = "flamingo"):
     config.name = "tiny" if stage == "flamingo" else f"tiny-{stage}"
     config.objective = stage
     model(config)
-    config.synthetic.update(out_dir=DATA_DIR, num_examples=3000, num_eval=200, image_size=64, seed=0)
+    # 8,000 pairs (and 4,000 documents, 1,000 videos; 25 s to write): with 3,000 the contrastive
+    # encoder stopped improving at 200 steps (held-out recall@1 23-29% for 200-400 steps); with
+    # 8,000 and 400 steps it reaches 40-41% (seeds 0 and 1).
+    config.synthetic.update(out_dir=DATA_DIR, num_examples=8000, num_eval=200, image_size=64, seed=0)
     config.data.update(synthetic.data_config(DATA_DIR, image_size=64, interleaved_batch=4, pair_batch=8,
                                              video_batch=2, interleaved_len=96, pair_len=24, max_images=6,
                                              num_frames=4))
@@ -60,7 +63,7 @@ def get_config(stage: str = "flamingo"):
         config.data.datasets = pairs
         config.contrastive.text.update(dim=64, num_layers=2, num_heads=4, head_dim=16, mlp_ratio=4, max_len=32,
                                        embed_dim=64)
-        config.train.update(steps=200, learning_rate=2e-3, warmup_steps=20, schedule="linear", log_every=20)
+        config.train.update(steps=400, learning_rate=2e-3, warmup_steps=20, schedule="linear", log_every=20)
     elif stage == "lm":
         config.train.update(steps=300, learning_rate=3e-3, warmup_steps=20, schedule="linear", log_every=50)
     else:
