@@ -48,12 +48,8 @@ def release_free_heap() -> bool:
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # no C library, or not glibc's
         return False
-    if trim is None:
-        return False
-    trim(0)
     return True
