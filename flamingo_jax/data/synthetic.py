@@ -696,6 +696,14 @@ def generate(out_dir: str, *, num_examples: int = 1000, num_documents: int | Non
     return manifest
 
 
+def settings_differ(out_dir: str, **settings: Any) -> dict[str, tuple[Any, Any]]:
+    """{name: (the corpus' value, the asked one)} for each of `generate`'s `settings` (as its
+    keyword arguments) that the corpus in `out_dir` was written with otherwise."""
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    return {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+
+
 def _main(argv: list[str]) -> int:
     import time
 

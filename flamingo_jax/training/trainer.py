@@ -93,7 +93,7 @@ def prepare_synthetic_data(run: RunConfig) -> None:
         return
     manifest = os.path.join(synthetic.out_dir, "manifest.json")
     if jax.process_index() == 0 and os.path.exists(manifest):
-        _warn_if_corpus_differs(manifest, run)
+        _warn_if_corpus_differs(run)
     elif jax.process_index() == 0:
         from flamingo_jax.data import synthetic as synthetic_data
 
@@ -107,20 +107,20 @@ def prepare_synthetic_data(run: RunConfig) -> None:
         multihost_utils.sync_global_devices("flamingo_jax: synthetic corpus ready")
 
 
-def _warn_if_corpus_differs(manifest_path: str, run: RunConfig) -> None:
+def _warn_if_corpus_differs(run: RunConfig) -> None:
     """A corpus already there is used as it is (tests and shared corpora rely on that), but one
     written with other settings than the config's says so: an older corpus in the default
     directory would otherwise train a changed config on the old data without a word."""
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    wanted = {"num_examples": run.synthetic.num_examples, "num_eval": run.synthetic.num_eval,
-              "image_size": run.synthetic.image_size, "seed": run.synthetic.seed,
-              "vocab_size": run.model.decoder.vocab_size}
-    differ = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
+    from flamingo_jax.data import synthetic as synthetic_data
+
+    synthetic = run.synthetic
+    differ = synthetic_data.settings_differ(synthetic.out_dir, num_examples=synthetic.num_examples,
+                                            num_eval=synthetic.num_eval, image_size=synthetic.image_size,
+                                            seed=synthetic.seed, vocab_size=run.model.decoder.vocab_size)
     if differ:
         listed = ", ".join(f"{k}={have} (config: {want})" for k, (have, want) in differ.items())
         logging.warning("the synthetic corpus in %s was generated with %s; it is used as it is. Delete the "
-                        "directory to regenerate it from the config.", os.path.dirname(manifest_path), listed)
+                        "directory to regenerate it from the config.", synthetic.out_dir, listed)
 
 
 def jit_train_step(objective: Objective, parts: ModelParts, optimizer, weights, group: tuple[str, ...],
