@@ -75,7 +75,8 @@ def prefill(model: DecodingModel, tokens: Array, media: Array, media_index: Arra
     slot_valid = jnp.zeros((batch, num_slots), bool).at[:, :prompt_len].set(valid)
     slots = CacheSlots(jnp.zeros((), jnp.int32), slot_positions, slot_valid)
     logits, cache = model.extend_cache(tokens, media_index, positions, media_kv,
-                                       model.empty_cache(batch, num_slots), slots, position_keys, last_only=True)
+                                       model.empty_cache(batch, num_slots), slots, position_keys, last_only=True,
+                                       fresh=True)
     return Context(cache=cache, media_kv=media_kv, position_keys=position_keys, slot_positions=slot_positions, slot_valid=slot_valid,
                    length=jnp.asarray(prompt_len, jnp.int32), next_position=positions[:, -1] + 1,
                    media_index=media_index[:, -1], last_logits=logits[:, -1])

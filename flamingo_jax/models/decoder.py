@@ -261,7 +261,8 @@ class DecoderLayer(nnx.Module):
             variable_type=layers.Frozen, rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.ffw_bias)
 
     def __call__(self, x: Array, positions: Array, slots: CacheSlots, cache: LayerCache | None = None,
-                 position_keys: Array | None = None, *, decode_layout: bool = False) -> tuple[Array, LayerCache]:
+                 position_keys: Array | None = None, *, decode_layout: bool = False,
+                 fresh: bool = False) -> tuple[Array, LayerCache]:
         """New tokens x [B, T, D] at `positions` [B, T]: their keys/values are written into `cache`
         at `slots.start` first (no cache: they are the keys), so the new tokens see each other
         (causally, by position) and everything cached before them. Returns (x, cache).
@@ -269,10 +270,18 @@ class DecoderLayer(nnx.Module):
         `decode_layout`: the cache is in the decoding layout (`write_cache`), the tokens attend to
         the cache as it was plus their own keys, and the write comes last. XLA then updates the
         cache in place and reads it where it lies; writing first makes it fuse the write into
-        every reader, each building its own copy of the cache."""
+        every reader, each building its own copy of the cache.
+
+        `fresh`: the cache holds nothing yet (a prefill), so the tokens attend to their own
+        keys alone, not to every slot of the cache, most of them empty."""
         h = self.attention_norm(x)
         keys, values = self.attention.project_kv(h, positions)
-        if decode_layout:
+        if fresh:
+            own = CacheSlots(jnp.zeros((), jnp.int32), positions,
+                             jax.lax.dynamic_slice_in_dim(slots.valid, slots.start, x.shape[1], axis=1))
+            attended = self.attention.attend_to(h, positions, LayerCache(keys, values), own, position_keys)
+            cache = write_cache(cache, keys, values, slots.start, decode_layout=decode_layout)
+        elif decode_layout:
             attended = self.attention.attend_to(h, positions, decode_layout_view(cache), slots, position_keys,
                                                 new_kv=(keys, values))
             cache = write_cache(cache, keys, values, slots.start, decode_layout=True)
@@ -332,17 +341,18 @@ class Decoder(nnx.Module):
         return jax.vmap(relative)(state)
 
     def run_layers(self, x: Array, positions: Array, slots: CacheSlots, cache: LayerCache | None = None,
-                   layer_indices: Array | None = None, position_keys: Array | None = None
+                   layer_indices: Array | None = None, position_keys: Array | None = None, *, fresh: bool = False
                    ) -> tuple[Array, LayerCache | None]:
         """Applies the stacked layers (or those at `layer_indices`, in order) to x [B, T, D].
         With a cache (leading layer axis, one entry per layer run) returns it extended;
-        without, returns None. `position_keys`: the layers' tables [L', S, N, H], one per layer run."""
+        without, returns None. `position_keys`: the layers' tables [L', S, N, H], one per layer run.
+        `fresh`: the cache is empty (`DecoderLayer`)."""
         graphdef, state = nnx.split(self.layers)
         keep_cache = cache is not None
 
         def body(layer, x, per_layer):
             layer_cache, layer_position_keys = per_layer
-            x, layer_cache = layer(x, positions, slots, layer_cache, layer_position_keys)
+            x, layer_cache = layer(x, positions, slots, layer_cache, layer_position_keys, fresh=fresh)
             return constrain(x, HIDDEN_AXES), (layer_cache if keep_cache else None)
 
         return layers.scan_stack(graphdef, state, body, x, (cache, position_keys), remat_policy=self.remat_policy,

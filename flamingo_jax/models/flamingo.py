@@ -220,14 +220,15 @@ class Flamingo(nnx.Module):
 
     def _stack(self, x: Array, positions: Array, slots: CacheSlots, media_index: Array, *,
                visual: Array | None = None, media_kv: MediaKV | None = None, cache: StackCache | None = None,
-               position_keys: Array | None = None) -> tuple[Array, StackCache | None]:
+               position_keys: Array | None = None, fresh: bool = False) -> tuple[Array, StackCache | None]:
         """The conditioned LM, the one path of training, prefill and decoding: the lead LM
         layers, then for each group its GATED XATTN-DENSE block and its LM layers.
 
         x [B, T, D] at `positions` [B, T]; `media_index` [B, T]. The blocks' visual keys/values
         are projected from `visual` [B, M, R, Dr] inside each block (training: rematerialised
         with it) or taken from `media_kv` (projected once per prompt). With a `cache` the new
-        tokens' keys/values are written at `slots.start` and the extended cache is returned."""
+        tokens' keys/values are written at `slots.start` and the extended cache is returned
+        (`fresh`: it was empty, `DecoderLayer`)."""
         xattn_graph, _ = nnx.split(self.xattn)
         head_xattn, head_layers, tail_xattn, tail_layers = self._groups()
         lead_layers = self._lead_layers()
@@ -246,7 +247,8 @@ class Flamingo(nnx.Module):
         def group(x, inputs):
             xattn_state, layer_indices, kv, layer_cache, layer_position_keys = inputs
             x = constrain(xattn_step(xattn_state, x, kv), HIDDEN_AXES)
-            return self.decoder.run_layers(x, positions, slots, layer_cache, layer_indices, layer_position_keys)
+            return self.decoder.run_layers(x, positions, slots, layer_cache, layer_indices, layer_position_keys,
+                                           fresh=fresh)
 
         lead = 0 if lead_layers is None else lead_layers.shape[0]
         num_groups, k = head_layers.shape
@@ -254,7 +256,7 @@ class Flamingo(nnx.Module):
         lead_cache = None
         if lead_layers is not None:
             x, lead_cache = self.decoder.run_layers(x, positions, slots, None if cache is None else cache.lead,
-                                                    lead_layers, keys(0, lead))
+                                                    lead_layers, keys(0, lead), fresh=fresh)
         split = lambda tree, head: None if tree is None else getattr(tree, "head" if head else "tail")
         head_keys = None if position_keys is None else keys(lead, lead + num_groups * k).reshape(
             num_groups, k, *position_keys.shape[1:])
@@ -298,15 +300,16 @@ class Flamingo(nnx.Module):
 
     def extend_cache(self, tokens: Array, media_index: Array, positions: Array, media_kv: MediaKV,
                      cache: StackCache, slots: CacheSlots, position_keys: Array | None, *,
-                     last_only: bool = False) -> tuple[Array, StackCache]:
+                     last_only: bool = False, fresh: bool = False) -> tuple[Array, StackCache]:
         """Runs new tokens [B, T] against the cache: returns their logits [B, T, V + new]
         and the cache with their keys/values written at `slots.start`. Prefill is this
-        call with the whole prompt (`last_only`: the last token's logits, [B, 1, V + new]);
-        each decoding step, with one token."""
+        call with the whole prompt (`last_only`: the last token's logits, [B, 1, V + new];
+        `fresh`: the cache is empty, so the prompt attends to itself alone); each decoding
+        step, with one token."""
         chex.assert_rank(tokens, 2)
         chex.assert_shape([media_index, positions], tokens.shape)
         x, cache = self._stack(self.embed(tokens), positions, slots, media_index, media_kv=media_kv, cache=cache,
-                               position_keys=position_keys)
+                               position_keys=position_keys, fresh=fresh)
         if last_only:
             x = x[:, -1:]
         return self.logits(self.decoder.final_norm(x)), cache

@@ -162,9 +162,10 @@ class UnrolledFlamingo:
 
     def extend_cache(self, tokens: Array, media_index: Array, positions: Array, media_kv: LayerwiseMediaKV,
                      cache: LayerwiseCache, slots: CacheSlots, position_keys: tuple[Array, ...] | None, *,
-                     last_only: bool = False) -> tuple[Array, LayerwiseCache]:
+                     last_only: bool = False, fresh: bool = False) -> tuple[Array, LayerwiseCache]:
         """As `Flamingo.extend_cache`: logits of tokens [B, T] and the cache with their keys/values
-        at `slots.start`. `last_only`: logits of the last token only, [B, 1, V + new] (prefill)."""
+        at `slots.start`. `last_only`: logits of the last token only, [B, 1, V + new] (prefill);
+        `fresh`: the cache is empty (prefill)."""
         x = self.model.embed(tokens)
         new_cache = []
         for i, layer_cache in enumerate(cache.layers):
@@ -175,7 +176,8 @@ class UnrolledFlamingo:
                 flat = tuple(jnp.transpose(a.reshape(*a.shape[:3], -1), (0, 3, 1, 2)) for a in kv)
                 x = self._block(j)(x, flat, media_index, num_media)
             keys = None if position_keys is None else jnp.swapaxes(position_keys[i], 0, 1)  # a view
-            x, layer_cache = self._lm_layer(i)(x, positions, slots, layer_cache, keys, decode_layout=True)
+            x, layer_cache = self._lm_layer(i)(x, positions, slots, layer_cache, keys, decode_layout=True,
+                                               fresh=fresh)
             new_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]
