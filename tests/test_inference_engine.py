@@ -85,6 +85,47 @@ def test_a_candidates_score_is_its_tokens_log_probability_after_the_prompt(engin
     np.testing.assert_allclose(whole, first + rest, rtol=1e-4)
 
 
+def test_each_media_item_is_encoded_once_while_it_lives_and_per_loader(engine, monkeypatch):
+    """A few-shot evaluation shows each support image in many prompts (and prompt ensembling
+    each prompt six times): the engine encodes an item once, its prefill from those visual
+    tokens equals the prefill from pixels, a blind engine does not reuse what the seeing one
+    encoded, and an item's tokens go when it does."""
+    import gc
+
+    import jax
+
+    from flamingo_jax.inference import decoding
+
+    encoded = []
+    encode = engine._encode
+    monkeypatch.setattr(engine, "_encode", lambda state, pixels: encoded.append(len(pixels)) or encode(state, pixels))
+    before = len(engine._visual)
+    a, b = picture(21), picture(22)
+    prompts = [[a, "Output: a red square", END_OF_CHUNK, b, "Output:"], [b, "Output: a star", END_OF_CHUNK, a, "Output:"]]
+    first = engine.score(prompts, [["a red square", "a blue star"]] * 2)
+    assert encoded == [2]  # two items, four appearances
+    again = engine.score(prompts, [["a red square", "a blue star"]] * 2)
+    assert encoded == [2]
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+
+    pixels, visual = engine.batch(prompts), engine.visual_batch(prompts)
+    np.testing.assert_array_equal(pixels.tokens, visual.tokens)
+    from_pixels = jax.jit(lambda s, ls, *arrays: decoding.prefill(engine._model(s, ls), *arrays, 40).last_logits)
+    np.testing.assert_allclose(np.asarray(from_pixels(engine.state, engine.layer_states, *pixels.arrays())),
+                               np.asarray(engine.prefill(visual, 40 - visual.tokens.shape[1]).last_logits),
+                               rtol=1e-5, atol=1e-5)
+
+    seeing = engine.visual_tokens([a])[0]
+    with engine.blind([a, b]):
+        blind = engine.visual_tokens([a, b])
+    assert encoded == [2, 2] and np.abs(blind[0] - seeing).max() > 1e-4
+    np.testing.assert_array_equal(blind[0], blind[1])  # both are the mean image
+    assert len(engine._visual) == before + 2
+    del a, b, prompts, pixels, visual
+    gc.collect()
+    assert len(engine._visual) == before
+
+
 def test_decode_options_are_checked():
     with pytest.raises(ValueError, match="unknown"):
         DecodeOptions(method="nucleus")

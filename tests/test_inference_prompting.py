@@ -97,6 +97,13 @@ def test_make_batch_left_pads_to_power_of_two_buckets(tokenizer):
         prompting.make_batch([long], load, pad_id=0, max_length=5)
 
 
+def test_prompt_lengths_round_to_powers_of_two_then_to_multiples_of_the_step():
+    step = prompting.LENGTH_STEP
+    assert [prompting.bucket_length(n, 8) for n in (3, 9, step - 1, step)] == [8, 16, step, step]
+    assert [prompting.bucket_length(n, 8) for n in (step + 1, 298, 4 * step)] == [2 * step, 320, 4 * step]
+    assert prompting.bucket_length(10, 32) == 32
+
+
 def test_media_loader_prepares_images_videos_and_names_bad_files(tmp_path):
     load = prompting.MediaLoader(ImageConfig(size=16), num_frames=3)
     pixels = load(image(255))

@@ -122,17 +122,24 @@ def test_synthetic_video_qa_through_the_evaluator_feeds_30_frames(trained_run, s
     settings = EvalSettings(shots=(0, 1), num_queries=2, batch_size=2, num_beams=2)
     evaluator = Evaluator(engine, settings)
     assert evaluator.engine.load_media.num_frames == 30 and engine.load_media.num_frames == engine.cfg.vision.num_frames
-    shapes = []
-    original = Engine.prefill
+    shapes, encoded = [], []
+    original_prefill, original_encode = Engine.prefill, Engine.visual_tokens
 
-    def recording(self, batch, num_new):
+    def recording_prefill(self, batch, num_new):
         shapes.append(batch.media.shape)
-        return original(self, batch, num_new)
+        return original_prefill(self, batch, num_new)
 
-    with mock.patch.object(Engine, "prefill", recording):
+    def recording_encode(self, media):
+        encoded.extend(self.load_media(m).shape for m in media)
+        return original_encode(self, media)
+
+    with mock.patch.object(Engine, "prefill", recording_prefill), mock.patch.object(Engine, "visual_tokens",
+                                                                                    recording_encode):
         results = evaluator.evaluate(tasks.get_task("synthetic_video_qa"), Path(synthetic_corpus))
     assert set(results) == {"0", "1"}
     for entry in results.values():
         assert entry["num_queries"] == 2 and 0 <= entry["top1_accuracy"] <= 100
-    assert {shape[2] for shape in shapes} == {30}  # [B, M, T, S, S, 3]: 30 frames per video
+    assert {shape[0] for shape in encoded} == {30}  # [T, S, S, 3]: 30 frames per video
+    # [B, M, R, D]: each video as the Resampler's tokens
+    assert {shape[2:] for shape in shapes} == {(engine.cfg.resampler.num_latents, engine.cfg.resampler.dim)}
     assert sorted({shape[1] for shape in shapes}) == [1, 2]  # 0 shots: the query alone; 1 shot: two videos

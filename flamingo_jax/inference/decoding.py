@@ -65,11 +65,18 @@ def prefill(model: DecodingModel, tokens: Array, media: Array, media_index: Arra
             num_slots: int) -> Context:
     """Runs left-padded prompts tokens [B, P] (with `media` [B, M, T, H, W, 3], `media_index`,
     `positions`, `valid` [B, P]) into a fresh cache of `num_slots` >= P slots."""
+    return prefill_visual(model, tokens, model.encode_media(media), media_index, positions, valid, num_slots)
+
+
+def prefill_visual(model: DecodingModel, tokens: Array, visual: Array, media_index: Array, positions: Array,
+                   valid: Array, num_slots: int) -> Context:
+    """`prefill` from the media's visual tokens [B, M, R, Dr] (`encode_media`'s output): what a
+    caller that encodes each media item once, however many prompts show it, runs."""
     tokens, media_index, positions, valid = map(jnp.asarray, (tokens, media_index, positions, valid))
     batch, prompt_len = tokens.shape
     if num_slots < prompt_len:
         raise ValueError(f"a cache of {num_slots} slots cannot hold a prompt of {prompt_len} tokens.")
-    media_kv = model.project_media(model.encode_media(media))
+    media_kv = model.project_media(jnp.asarray(visual))
     position_keys = model.position_keys(num_slots)
     slot_positions = jnp.zeros((batch, num_slots), jnp.int32).at[:, :prompt_len].set(positions)
     slot_valid = jnp.zeros((batch, num_slots), bool).at[:, :prompt_len].set(valid)

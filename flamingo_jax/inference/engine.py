@@ -9,6 +9,11 @@ weights passed as arguments, so new prompts of a seen bucket never recompile.
 They run the model over per-layer weights and caches (`models/unrolled.py`): the
 stacked layers are split once here, which makes each decoding step read every
 weight and cache slot where it lies.
+
+Each media item is encoded (read, vision encoder, Perceiver Resampler) once, up
+to `MEDIA_BATCH` items per call, and its visual tokens are kept while its `Media`
+lives: a few-shot evaluation shows every support image in many prompts, and the
+paper's prompt ensembling shows each prompt's images six times.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -32,6 +38,32 @@ from flamingo_jax.inference.items import Media
 from flamingo_jax.inference.prompting import PromptError
 from flamingo_jax.models import unrolled
 from flamingo_jax.models.flamingo import Flamingo
+
+MEDIA_BATCH = 8
+"""Media items per call of the encoding program at most (fewer: padded to a power of two)."""
+
+
+class _WhileAlive:
+    """Values per object, by identity, each dropped when its object goes (`Media` compares by
+    value, so it cannot key a WeakKeyDictionary)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
+
+    def _forget(self, ref: weakref.ref, key: int) -> None:
+        if self._entries.get(key, (None,))[0] is ref:
+            del self._entries[key]
+
+    def of(self, item: object) -> dict:
+        """The dict kept for `item` (a new one the first time)."""
+        key = id(item)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not item:
+            entry = self._entries[key] = (weakref.ref(item, functools.partial(self._forget, key=key)), {})
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class DecodeOptionsError(UserError, ValueError):
@@ -94,6 +126,10 @@ class Engine:
         self.stop_ids = (tokenizer.eoc_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
         jit = functools.partial(jax.jit, compiler_options=unrolled.COMPILER_OPTIONS)
         self._prefill = jit(self._prefill_fn, static_argnames=("num_slots",))
+        self._encode = jax.jit(self._encode_fn)
+        # Media -> {loader: visual tokens [R, D]}: an entry goes when its Media does; per loader, as
+        # `with_video` and `blind` see the same item as other pixels.
+        self._visual = _WhileAlive()
         self._decode = jit(self._decode_fn, static_argnames=("options",))
         self._score = jit(self._score_fn)
         self.step: int | None = None  # set when loaded from a training run
@@ -127,9 +163,12 @@ class Engine:
     def _model(self, state, layer_states) -> unrolled.UnrolledFlamingo:
         return unrolled.UnrolledFlamingo.merge(self.graphdef, state, layer_states)
 
-    def _prefill_fn(self, state, layer_states, tokens, media, media_index, positions, valid, *, num_slots):
-        return decoding.prefill(self._model(state, layer_states), tokens, media, media_index, positions, valid,
-                                num_slots)
+    def _prefill_fn(self, state, layer_states, tokens, visual, media_index, positions, valid, *, num_slots):
+        return decoding.prefill_visual(self._model(state, layer_states), tokens, visual, media_index, positions,
+                                       valid, num_slots)
+
+    def _encode_fn(self, state, pixels):  # [N, T, S, S, 3] -> visual tokens [N, R, D]
+        return nnx.merge(self.graphdef, state).encode_media(pixels[:, None])[:, 0]
 
     def _decode_fn(self, state, layer_states, context, key, *, options: DecodeOptions):
         model = self._model(state, layer_states)
@@ -145,16 +184,60 @@ class Engine:
         return decoding.score_continuations(self._model(state, layer_states), context, tokens, valid)
 
     # ------------------------------------------------------------------ prompts
+    def _encode_prompts(self, prompts: Sequence[Sequence[object]]) -> list[prompting.EncodedPrompt]:
+        return [prompting.encode_prompt(items, self.tokenizer, media_association=self.cfg.xattn.media_association)
+                for items in prompts]
+
     def batch(self, prompts: Sequence[Sequence[object]], *, batch_size: int | None = None,
               reserve: int = 0) -> prompting.PromptBatch:
-        """Encodes and pads prompts; `reserve` tokens of the context stay free for what follows."""
-        encoded = [prompting.encode_prompt(items, self.tokenizer, media_association=self.cfg.xattn.media_association)
-                   for items in prompts]
-        return prompting.make_batch(encoded, self.load_media, pad_id=self.tokenizer.pad_id,
+        """Encodes and pads prompts, media as pixels (what the model's forward pass takes);
+        `reserve` tokens of the context stay free for what follows."""
+        return prompting.make_batch(self._encode_prompts(prompts), self.load_media, pad_id=self.tokenizer.pad_id,
                                     min_length=self.min_length, max_length=self.cfg.decoder.max_len - reserve,
                                     batch_size=batch_size)
 
+    def visual_batch(self, prompts: Sequence[Sequence[object]], *, batch_size: int | None = None,
+                     reserve: int = 0) -> prompting.PromptBatch:
+        """`batch` with each media item's visual tokens [R, D] in place of its pixels (what
+        `prefill` takes); media seen before are not read or encoded again."""
+        rows = prompting.batch_rows(self._encode_prompts(prompts), batch_size)
+        visual = self.visual_tokens([m for row in rows for m in row.media])
+        per_row, start = [], 0
+        for row in rows:
+            per_row.append(visual[start:start + len(row.media)])
+            start += len(row.media)
+        return prompting.assemble_batch(rows, per_row, self._visual_shape, pad_id=self.tokenizer.pad_id,
+                                        min_length=self.min_length, max_length=self.cfg.decoder.max_len - reserve)
+
+    def visual_tokens(self, media: Sequence[Media]) -> list[np.ndarray]:
+        """The visual tokens [R, D] of each media item as the current loader shows it (the
+        Perceiver Resampler's output), encoding only the items not seen before."""
+        def known(item):
+            return self._visual.of(item).get(self.load_media)
+
+        missing = list({id(m): m for m in media if known(m) is None}.values())
+        by_frames: dict[int, list[tuple[Media, np.ndarray]]] = {}
+        for item in missing:
+            pixels = self.load_media(item)
+            by_frames.setdefault(pixels.shape[0], []).append((item, pixels))
+        for group in by_frames.values():
+            for start in range(0, len(group), MEDIA_BATCH):
+                chunk = group[start:start + MEDIA_BATCH]
+                pixels = [p for _, p in chunk]
+                pixels += [pixels[-1]] * (min(MEDIA_BATCH, prompting.next_power_of_two(len(pixels))) - len(pixels))
+                tokens = np.asarray(self._encode(self.state, np.stack(pixels)))
+                for (item, _), item_tokens in zip(chunk, tokens):
+                    self._visual.of(item)[self.load_media] = item_tokens
+        return [known(m) for m in media]
+
+    @functools.cached_property
+    def _visual_shape(self) -> tuple[int, ...]:
+        size = self.cfg.vision.image_size
+        pixels = jax.ShapeDtypeStruct((MEDIA_BATCH, 1, size, size, 3), jnp.float32)
+        return tuple(jax.eval_shape(self._encode_fn, self.state, pixels).shape[1:])
+
     def prefill(self, batch: prompting.PromptBatch, num_new: int) -> decoding.Context:
+        """The prompts of a `visual_batch`, with `num_new` cache slots free after them."""
         return self._prefill(self.state, self.layer_states, *batch.arrays(), num_slots=batch.tokens.shape[1] + num_new)
 
     @contextlib.contextmanager
@@ -173,7 +256,7 @@ class Engine:
     def generate_ids(self, prompts: Sequence[Sequence[object]], options: DecodeOptions = DecodeOptions(), *,
                      batch_size: int | None = None) -> decoding.Decoded:
         """New token ids [B, N] (stop token included), their lengths and scores."""
-        batch = self.batch(prompts, batch_size=batch_size, reserve=options.max_new_tokens)
+        batch = self.visual_batch(prompts, batch_size=batch_size, reserve=options.max_new_tokens)
         context = self.prefill(batch, options.max_new_tokens)
         key = jax.random.key(options.seed)
         decoded = self._decode(self.state, self.layer_states, context, key,
@@ -208,7 +291,7 @@ class Engine:
         if longest == 0:
             raise PromptError("every candidate is empty; give non-empty answers (or keep end_with_eoc).")
         length = prompting.round_up(longest, 8)
-        batch = self.batch(prompts, batch_size=batch_size, reserve=length)
+        batch = self.visual_batch(prompts, batch_size=batch_size, reserve=length)
         rows = batch.tokens.shape[0]
         encoded += [encoded[-1]] * (rows - len(encoded))
         tokens = np.full((rows, counts.pop(), length), self.tokenizer.pad_id, np.int32)

@@ -7,9 +7,9 @@ slot in the media tensor; text tokens cross-attend to the last media item
 before them, exactly as in training (`data.sequence.media_association`).
 
 Shapes are bucketed so that a stream of prompts compiles a handful of programs,
-not one per prompt: prompt lengths and media counts round up to a power of two
-(lengths at least `min_length`), so a 32-shot evaluation over a 2048-token
-context compiles at most 7 prefill programs; prompts are left-padded.
+not one per prompt: media counts round up to a power of two, prompt lengths to
+a power of two up to `LENGTH_STEP` tokens and to a multiple of it above (and to
+at least `min_length`); prompts are left-padded.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ class PromptBatch:
     """Left-padded prompts: every array's leading axis is the batch."""
 
     tokens: np.ndarray  # int32 [B, P]
-    media: np.ndarray  # float32 [B, M, T, S, S, 3]
+    media: np.ndarray  # float32 [B, M, T, S, S, 3] pixels (or [B, M, R, D] visual tokens: `assemble_batch`)
     media_index: np.ndarray  # int32 [B, P]
     positions: np.ndarray  # int32 [B, P]
     valid: np.ndarray  # bool [B, P]
@@ -261,40 +261,65 @@ def next_power_of_two(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def make_batch(prompts: Sequence[EncodedPrompt], load: MediaLoader | BlindLoader, *, pad_id: int, min_length: int = 32,
-               max_length: int | None = None, batch_size: int | None = None) -> PromptBatch:
-    """Pads prompts into one batch. `batch_size` > len(prompts) repeats the last prompt
-    (static shapes for a final partial batch; callers drop the extra rows)."""
+LENGTH_STEP = 64
+"""Prompt lengths round up to a power of two up to this, then to a multiple of it: a 298-token
+prompt pads to 320, not 512 (attention's work grows with the square of the length)."""
+
+
+def bucket_length(longest: int, min_length: int) -> int:
+    """The padded length of a batch whose longest prompt has `longest` tokens."""
+    length = next_power_of_two(longest) if longest <= LENGTH_STEP else round_up(longest, LENGTH_STEP)
+    return max(min_length, length)
+
+
+def batch_rows(prompts: Sequence[EncodedPrompt], batch_size: int | None) -> list[EncodedPrompt]:
+    """The batch's rows: `prompts`, the last repeated up to `batch_size` (static shapes for a final
+    partial batch; callers drop the extra rows)."""
     if not prompts:
         raise PromptError("no prompts to batch.")
-    rows = list(prompts) + [prompts[-1]] * max(0, (batch_size or 0) - len(prompts))
-    longest = max(len(p.ids) for p in rows)
-    if max_length is not None and longest > max_length:
-        raise PromptError(f"a prompt of {longest} tokens exceeds the model's {max_length}-token context; use "
-                          "fewer shots or shorter texts.")
-    length = max(min_length, next_power_of_two(longest))
-    if max_length is not None:
-        length = min(length, max_length)
+    return list(prompts) + [prompts[-1]] * max(0, (batch_size or 0) - len(prompts))
+
+
+def make_batch(prompts: Sequence[EncodedPrompt], load: MediaLoader | BlindLoader, *, pad_id: int, min_length: int = 32,
+               max_length: int | None = None, batch_size: int | None = None) -> PromptBatch:
+    """Pads prompts into one batch, media as pixels. `batch_size` > len(prompts) repeats the last
+    prompt (`batch_rows`)."""
+    rows = batch_rows(prompts, batch_size)
     pixels = [[load(m) for m in p.media] for p in rows]
     frame_counts = {x.shape[0] for row in pixels for x in row}
     if len(frame_counts) > 1:
         raise PromptError(f"media in one batch must have the same number of frames; got {sorted(frame_counts)} "
                           "(batch images and videos separately).")
-    frames = frame_counts.pop() if frame_counts else 1
-    num_media = next_power_of_two(max(1, max(len(p.media) for p in rows)))
     size = load.config.size
+    return assemble_batch(rows, pixels, (frame_counts.pop() if frame_counts else 1, size, size, 3), pad_id=pad_id,
+                          min_length=min_length, max_length=max_length)
+
+
+def assemble_batch(rows: Sequence[EncodedPrompt], media: Sequence[Sequence[np.ndarray]], item_shape: tuple[int, ...],
+                   *, pad_id: int, min_length: int = 32, max_length: int | None = None) -> PromptBatch:
+    """Rows left-padded to a `bucket_length`, each row's media arrays (all of `item_shape`: pixels
+    [T, S, S, 3], or visual tokens [R, D]) in slots counted up to a power of two."""
+    longest = max(len(p.ids) for p in rows)
+    if max_length is not None and longest > max_length:
+        raise PromptError(f"a prompt of {longest} tokens exceeds the model's {max_length}-token context; use "
+                          "fewer shots or shorter texts.")
+    length = bucket_length(longest, min_length)
+    if max_length is not None:
+        length = min(length, max_length)
+    num_media = next_power_of_two(max(1, max(len(p.media) for p in rows)))
     batch = len(rows)
-    media = np.zeros((batch, num_media, frames, size, size, 3), np.float32)
+    items = [x for row in media for x in row]
+    media_array = np.zeros((batch, num_media, *item_shape), items[0].dtype if items else np.float32)
     tokens = np.full((batch, length), pad_id, np.int32)
     media_index = np.full((batch, length), -1, np.int32)
     positions = np.zeros((batch, length), np.int32)
     valid = np.zeros((batch, length), bool)
-    for row, (prompt, row_pixels) in enumerate(zip(rows, pixels)):
+    for row, (prompt, row_media) in enumerate(zip(rows, media)):
         n = len(prompt.ids)
         tokens[row, length - n:] = prompt.ids
         media_index[row, length - n:] = prompt.media_index
         positions[row, length - n:] = np.arange(n)
         valid[row, length - n:] = True
-        for slot, x in enumerate(row_pixels):
-            media[row, slot] = x
-    return PromptBatch(tokens, media, media_index, positions, valid)
+        for slot, x in enumerate(row_media):
+            media_array[row, slot] = x
+    return PromptBatch(tokens, media_array, media_index, positions, valid)
