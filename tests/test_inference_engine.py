@@ -15,7 +15,7 @@ from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.evaluation.evaluator import EvalSettings, Evaluator
 from flamingo_jax.evaluation.rices import RicesIndex
 from flamingo_jax.evaluation.tasks import get_task
-from flamingo_jax.inference.engine import DecodeOptions, Engine
+from flamingo_jax.inference.engine import DecodeOptions, Engine, VisualTokenCache
 from flamingo_jax.inference.items import END_OF_CHUNK, Media
 from flamingo_jax.inference.prompting import mean_image
 from flamingo_jax.models.flamingo import Flamingo
@@ -85,45 +85,61 @@ def test_a_candidates_score_is_its_tokens_log_probability_after_the_prompt(engin
     np.testing.assert_allclose(whole, first + rest, rtol=1e-4)
 
 
-def test_each_media_item_is_encoded_once_while_it_lives_and_per_loader(engine, monkeypatch):
+def test_each_media_item_is_encoded_once_by_content_and_per_loader(engine, monkeypatch, tmp_path):
     """A few-shot evaluation shows each support image in many prompts (and prompt ensembling
-    each prompt six times): the engine encodes an item once, its prefill from those visual
-    tokens equals the prefill from pixels, a blind engine does not reuse what the seeing one
-    encoded, and an item's tokens go when it does."""
-    import gc
-
+    each prompt six times), each time as a new Media: the engine encodes an item's content
+    once, its prefill from those visual tokens equals the prefill from pixels, a blind engine
+    does not reuse what the seeing one encoded, and an edited file is read again."""
     import jax
+    from PIL import Image
 
     from flamingo_jax.inference import decoding
 
     encoded = []
     encode = engine._encode
     monkeypatch.setattr(engine, "_encode", lambda state, pixels: encoded.append(len(pixels)) or encode(state, pixels))
-    before = len(engine._visual)
-    a, b = picture(21), picture(22)
-    prompts = [[a, "Output: a red square", END_OF_CHUNK, b, "Output:"], [b, "Output: a star", END_OF_CHUNK, a, "Output:"]]
-    first = engine.score(prompts, [["a red square", "a blue star"]] * 2)
+
+    def prompts():  # new Media objects every time, as the evaluator's templates make them
+        a, b = picture(21), picture(22)
+        return [[a, "Output: a red square", END_OF_CHUNK, b, "Output:"], [b, "Output: a star", END_OF_CHUNK, a, "Output:"]]
+
+    first = engine.score(prompts(), [["a red square", "a blue star"]] * 2)
     assert encoded == [2]  # two items, four appearances
-    again = engine.score(prompts, [["a red square", "a blue star"]] * 2)
+    again = engine.score(prompts(), [["a red square", "a blue star"]] * 2)
     assert encoded == [2]
     np.testing.assert_array_equal(np.stack(first), np.stack(again))
 
-    pixels, visual = engine.batch(prompts), engine.visual_batch(prompts)
+    pixels, visual = engine.batch(prompts()), engine.visual_batch(prompts())
     np.testing.assert_array_equal(pixels.tokens, visual.tokens)
     from_pixels = jax.jit(lambda s, ls, *arrays: decoding.prefill(engine._model(s, ls), *arrays, 40).last_logits)
     np.testing.assert_allclose(np.asarray(from_pixels(engine.state, engine.layer_states, *pixels.arrays())),
                                np.asarray(engine.prefill(visual, 40 - visual.tokens.shape[1]).last_logits),
                                rtol=1e-5, atol=1e-5)
 
-    seeing = engine.visual_tokens([a])[0]
-    with engine.blind([a, b]):
-        blind = engine.visual_tokens([a, b])
+    seeing = engine.visual_tokens([picture(21)])[0]
+    with engine.blind([picture(21), picture(22)]):
+        blind = engine.visual_tokens([picture(21), picture(22)])
     assert encoded == [2, 2] and np.abs(blind[0] - seeing).max() > 1e-4
     np.testing.assert_array_equal(blind[0], blind[1])  # both are the mean image
-    assert len(engine._visual) == before + 2
-    del a, b, prompts, pixels, visual
-    gc.collect()
-    assert len(engine._visual) == before
+
+    path = tmp_path / "edited.png"
+    Image.fromarray(picture(23).array).save(path)
+    before = engine.visual_tokens([Media(path=path)])[0]
+    assert engine.visual_tokens([Media(path=path)])[0] is before and encoded == [2, 2, 1]
+    Image.fromarray(picture(24).array).save(path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    after = engine.visual_tokens([Media(path=path)])[0]
+    assert encoded == [2, 2, 1, 1] and np.abs(after - before).max() > 1e-4
+
+
+def test_the_visual_token_cache_drops_the_least_recently_used_past_its_size():
+    cache = VisualTokenCache(max_bytes=2 * 400)
+    arrays = {name: np.full(100, i, np.float32) for i, name in enumerate("abc")}  # 400 bytes each
+    cache.put("a", arrays["a"])
+    cache.put("b", arrays["b"])
+    assert cache.get("a") is arrays["a"]  # a is now the most recent
+    cache.put("c", arrays["c"])
+    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is arrays["a"]
 
 
 def test_decode_options_are_checked():

@@ -11,18 +11,20 @@ stacked layers are split once here, which makes each decoding step read every
 weight and cache slot where it lies.
 
 Each media item is encoded (read, vision encoder, Perceiver Resampler) once, up
-to `MEDIA_BATCH` items per call, and its visual tokens are kept while its `Media`
-lives: a few-shot evaluation shows every support image in many prompts, and the
-paper's prompt ensembling shows each prompt's images six times.
+to `MEDIA_BATCH` items per call, and its visual tokens are kept (`VisualTokenCache`):
+a few-shot evaluation shows every support image in many prompts, and the paper's
+prompt ensembling shows each prompt's images six times.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
-import weakref
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -43,24 +45,48 @@ MEDIA_BATCH = 8
 """Media items per call of the encoding program at most (fewer: padded to a power of two)."""
 
 
-class _WhileAlive:
-    """Values per object, by identity, each dropped when its object goes (`Media` compares by
-    value, so it cannot key a WeakKeyDictionary)."""
+class VisualTokenCache:
+    """Visual tokens by (loader, media content), least recently used dropped past `max_bytes`.
 
-    def __init__(self):
-        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
+    Content, not object identity: prompt builders make a new `Media` for the same file each
+    time. A file is known by its path, size and modification time (so an edited file is read
+    again), an array by its bytes' digest; the loader is part of the key because `with_video`
+    and `blind` show the same item as other pixels."""
 
-    def _forget(self, ref: weakref.ref, key: int) -> None:
-        if self._entries.get(key, (None,))[0] is ref:
-            del self._entries[key]
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+        self._bytes = 0
 
-    def of(self, item: object) -> dict:
-        """The dict kept for `item` (a new one the first time)."""
-        key = id(item)
-        entry = self._entries.get(key)
-        if entry is None or entry[0]() is not item:
-            entry = self._entries[key] = (weakref.ref(item, functools.partial(self._forget, key=key)), {})
-        return entry[1]
+    @staticmethod
+    def content_key(media: Media) -> tuple:
+        def file(path):
+            try:
+                stat = os.stat(path)
+            except OSError:  # unreadable: never cached, the loader names the problem
+                return (str(path), None, None)
+            return (str(path), stat.st_size, stat.st_mtime_ns)
+
+        if media.array is not None:
+            return ("array", media.array.shape, hashlib.sha1(np.ascontiguousarray(media.array)).hexdigest())
+        if media.frames is not None:
+            return ("frames", tuple(file(p) for p in media.frames), media.fps)
+        return ("path", file(media.path))
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if key in self._entries:
+            return
+        self._entries[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -127,9 +153,7 @@ class Engine:
         jit = functools.partial(jax.jit, compiler_options=unrolled.COMPILER_OPTIONS)
         self._prefill = jit(self._prefill_fn, static_argnames=("num_slots",))
         self._encode = jax.jit(self._encode_fn)
-        # Media -> {loader: visual tokens [R, D]}: an entry goes when its Media does; per loader, as
-        # `with_video` and `blind` see the same item as other pixels.
-        self._visual = _WhileAlive()
+        self.visual_cache = VisualTokenCache()
         self._decode = jit(self._decode_fn, static_argnames=("options",))
         self._score = jit(self._score_fn)
         self.step: int | None = None  # set when loaded from a training run
@@ -211,24 +235,24 @@ class Engine:
 
     def visual_tokens(self, media: Sequence[Media]) -> list[np.ndarray]:
         """The visual tokens [R, D] of each media item as the current loader shows it (the
-        Perceiver Resampler's output), encoding only the items not seen before."""
-        def known(item):
-            return self._visual.of(item).get(self.load_media)
-
-        missing = list({id(m): m for m in media if known(m) is None}.values())
-        by_frames: dict[int, list[tuple[Media, np.ndarray]]] = {}
-        for item in missing:
-            pixels = self.load_media(item)
-            by_frames.setdefault(pixels.shape[0], []).append((item, pixels))
+        Perceiver Resampler's output), encoding only the items not in `visual_cache`."""
+        keys = [(self.load_media, self.visual_cache.content_key(m)) for m in media]
+        found = {key: self.visual_cache.get(key) for key in keys}
+        by_frames: dict[int, list[tuple[tuple, np.ndarray]]] = {}
+        for key, item in dict(zip(keys, media)).items():
+            if found[key] is None:
+                pixels = self.load_media(item)
+                by_frames.setdefault(pixels.shape[0], []).append((key, pixels))
         for group in by_frames.values():
             for start in range(0, len(group), MEDIA_BATCH):
                 chunk = group[start:start + MEDIA_BATCH]
                 pixels = [p for _, p in chunk]
                 pixels += [pixels[-1]] * (min(MEDIA_BATCH, prompting.next_power_of_two(len(pixels))) - len(pixels))
                 tokens = np.asarray(self._encode(self.state, np.stack(pixels)))
-                for (item, _), item_tokens in zip(chunk, tokens):
-                    self._visual.of(item)[self.load_media] = item_tokens
-        return [known(m) for m in media]
+                for (key, _), item_tokens in zip(chunk, tokens):
+                    found[key] = item_tokens
+                    self.visual_cache.put(key, item_tokens)
+        return [found[key] for key in keys]
 
     @functools.cached_property
     def _visual_shape(self) -> tuple[int, ...]:
