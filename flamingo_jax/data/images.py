@@ -43,6 +43,7 @@ is refused with a reason of DECODE_FAILURES (the pipelines skip and count it):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -196,14 +197,29 @@ def preprocess_pixels(image: Any, config: ImageConfig, training: bool, seed: Any
     Training (`prepare_decoded`) and inference (`MediaLoader`) both call it, so
     an image is prepared the same way on both paths."""
     t = tf()
-    image01 = _fit_long_side(image, config.size) / 255.0
+    # Products with reciprocals, not divisions by constants: traced (`inference_preprocessor`),
+    # Grappler rewrites x / c as x * (1 / c), which rounds differently from eager and tf.data.
+    image01 = _fit_long_side(image, config.size) * (1.0 / 255.0)
     if training:
         image01 = _augment(image01, config, seed)
-    normalised = (image01 - t.constant(config.mean)) / t.constant(config.std)
+    normalised = (image01 - t.constant(config.mean)) * t.constant([1.0 / s for s in config.std])
     height, width = t.shape(normalised)[0], t.shape(normalised)[1]
     padded = t.image.pad_to_bounding_box(
         normalised, (config.size - height) // 2, (config.size - width) // 2, config.size, config.size)
     return t.ensure_shape(padded, [config.size, config.size, 3])
+
+
+@functools.lru_cache(maxsize=8)
+def inference_preprocessor(config: ImageConfig) -> Any:
+    """`preprocess_pixels` at inference, as one traced TensorFlow function (any image size), equal
+    to it bit for bit: called eagerly it runs some forty ops one by one, 5 ms an image on one
+    core against 0.9 ms traced, which made reading a 30-frame clip cost more than encoding it."""
+    t = tf()
+
+    def prepare(pixels):
+        return preprocess_pixels(pixels, config, training=False, seed=None)
+
+    return t.function(prepare, input_signature=[t.TensorSpec([None, None, 3], t.uint8)], autograph=False)
 
 
 def decode_all(encoded: Sequence[bytes], config: ImageConfig) -> tuple[np.ndarray, np.ndarray, str, str]:

@@ -202,10 +202,7 @@ class MediaLoader:
     def _prepare(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
             raise PromptError(f"an image array must be uint8 [H, W, 3]; got {pixels.dtype} {pixels.shape}.")
-        from flamingo_jax.data._tf import tf
-
-        prepared = image_ops.preprocess_pixels(tf().constant(pixels), self.config, training=False, seed=None)
-        return prepared.numpy()
+        return image_ops.inference_preprocessor(self.config)(pixels).numpy()
 
 
 class BlindLoader:
