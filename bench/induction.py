@@ -1,11 +1,15 @@
 """When does the tiny LM learn in-context copying? Issue 12's few-shot tasks need the frozen LM to
 copy a name the prompt shows (an induction head); this trains the tiny config's decoder on
-sequences of random tokens, each said twice (lengths 6-15, so no fixed offset finds the copy),
-optionally mixed row by row with the synthetic corpus' text, and reports the second copy's NLL
-against the first on held-out repeats as training goes. Induction shows as the second copy
-falling far below the first (log 512 = 6.2 nats is chance).
+sequences of random tokens, each said twice (by default 6-15 tokens, so no fixed offset finds
+the copy), optionally mixed row by row with the synthetic corpus' text, and reports the second
+copy's NLL against the first on held-out repeats (`--probe_len` tokens, said twice) as training
+goes. Induction shows as the second copy falling far below the first (log 512 = 6.2 nats is
+chance). A probe longer than every training segment tests copying at offsets training never
+showed, which a model that only boosts recently seen tokens fails.
 
     python bench/induction.py --seeds=0,1,2 --steps=3000 --json=bench/results/induction.json
+    python bench/induction.py --seeds=0 --segment=10,40 --length=128 --batch=8 --probe_len=30 \
+        --json=bench/results/induction_long.json
     python bench/induction.py --seeds=0 --corpus_fraction=0.5 --data_dir=data_cache/synthetic-tiny
 """
 
@@ -17,7 +21,7 @@ import time
 
 import common
 
-BATCH, LENGTH, PROBES = 16, 64, 10
+PROBES = 10
 
 
 def _train(seed: int, args) -> dict:
@@ -54,6 +58,7 @@ def _train(seed: int, args) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
+    shortest, longest = (int(v) for v in args.segment.split(","))
     corpus = None
     if args.corpus_fraction > 0:
         from flamingo_jax.data.tokenizer import load_tokenizer
@@ -64,26 +69,26 @@ def _train(seed: int, args) -> dict:
 
     def row():
         ids: list[int] = []
-        while len(ids) < LENGTH:
+        while len(ids) < args.length:
             if corpus is not None and rng.random() < args.corpus_fraction:
                 ids += corpus[int(rng.integers(0, len(corpus)))]
             else:
-                sequence = rng.integers(10, vocab, int(rng.integers(6, 16))).tolist()
+                sequence = rng.integers(10, vocab, int(rng.integers(shortest, longest + 1))).tolist()
                 ids += sequence + sequence
-        return ids[:LENGTH]
+        return ids[:args.length]
 
     probe_rng = np.random.default_rng(10_000 + seed)
-    held_out = probe_rng.integers(10, vocab, (PROBES, 20))
+    held_out = probe_rng.integers(10, vocab, (PROBES, args.probe_len))
     probe_tokens = jnp.asarray(np.concatenate([np.ones((PROBES, 1), int), held_out, held_out], 1))
     probe = jax.jit(token_nll)
     curve, started = [], time.perf_counter()
     for i in range(args.steps):
-        params, opt_state, loss = step(params, opt_state, jnp.asarray([row() for _ in range(BATCH)]))
+        params, opt_state, loss = step(params, opt_state, jnp.asarray([row() for _ in range(args.batch)]))
         if (i + 1) % args.probe_every == 0 or i + 1 == args.steps:
             nll = np.asarray(probe(params, probe_tokens))
             curve.append({"step": i + 1, "train_loss": round(float(loss), 3),
-                          "first_copy_nll": round(float(nll[:, :20].mean()), 3),
-                          "second_copy_nll": round(float(nll[:, 21:].mean()), 3)})
+                          "first_copy_nll": round(float(nll[:, :args.probe_len].mean()), 3),
+                          "second_copy_nll": round(float(nll[:, args.probe_len + 1:].mean()), 3)})
             print(seed, curve[-1], flush=True)
     formed = [p["step"] for p in curve if p["second_copy_nll"] < 0.5 * p["first_copy_nll"]]
     return {"seed": seed, "curve": curve, "induction_at_step": formed[0] if formed else None,
@@ -96,6 +101,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (the LM stage's)")
     parser.add_argument("--probe_every", type=int, default=500)
+    parser.add_argument("--segment", default="6,15", help="shortest,longest random segment (tokens)")
+    parser.add_argument("--length", type=int, default=64, help="tokens per training row")
+    parser.add_argument("--batch", type=int, default=16, help="rows per step")
+    parser.add_argument("--probe_len", type=int, default=20, help="tokens of each held-out repeat")
     parser.add_argument("--corpus_fraction", type=float, default=0.0,
                         help="share of each row's text drawn from the corpus (needs --data_dir)")
     parser.add_argument("--data_dir", default="data_cache/synthetic-tiny")
@@ -104,7 +113,8 @@ def main(argv=None):
     if args.corpus_fraction > 0 and not os.path.exists(os.path.join(args.data_dir, "text.txt")):
         parser.error(f"--corpus_fraction needs a corpus in --data_dir ({args.data_dir}): run the main job or "
                      "python -m flamingo_jax.data.synthetic first.")
-    result = {"benchmark": "induction", "machine": common.machine(), "batch": BATCH, "length": LENGTH,
+    result = {"benchmark": "induction", "machine": common.machine(), "batch": args.batch, "length": args.length,
+              "segment": args.segment, "probe_len": args.probe_len,
               "steps": args.steps, "lr": args.lr, "corpus_fraction": args.corpus_fraction,
               "runs": [_train(int(s), args) for s in args.seeds.split(",")]}
     common.emit(result, args.json)
