@@ -111,6 +111,8 @@ def test_each_media_item_is_encoded_once_by_content_and_per_loader(engine, monke
 
     pixels, visual = engine.batch(prompts()), engine.visual_batch(prompts())
     np.testing.assert_array_equal(pixels.tokens, visual.tokens)
+    text_only = engine.visual_batch([["Output: a red square"]]).media  # no media: the same program's arrays
+    assert text_only.shape[2:] == visual.media.shape[2:] and text_only.dtype == visual.media.dtype
     from_pixels = jax.jit(lambda s, ls, *arrays: decoding.prefill(engine._model(s, ls), *arrays, 40).last_logits)
     np.testing.assert_allclose(np.asarray(from_pixels(engine.state, engine.layer_states, *pixels.arrays())),
                                np.asarray(engine.prefill(visual, 40 - visual.tokens.shape[1]).last_logits),

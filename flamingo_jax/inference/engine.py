@@ -230,7 +230,8 @@ class Engine:
         for row in rows:
             per_row.append(visual[start:start + len(row.media)])
             start += len(row.media)
-        return prompting.assemble_batch(rows, per_row, self._visual_shape, pad_id=self.tokenizer.pad_id,
+        item = self._visual_item
+        return prompting.assemble_batch(rows, per_row, item.shape, item.dtype, pad_id=self.tokenizer.pad_id,
                                         min_length=self.min_length, max_length=self.cfg.decoder.max_len - reserve)
 
     def visual_tokens(self, media: Sequence[Media]) -> list[np.ndarray]:
@@ -255,10 +256,12 @@ class Engine:
         return [found[key] for key in keys]
 
     @functools.cached_property
-    def _visual_shape(self) -> tuple[int, ...]:
+    def _visual_item(self) -> jax.ShapeDtypeStruct:
+        """Shape [R, D] and dtype of one item's visual tokens."""
         size = self.cfg.vision.image_size
-        pixels = jax.ShapeDtypeStruct((MEDIA_BATCH, 1, size, size, 3), jnp.float32)
-        return tuple(jax.eval_shape(self._encode_fn, self.state, pixels).shape[1:])
+        pixels = jax.ShapeDtypeStruct((1, 1, size, size, 3), jnp.float32)
+        tokens = jax.eval_shape(self._encode_fn, self.state, pixels)
+        return jax.ShapeDtypeStruct(tokens.shape[1:], tokens.dtype)
 
     def prefill(self, batch: prompting.PromptBatch, num_new: int) -> decoding.Context:
         """The prompts of a `visual_batch`, with `num_new` cache slots free after them."""

@@ -288,14 +288,17 @@ def make_batch(prompts: Sequence[EncodedPrompt], load: MediaLoader | BlindLoader
         raise PromptError(f"media in one batch must have the same number of frames; got {sorted(frame_counts)} "
                           "(batch images and videos separately).")
     size = load.config.size
-    return assemble_batch(rows, pixels, (frame_counts.pop() if frame_counts else 1, size, size, 3), pad_id=pad_id,
-                          min_length=min_length, max_length=max_length)
+    return assemble_batch(rows, pixels, (frame_counts.pop() if frame_counts else 1, size, size, 3), np.float32,
+                          pad_id=pad_id, min_length=min_length, max_length=max_length)
 
 
 def assemble_batch(rows: Sequence[EncodedPrompt], media: Sequence[Sequence[np.ndarray]], item_shape: tuple[int, ...],
-                   *, pad_id: int, min_length: int = 32, max_length: int | None = None) -> PromptBatch:
-    """Rows left-padded to a `bucket_length`, each row's media arrays (all of `item_shape`: pixels
-    [T, S, S, 3], or visual tokens [R, D]) in slots counted up to a power of two."""
+                   item_dtype: np.dtype, *, pad_id: int, min_length: int = 32,
+                   max_length: int | None = None) -> PromptBatch:
+    """Rows left-padded to a `bucket_length`, each row's media arrays (all of `item_shape` and
+    `item_dtype`: pixels [T, S, S, 3], or visual tokens [R, D]) in slots counted up to a power of
+    two; the dtype is given, not read from the items, so a batch without media compiles the same
+    program as one with them."""
     longest = max(len(p.ids) for p in rows)
     if max_length is not None and longest > max_length:
         raise PromptError(f"a prompt of {longest} tokens exceeds the model's {max_length}-token context; use "
@@ -305,8 +308,7 @@ def assemble_batch(rows: Sequence[EncodedPrompt], media: Sequence[Sequence[np.nd
         length = min(length, max_length)
     num_media = next_power_of_two(max(1, max(len(p.media) for p in rows)))
     batch = len(rows)
-    items = [x for row in media for x in row]
-    media_array = np.zeros((batch, num_media, *item_shape), items[0].dtype if items else np.float32)
+    media_array = np.zeros((batch, num_media, *item_shape), item_dtype)
     tokens = np.full((batch, length), pad_id, np.int32)
     media_index = np.full((batch, length), -1, np.int32)
     positions = np.zeros((batch, length), np.int32)
