@@ -101,8 +101,11 @@ class BatchShape:
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> "BatchShape":
-        """From a batch's arrays (or ShapeDtypeStructs): tokens [B, L], media [B, M, T, H, W, 3]."""
+        """From a batch's arrays (or ShapeDtypeStructs): tokens [B, L], media [B, M, T, H, W, 3]
+        (none in text-only batches such as copying drills)."""
         batch_size, seq_len = batch["tokens"].shape
+        if "media" not in batch:
+            return cls(batch_size, seq_len, num_media=0)
         _, num_media, num_frames, height, _, _ = batch["media"].shape
         return cls(batch_size, seq_len, num_media, num_frames, height)
 

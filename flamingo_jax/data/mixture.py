@@ -19,6 +19,10 @@ Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
       dict(name="coco", kind="tfds", tfds_builder="coco_captions", tfds_split="train[:90%]",
            tfds_data_dir="gs://bucket/tfds", tfds_fields=dict(image="image", text="captions/text"),
            batch_size=512, weight=0.2)   # a prepared TFDS builder instead of shards (data/tfds_source.py)
+      dict(name="copying", kind="repeats", batch_size=8, max_len=128, min_repeat_len=10,
+           max_repeat_len=40)   # random-token runs said twice, no files: LM pretraining (data/repeats.py)
+  `from_step` (any kind) holds a dataset out of the steps before it: a curriculum, e.g. the
+  copying drills alone first, the corpus joining at step 2,500.
   A dataset whose skipped records (bad records and damaged file stretches) pass
   `max_skip_fraction` of those read (default 0.1, checked after
   `skip_check_min_records`, default 1000) stops the run with an error naming it.
@@ -40,16 +44,17 @@ from typing import Any
 
 import numpy as np
 
-from flamingo_jax.data import formats, images
+from flamingo_jax.data import formats, images, repeats
 from flamingo_jax.data.errors import DataError
 from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
 from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
-from flamingo_jax.data.pipeline import RecordPipeline
+from flamingo_jax.data.pipeline import RecordPipeline, default_process
 from flamingo_jax.data.tfds_source import TfdsFields, TfdsSource
 from flamingo_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 TFDS = "tfds"  # a mixture entry read from a prepared TFDS builder (data/tfds_source.py)
-_DEFAULT_MAX_LEN = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 32, formats.VIDEO_TEXT: 32}
+KINDS = (*formats.KINDS, TFDS, repeats.KIND)
+_DEFAULT_MAX_LEN = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 32, formats.VIDEO_TEXT: 32, repeats.KIND: 128}
 # Records of interleaved documents and videos hold many images: a smaller buffer bounds host memory.
 _DEFAULT_SHUFFLE_BUFFER = {formats.INTERLEAVED: 256, formats.IMAGE_TEXT: 2048, formats.VIDEO_TEXT: 256}
 
@@ -59,10 +64,11 @@ class DatasetSpec:
     """One dataset of the mixture. Fields that do not apply to `kind` are ignored."""
 
     name: str
-    kind: str  # 'interleaved' | 'image_text' | 'video_text' | 'tfds'
+    kind: str  # 'interleaved' | 'image_text' | 'video_text' | 'tfds' | 'repeats'
     batch_size: int  # per host
-    pattern: str = ""  # glob of the TFRecord shards (comma-separated globs allowed); not for 'tfds'
+    pattern: str = ""  # glob of the TFRecord shards (comma-separated globs allowed); not for 'tfds', 'repeats'
     weight: float = 1.0  # λ: this dataset's loss weight
+    from_step: int = 0  # the first step with this dataset's batches (a curriculum; 0: every step)
     max_len: int = 0  # L; 0 = kind default (256 interleaved, 32 pairs)
     max_images: int = 5  # interleaved: N media slots
     p_next: float = 0.5  # interleaved
@@ -80,6 +86,9 @@ class DatasetSpec:
     tfds_split: str = "train"  # ... the split, with TFDS slicing ('train[:90%]')
     tfds_data_dir: str = ""  # ... where it was prepared ('' = TFDS's default, ~/tensorflow_datasets)
     tfds_fields: dict = dataclasses.field(default_factory=dict)  # ... image or frames (+ frame_rate), text
+    min_repeat_len: int = 10  # kind 'repeats': the shortest run of random tokens (said twice)
+    max_repeat_len: int = 40  # ... the longest
+    first_copy_loss: bool = False  # ... also score a run's first saying (unpredictable)
 
     @property
     def record_kind(self) -> str:
@@ -96,13 +105,17 @@ class DatasetSpec:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise DataError(f"{where}: unknown field {unknown[0]!r}; valid fields are {sorted(fields)}.")
-        required = ("name", "kind", "batch_size") + (("tfds_builder",) if values.get("kind") == TFDS else ("pattern",))
+        sources = {TFDS: ("tfds_builder",), repeats.KIND: ()}
+        required = ("name", "kind", "batch_size") + sources.get(values.get("kind"), ("pattern",))
         missing = [f for f in required if f not in values]
         if missing:
             raise DataError(f"{where}: missing required field {missing[0]!r}.")
         spec = cls(**values)
-        if spec.kind not in (*formats.KINDS, TFDS):
-            raise DataError(f"{where}: kind={spec.kind!r} is unknown; use one of {(*formats.KINDS, TFDS)}.")
+        if spec.kind not in KINDS:
+            raise DataError(f"{where}: kind={spec.kind!r} is unknown; use one of {KINDS}.")
+        if spec.kind == repeats.KIND and spec.pattern:
+            raise DataError(f"{where}: kind='repeats' generates its rows and reads no files; drop "
+                            f"pattern={spec.pattern!r}.")
         if spec.kind == TFDS:
             if spec.pattern:
                 raise DataError(f"{where}: kind='tfds' reads tfds_builder/tfds_split, not pattern={spec.pattern!r}; "
@@ -112,6 +125,8 @@ class DatasetSpec:
             TfdsFields.from_dict(spec.tfds_fields, where)
         if spec.batch_size < 1:
             raise DataError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
+        if spec.from_step < 0:
+            raise DataError(f"{where}: from_step={spec.from_step} must be >= 0 (0: the dataset is in every step).")
         if not np.isfinite(spec.weight) or spec.weight < 0:
             raise DataError(f"{where}: weight={spec.weight} must be a finite number >= 0.")
         if not 0.0 <= spec.max_skip_fraction <= 1.0:
@@ -128,6 +143,15 @@ def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images
     image_config = dataclasses.replace(image_config, **overrides)
     kind = spec.record_kind
     max_len = spec.max_len or _DEFAULT_MAX_LEN[kind]
+    if kind == repeats.KIND:
+        process_index, process_count = kwargs.get("process_index"), kwargs.get("process_count")
+        if process_index is None or process_count is None:
+            process_index, process_count = default_process()
+        return repeats.RepeatsPipeline(
+            spec.name, spec.batch_size, repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids()),
+            max_len=max_len, min_run=spec.min_repeat_len, max_run=spec.max_repeat_len, bos_id=tokenizer.bos_id,
+            first_copy_loss=spec.first_copy_loss, seed=kwargs.get("seed", 0), process_index=process_index,
+            process_count=process_count)
     kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[kind])
     kwargs.setdefault("max_skip_fraction", spec.max_skip_fraction)
     kwargs.setdefault("skip_check_min_records", spec.skip_check_min_records)

@@ -112,6 +112,11 @@ class Tokenizer:
         """Frozen vocabulary plus `<EOC>`: the model's output size."""
         return self.vocab_size + 1
 
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of the frozen vocabulary that are not text: control pieces, unknown, the image marker."""
+        control = [i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)]
+        return tuple(sorted(set(control) | set(self.image_marker_ids)))
+
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no BOS/EOS, never `<EOC>` or a forged single-id marker)."""
         return self.sp.encode(text.replace(IMAGE_TEXT, _ESCAPED_IMAGE_TEXT))
@@ -222,6 +227,10 @@ class HFTokenizer(Tokenizer):
     @property
     def total_vocab_size(self) -> int:
         return self.vocab_size + self.num_new_tokens
+
+    def special_ids(self) -> tuple[int, ...]:
+        named = (self.bos_id, self.eos_id, self.pad_id, *self.image_marker_ids)
+        return tuple(sorted({i for i in named if i is not None and i < self.vocab_size}))
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no BOS/EOS); a literal "<image>" / "<EOC>" in the text stays text."""

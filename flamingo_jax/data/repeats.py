@@ -1,0 +1,95 @@
+"""Copying drills for a language model: rows of random tokens, each run said twice.
+
+A frozen LM can only support Flamingo's few-shot learning if it copies from its context: a
+name that one support example shows must come back in the answer. Small LMs learn copying
+(an induction head) abruptly and late, and a corpus as predictable as the synthetic one keeps
+them in the easier solution of boosting recently seen tokens. Runs of uniformly random tokens
+can only be predicted the second time, and only by finding the first, so a stage that trains
+on them first learns to copy at any offset (bench/induction.py measures when).
+
+A row is BOS followed by runs r1 r1 r2 r2 ... (each run `min_len`..`max_len` ordinary pieces),
+cut to `max_len + 1` tokens; the loss covers the second saying of each run (`first_copy_loss`
+adds the first, which carries no signal but the unigram prior). Row k of process p is a pure
+function of (seed, p, k), so the state is a row count and a resumed run sees the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flamingo_jax.data.errors import DataError
+
+KIND = "repeats"
+STATE_VERSION = 1
+
+
+def ordinary_ids(vocab_size: int, special_ids: Sequence[int | None]) -> np.ndarray:
+    """The token ids a drill draws from: every id below `vocab_size` but the special ones."""
+    special = {int(i) for i in special_ids if i is not None}
+    ids = np.asarray([i for i in range(vocab_size) if i not in special], np.int32)
+    if len(ids) < 2:
+        raise DataError(f"a copying drill needs at least 2 ordinary token ids; the tokenizer has {len(ids)}.")
+    return ids
+
+
+class RepeatsPipeline:
+    """Batches {tokens, targets, loss_mask} [batch_size, max_len] of copying drills; the
+    iterator-with-state interface of the record pipelines (`next`, `get_state`, `set_state`)."""
+
+    def __init__(self, name: str, batch_size: int, token_ids: np.ndarray, *, max_len: int, min_run: int,
+                 max_run: int, bos_id: int | None, first_copy_loss: bool = False, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        if not 1 <= min_run <= max_run:
+            raise DataError(f"dataset {name!r}: repeat runs of {min_run}..{max_run} tokens; need "
+                            "1 <= min_repeat_len <= max_repeat_len.")
+        if 2 * min_run > max_len:
+            raise DataError(f"dataset {name!r}: max_len={max_len} cannot hold one run of {min_run} tokens said "
+                            f"twice; raise max_len to at least {2 * min_run} or lower min_repeat_len.")
+        self.name, self.batch_size, self.max_len = name, int(batch_size), int(max_len)
+        self.token_ids = np.asarray(token_ids, np.int32)
+        self.min_run, self.max_run = int(min_run), int(max_run)
+        self.bos_id, self.first_copy_loss = bos_id, bool(first_copy_loss)
+        self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
+        self.rows = 0  # rows handed out by this process
+
+    def __iter__(self):
+        return self
+
+    def row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `k` of this process: its max_len + 1 tokens and which of them are targets."""
+        rng = np.random.default_rng((self.seed, self.process_index, k))
+        tokens = [] if self.bos_id is None else [int(self.bos_id)]
+        scored = [False] * len(tokens)
+        while len(tokens) < self.max_len + 1:
+            run = rng.choice(self.token_ids, int(rng.integers(self.min_run, self.max_run + 1))).tolist()
+            tokens += run + run
+            scored += [self.first_copy_loss] * len(run) + [True] * len(run)
+        return np.asarray(tokens[:self.max_len + 1], np.int32), np.asarray(scored[:self.max_len + 1])
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self.row(self.rows + i) for i in range(self.batch_size)]
+        self.rows += self.batch_size
+        tokens = np.stack([t for t, _ in rows])
+        scored = np.stack([s for _, s in rows])
+        return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": scored[:, 1:].astype(np.float32)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "name": self.name, "kind": KIND, "seed": self.seed,
+                "process_index": self.process_index, "process_count": self.process_count, "rows": self.rows}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        expected = {"kind": KIND, "seed": self.seed, "process_count": self.process_count}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(f"dataset {self.name!r}: saved state has {key}={state.get(key)!r}, this run "
+                                f"{value!r}; resume with the same data config and seed.")
+        self.rows = int(state["rows"])
+
+    def skip_counts(self) -> dict[str, int]:
+        return {}  # generated rows are never damaged
+
+    def close(self) -> None:
+        pass
