@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 import signal
@@ -61,6 +62,11 @@ def preempt_after(stop_step: int):
             os.kill(os.getpid(), signal.SIGTERM)
 
     return after_step
+
+
+def read_metrics(workdir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def train_config(corpus_dir: str, *, datasets=("image_text", "interleaved"), steps: int = 5,

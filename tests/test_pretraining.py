@@ -14,7 +14,7 @@ from flamingo_jax.models.config import ConfigError
 from flamingo_jax.training.objectives import ObjectiveError
 from flamingo_jax.training.trainer import Trainer
 
-from helpers import no_compiles, preempt_after, train_config
+from helpers import no_compiles, preempt_after, read_metrics, train_config
 
 TINY_TEXT_ENCODER = dict(dim=32, num_layers=1, num_heads=2, head_dim=16, mlp_ratio=2, max_len=32, embed_dim=24)
 
@@ -69,6 +69,21 @@ def test_language_model_pretraining_resumes_exactly_and_exports_the_decoder(synt
     assert straight.losses[8] < straight.losses[1] - 0.5  # from ~log(512) = 6.2 nats
     frozen = restored_by_flamingo(synthetic_corpus, tmp_path, decoder=decoder_path)
     chex.assert_trees_all_equal(frozen["decoder"], params)
+
+
+def test_copying_drills_come_first_and_the_corpus_joins_at_its_from_step_across_a_resume(synthetic_corpus, tmp_path):
+    """The tiny LM stage's curriculum: the drills alone, then the corpus beside them from
+    `from_step`; preempted at the step where the corpus joins, the resumed run is exact."""
+    config = pretraining_config(synthetic_corpus, "lm", ("interleaved",))
+    for dataset in config.data.datasets:
+        dataset["from_step"] = 4
+    config.data.datasets.append(dict(name="copying", kind="repeats", batch_size=4, max_len=32, min_repeat_len=3,
+                                     max_repeat_len=8))
+    check_resume_and_export(config, tmp_path, "decoder")
+    for workdir in ("straight", "resumed"):
+        datasets = {r["step"]: sorted(k.split("/", 1)[1] for k in r if k.startswith("loss/"))
+                    for r in read_metrics(tmp_path / workdir)}
+        assert datasets == {s: ["copying"] if s <= 4 else ["copying", "interleaved"] for s in range(1, 9)}
 
 
 def test_contrastive_pretraining_resumes_exactly_and_exports_the_vision_encoder(synthetic_corpus, tmp_path):

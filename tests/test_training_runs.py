@@ -4,7 +4,6 @@ TensorBoard output, the non-finite stop, and round-robin accumulation across a r
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 
@@ -19,11 +18,7 @@ from flamingo_jax.core.checkpoint import Checkpointer
 from flamingo_jax.inference.loading import load_trained
 from flamingo_jax.training.trainer import Trainer, TrainingStopped
 
-from helpers import flat_arrays, train_config
-
-
-def read_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+from helpers import flat_arrays, read_metrics, train_config
 
 
 def saved_steps(workdir) -> list[int]:

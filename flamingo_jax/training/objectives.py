@@ -111,6 +111,12 @@ class FlamingoObjective(Objective):
     def parts(self) -> ModelParts:
         return ModelParts.flamingo(self.run.model)
 
+    def check(self, batch_kinds: Mapping[str, str]) -> None:
+        textual = {name: kind for name, kind in batch_kinds.items() if kind == "repeats"}
+        if textual:
+            raise ObjectiveError(f"objective 'flamingo' trains on media with text; datasets {textual} are text "
+                                 "alone (copying drills for LM pretraining). Remove them from config.data.datasets.")
+
     def step_flops(self, shapes: Mapping[str, flops.BatchShape],
                    num_microbatches: int = 1) -> flops.StepFlops | None:
         if not self.run.model.freeze_lm:

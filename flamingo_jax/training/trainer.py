@@ -123,6 +123,18 @@ def _warn_if_corpus_differs(run: RunConfig) -> None:
                         "directory to regenerate it from the config.", synthetic.out_dir, listed)
 
 
+def check_curriculum(from_step: dict[str, int], steps: int) -> None:
+    """The first step needs a dataset; one that joins after the last step is never trained on."""
+    if from_step and min(from_step.values()) > 0:
+        raise UserError(
+            f"config field data.datasets: every dataset has from_step > 0 ({from_step}), so the first steps "
+            "would have no data; set one dataset's from_step to 0.")
+    late = {name: start for name, start in from_step.items() if start >= steps}
+    if late:
+        logging.warning("datasets %s join at from_step >= train.steps = %d: this run never trains on them.",
+                        late, steps)
+
+
 def jit_train_step(objective: Objective, parts: ModelParts, optimizer, weights, group: tuple[str, ...],
                    num_microbatches: int, state_shardings, frozen_shardings, batch_sharding) -> Callable:
     """The jitted step over the datasets in `group`, state donated (also what `flamingo_jax.aot` compiles).
@@ -176,6 +188,8 @@ class Trainer:
         prepare_synthetic_data(run)
         self.mixture = Mixture.from_config(run.data, seed=run.seed)
         self.datasets = tuple(sorted(self.mixture.pipelines))
+        self._from_step = {name: spec.from_step for name, spec in self.mixture.specs.items()}
+        check_curriculum(self._from_step, train.steps)
         self.batch_sizes = {name: spec.batch_size * jax.process_count() for name, spec in self.mixture.specs.items()}
         sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
         self._check_vocab()
@@ -290,14 +304,19 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ steps
-    def _compile_steps(self) -> dict[tuple[str, ...], Callable]:
-        """One jitted step over all datasets, or one per dataset under round-robin."""
-        train = self.run_config.train
-        groups = [self.datasets] if train.accumulation == "all" else [(n,) for n in self.datasets]
-        return {group: programs.reuse(self.program_key, ("train_step", group), functools.partial(
-                    jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
-                    train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
-                for group in groups}
+    def step_group(self, step: int) -> tuple[str, ...]:
+        """The datasets of the step after `step`: every one whose `from_step` it has reached, or
+        under round-robin one of those in turn."""
+        active = tuple(n for n in self.datasets if self._from_step.get(n, 0) <= step)
+        if self.run_config.train.accumulation == "all":
+            return active
+        return (active[step % len(active)],)
+
+    def _step_program(self, group: tuple[str, ...]) -> Callable:
+        """The jitted step over the datasets in `group` (traced on its first call)."""
+        return programs.reuse(self.program_key, ("train_step", group), functools.partial(
+            jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
+            self.run_config.train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
 
     def _next_batches(self, group: tuple[str, ...]) -> dict[str, Any]:
         local = {name: next(self.mixture.pipelines[name]) for name in group}
@@ -312,8 +331,6 @@ class Trainer:
         start_step = int(state.step)
         logging.info("state ready at step %d in %.1f s", start_step, time.time() - clock)
         nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
-        steps = self._compile_steps()
-        groups = list(steps)
         writer = MetricsWriter(self.workdir, train.steps, tensorboard=train.tensorboard)
         chip = flops.detect_chip()  # MFU is logged only where the chip's peak is known
         model_flops: dict[tuple[str, ...], float] = {}  # per group, from its first batches' shapes
@@ -346,10 +363,10 @@ class Trainer:
             while True:
                 stepping = step < train.steps and not preempted
                 if stepping:
-                    group = groups[step % len(groups)]
+                    group = self.step_group(step)
                     batches = self._next_batches(group)
                     step_started = time.time()
-                    state, step_metrics = steps[group](state, frozen, batches)
+                    state, step_metrics = self._step_program(group)(state, frozen, batches)
                     if step == start_step:
                         logging.info("first step (compile + run) took %.1f s", time.time() - step_started)
                     step += 1
