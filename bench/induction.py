@@ -1,9 +1,10 @@
 """When does the tiny LM learn in-context copying? Issue 12's few-shot tasks need the frozen LM to
 copy a name the prompt shows (an induction head); this trains the tiny config's decoder on
-sequences of random tokens, each said twice (by default 6-15 tokens, so no fixed offset finds
-the copy), optionally mixed row by row with the synthetic corpus' text, and reports the second
-copy's NLL against the first on held-out repeats (`--probe_len` tokens, said twice) as training
-goes. Induction shows as the second copy falling far below the first (log 512 = 6.2 nats is
+copying drills (`data/repeats.py`, what the LM stage trains on: runs of random tokens, each said
+twice; by default 6-15 tokens, so no fixed offset finds the copy; the loss on the second saying
+only, or on both with --first_copy_loss), optionally mixed row by row with rows of the synthetic
+corpus' text, and reports the second copy's NLL against the first on held-out repeats
+(`--probe_len` tokens, said twice) as training goes. Induction shows as the second copy falling far below the first (log 512 = 6.2 nats is
 chance). A probe longer than every training segment tests copying at offsets training never
 showed, which a model that only boosts recently seen tokens fails.
 
@@ -31,6 +32,7 @@ def _train(seed: int, args) -> dict:
     import optax
 
     from flamingo_jax.core.config import RunConfig
+    from flamingo_jax.data.repeats import RepeatsPipeline
     from flamingo_jax.training.objectives import make_objective
 
     config = common.load_config("tiny", "lm")
@@ -52,13 +54,15 @@ def _train(seed: int, args) -> dict:
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
     @jax.jit
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(lambda p: token_nll(p, tokens).mean())(params)
+    def step(params, opt_state, tokens, mask):
+        loss, grads = jax.value_and_grad(lambda p: (token_nll(p, tokens) * mask).sum() / mask.sum())(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
     shortest, longest = (int(v) for v in args.segment.split(","))
+    drills = RepeatsPipeline("copying", 1, np.arange(10, vocab), max_len=args.length, min_run=shortest,
+                             max_run=longest, bos_id=None, first_copy_loss=args.first_copy_loss, seed=seed)
     corpus = None
     if args.corpus_fraction > 0:
         from flamingo_jax.data.tokenizer import load_tokenizer
@@ -68,14 +72,14 @@ def _train(seed: int, args) -> dict:
             corpus = [[i for i in tokenizer.encode(line) if i < vocab] for line in f.read().splitlines()]
 
     def row():
+        """(tokens, scored) of length + 1: a drill row, or with --corpus_fraction a corpus row."""
+        if corpus is None or rng.random() >= args.corpus_fraction:
+            drill = next(drills)
+            return np.concatenate([drill["tokens"][0], drill["targets"][0, -1:]]), drill["loss_mask"][0]
         ids: list[int] = []
-        while len(ids) < args.length:
-            if corpus is not None and rng.random() < args.corpus_fraction:
-                ids += corpus[int(rng.integers(0, len(corpus)))]
-            else:
-                sequence = rng.integers(10, vocab, int(rng.integers(shortest, longest + 1))).tolist()
-                ids += sequence + sequence
-        return ids[:args.length]
+        while len(ids) < args.length + 1:
+            ids += corpus[int(rng.integers(0, len(corpus)))]
+        return np.asarray(ids[:args.length + 1]), np.ones(args.length, np.float32)
 
     probe_rng = np.random.default_rng(10_000 + seed)
     held_out = probe_rng.integers(10, vocab, (PROBES, args.probe_len))
@@ -83,7 +87,9 @@ def _train(seed: int, args) -> dict:
     probe = jax.jit(token_nll)
     curve, started = [], time.perf_counter()
     for i in range(args.steps):
-        params, opt_state, loss = step(params, opt_state, jnp.asarray([row() for _ in range(args.batch)]))
+        rows = [row() for _ in range(args.batch)]
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(np.stack([t for t, _ in rows])),
+                                       jnp.asarray(np.stack([m for _, m in rows])))
         if (i + 1) % args.probe_every == 0 or i + 1 == args.steps:
             nll = np.asarray(probe(params, probe_tokens))
             curve.append({"step": i + 1, "train_loss": round(float(loss), 3),
@@ -103,10 +109,12 @@ def main(argv=None):
     parser.add_argument("--probe_every", type=int, default=500)
     parser.add_argument("--segment", default="6,15", help="shortest,longest random segment (tokens)")
     parser.add_argument("--length", type=int, default=64, help="tokens per training row")
+    parser.add_argument("--first_copy_loss", action="store_true",
+                        help="also score each run's first saying (unpredictable), as before the LM stage's drills")
     parser.add_argument("--batch", type=int, default=16, help="rows per step")
     parser.add_argument("--probe_len", type=int, default=20, help="tokens of each held-out repeat")
     parser.add_argument("--corpus_fraction", type=float, default=0.0,
-                        help="share of each row's text drawn from the corpus (needs --data_dir)")
+                        help="share of the rows drawn from the corpus' text (needs --data_dir)")
     parser.add_argument("--data_dir", default="data_cache/synthetic-tiny")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -114,7 +122,7 @@ def main(argv=None):
         parser.error(f"--corpus_fraction needs a corpus in --data_dir ({args.data_dir}): run the main job or "
                      "python -m flamingo_jax.data.synthetic first.")
     result = {"benchmark": "induction", "machine": common.machine(), "batch": args.batch, "length": args.length,
-              "segment": args.segment, "probe_len": args.probe_len,
+              "segment": args.segment, "probe_len": args.probe_len, "first_copy_loss": args.first_copy_loss,
               "steps": args.steps, "lr": args.lr, "corpus_fraction": args.corpus_fraction,
               "runs": [_train(int(s), args) for s in args.seeds.split(",")]}
     common.emit(result, args.json)
