@@ -20,6 +20,7 @@ from flamingo_jax.data import synthetic
 
 DATA_DIR = os.environ.get("FLAMINGO_TINY_DATA", "data_cache/synthetic-tiny")
 STAGES = ("contrastive", "lm", "flamingo")
+LM_DRILL_STEPS = 1500  # the LM stage's steps of copying drills alone, before the corpus joins
 
 
 def model(config) -> None:
@@ -65,7 +66,17 @@ def get_config(stage: str = "flamingo"):
                                        embed_dim=64)
         config.train.update(steps=400, learning_rate=2e-3, warmup_steps=20, schedule="linear", log_every=20)
     elif stage == "lm":
-        config.train.update(steps=300, learning_rate=3e-3, warmup_steps=20, schedule="linear", log_every=50)
+        # Copying first: the corpus is so predictable that a tiny LM trained on it alone never learns
+        # to copy from its context (no induction), which few-shot prompts need. Random-token runs
+        # said twice teach it (from about step 1,200 here; bench/induction.py), then the corpus joins
+        # while the drills go on (alone, the corpus makes it forget copying within 250 steps).
+        for d in config.data.datasets:
+            d["from_step"] = LM_DRILL_STEPS
+        config.data.datasets.append({"name": "copying", "kind": "repeats", "batch_size": 8, "max_len": 128,
+                                     "min_repeat_len": 10, "max_repeat_len": 40, "weight": 1.0})
+        config.train.update(steps=LM_DRILL_STEPS + 500, learning_rate=3e-3, warmup_steps=20, schedule="linear",
+                            log_every=100)
+        config.checkpoint.every_steps = 500
     else:
         for d in config.data.datasets:
             if d["kind"] == "image_text":
