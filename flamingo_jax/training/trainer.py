@@ -188,8 +188,7 @@ class Trainer:
         prepare_synthetic_data(run)
         self.mixture = Mixture.from_config(run.data, seed=run.seed)
         self.datasets = tuple(sorted(self.mixture.pipelines))
-        self._from_step = {name: spec.from_step for name, spec in self.mixture.specs.items()}
-        check_curriculum(self._from_step, train.steps)
+        check_curriculum({name: spec.from_step for name, spec in self.mixture.specs.items()}, train.steps)
         self.batch_sizes = {name: spec.batch_size * jax.process_count() for name, spec in self.mixture.specs.items()}
         sharding.check_batch_sizes(self.batch_sizes, self.mesh, train.microbatches)
         self._check_vocab()
@@ -211,6 +210,7 @@ class Trainer:
         self.state_shardings = sharding.state_shardings(self.abstract_state, self.param_shardings, self.optimizer,
                                                         self.mesh, run.optimizer_sharding)
         self.program_key = programs.run_key(config, self.mesh, self.mixture.tokenizer)
+        self._step_programs: dict[tuple[str, ...], Callable] = {}  # per group of datasets
         self._init_state = programs.reuse(self.program_key, ("init_state",), functools.partial(
             _compile_init_state, self.optimizer, run.seed, abstract_params, self.param_shardings, self.state_shardings))
         self.guard = SpikeGuard(train.spike_guard)
@@ -307,16 +307,19 @@ class Trainer:
     def step_group(self, step: int) -> tuple[str, ...]:
         """The datasets of the step after `step`: every one whose `from_step` it has reached, or
         under round-robin one of those in turn."""
-        active = tuple(n for n in self.datasets if self._from_step.get(n, 0) <= step)
+        active = tuple(n for n in self.datasets if self.mixture.specs[n].from_step <= step)
         if self.run_config.train.accumulation == "all":
             return active
         return (active[step % len(active)],)
 
     def _step_program(self, group: tuple[str, ...]) -> Callable:
-        """The jitted step over the datasets in `group` (traced on its first call)."""
-        return programs.reuse(self.program_key, ("train_step", group), functools.partial(
-            jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
-            self.run_config.train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
+        """The jitted step over the datasets in `group`, built once per trainer (traced on its
+        first call) and kept for the run's next trainer in this process (`programs.reuse`)."""
+        if group not in self._step_programs:
+            self._step_programs[group] = programs.reuse(self.program_key, ("train_step", group), functools.partial(
+                jit_train_step, self.objective, self.parts, self.optimizer, self.mixture.weights, group,
+                self.run_config.train.microbatches, self.state_shardings, self.frozen_shardings, self.batch_sharding))
+        return self._step_programs[group]
 
     def _next_batches(self, group: tuple[str, ...]) -> dict[str, Any]:
         local = {name: next(self.mixture.pipelines[name]) for name in group}
