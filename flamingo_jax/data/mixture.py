@@ -22,7 +22,7 @@ Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
       dict(name="copying", kind="repeats", batch_size=8, max_len=128, min_repeat_len=10,
            max_repeat_len=40)   # random-token runs said twice, no files: LM pretraining (data/repeats.py)
   `from_step` (any kind) holds a dataset out of the steps before it: a curriculum, e.g. the
-  copying drills alone first, the corpus joining at step 2,500.
+  copying drills alone first, the corpus joining at step 1,500 (configs/tiny.py's LM stage).
   A dataset whose skipped records (bad records and damaged file stretches) pass
   `max_skip_fraction` of those read (default 0.1, checked after
   `skip_check_min_records`, default 1000) stops the run with an error naming it.
@@ -48,7 +48,7 @@ from flamingo_jax.data import formats, images, repeats
 from flamingo_jax.data.errors import DataError
 from flamingo_jax.data.interleaved import InterleavedConfig, InterleavedPipeline
 from flamingo_jax.data.pairs import ImageTextPipeline, PairConfig, VideoTextPipeline
-from flamingo_jax.data.pipeline import RecordPipeline, default_process
+from flamingo_jax.data.pipeline import RecordPipeline, resolve_process
 from flamingo_jax.data.tfds_source import TfdsFields, TfdsSource
 from flamingo_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -69,7 +69,7 @@ class DatasetSpec:
     pattern: str = ""  # glob of the TFRecord shards (comma-separated globs allowed); not for 'tfds', 'repeats'
     weight: float = 1.0  # λ: this dataset's loss weight
     from_step: int = 0  # the first step with this dataset's batches (a curriculum; 0: every step)
-    max_len: int = 0  # L; 0 = kind default (256 interleaved, 32 pairs)
+    max_len: int = 0  # L; 0 = kind default (256 interleaved, 32 pairs, 128 repeats)
     max_images: int = 5  # interleaved: N media slots
     p_next: float = 0.5  # interleaved
     max_images_per_doc: int = 32  # interleaved: larger documents are skipped
@@ -144,9 +144,7 @@ def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images
     kind = spec.record_kind
     max_len = spec.max_len or _DEFAULT_MAX_LEN[kind]
     if kind == repeats.KIND:
-        process_index, process_count = kwargs.get("process_index"), kwargs.get("process_count")
-        if process_index is None or process_count is None:
-            process_index, process_count = default_process()
+        process_index, process_count = resolve_process(kwargs.get("process_index"), kwargs.get("process_count"))
         return repeats.RepeatsPipeline(
             spec.name, spec.batch_size, repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids()),
             max_len=max_len, min_run=spec.min_repeat_len, max_run=spec.max_repeat_len, bos_id=tokenizer.bos_id,

@@ -84,6 +84,15 @@ def default_process() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """The given (process_index, process_count), JAX's for whichever is None."""
+    if process_index is None or process_count is None:
+        default_index, default_count = default_process()
+        process_index = default_index if process_index is None else process_index
+        process_count = default_count if process_count is None else process_count
+    return process_index, process_count
+
+
 def host_files(files: Sequence[str], process_index: int, process_count: int, what: str) -> list[str]:
     """This host's share of the files: every `process_count`-th, starting at `process_index`.
 
@@ -266,10 +275,7 @@ class RecordPipeline(abc.ABC):
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise DataError(f"dataset {self.name!r}: max_skip_fraction={max_skip_fraction} must be in [0, 1] "
                              "(1 turns the check off).")
-        if process_index is None or process_count is None:
-            default_index, default_count = default_process()
-            process_index = default_index if process_index is None else process_index
-            process_count = default_count if process_count is None else process_count
+        process_index, process_count = resolve_process(process_index, process_count)
         source = pattern if isinstance(pattern, RecordSource) else FileSource(pattern)
         self.source = source.for_host(process_index, process_count, name=self.name,
                                       seed=_seed_int(seed, self.name, process_index), training=training)
