@@ -4,8 +4,8 @@ copying drills (`data/repeats.py`, what the LM stage trains on: runs of random t
 twice; by default 6-15 tokens, so no fixed offset finds the copy; the loss on the second saying
 only, or on both with --first_copy_loss), optionally mixed row by row with rows of the synthetic
 corpus' text, and reports the second copy's NLL against the first on held-out repeats
-(`--probe_len` tokens, said twice) as training goes. Induction shows as the second copy falling far below the first (log 512 = 6.2 nats is
-chance). A probe longer than every training segment tests copying at offsets training never
+(`--probe_len` tokens, said twice) as training goes. Induction shows as the second copy falling
+far below the first (log 512 = 6.2 nats is chance). A probe longer than every training segment tests copying at offsets training never
 showed, which a model that only boosts recently seen tokens fails.
 
     python bench/induction.py --seeds=0,1,2 --steps=3000 --json=bench/results/induction.json

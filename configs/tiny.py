@@ -68,7 +68,7 @@ def get_config(stage: str = "flamingo"):
     elif stage == "lm":
         # Copying first: the corpus is so predictable that a tiny LM trained on it alone never learns
         # to copy from its context (no induction), which few-shot prompts need. Random-token runs
-        # said twice teach it (from about step 1,200 here; bench/induction.py), then the corpus joins
+        # said twice teach it (by about step 1,000-1,250 here; bench/induction.py), then the corpus joins
         # while the drills go on (alone, the corpus makes it forget copying within 250 steps).
         for d in config.data.datasets:
             d["from_step"] = LM_DRILL_STEPS

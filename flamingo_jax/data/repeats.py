@@ -7,7 +7,7 @@ them in the easier solution of boosting recently seen tokens. Runs of uniformly 
 can only be predicted the second time, and only by finding the first, so a stage that trains
 on them first learns to copy at any offset (bench/induction.py measures when).
 
-A row is BOS followed by runs r1 r1 r2 r2 ... (each run `min_len`..`max_len` ordinary pieces),
+A row is BOS followed by runs r1 r1 r2 r2 ... (each run `min_run`..`max_run` ordinary pieces),
 cut to `max_len + 1` tokens; the loss covers the second saying of each run (`first_copy_loss`
 adds the first, which carries no signal but the unigram prior). Row k of process p is a pure
 function of (seed, p, k), so the state is a row count and a resumed run sees the same rows.
@@ -26,10 +26,9 @@ KIND = "repeats"
 STATE_VERSION = 1
 
 
-def ordinary_ids(vocab_size: int, special_ids: Sequence[int | None]) -> np.ndarray:
+def ordinary_ids(vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:
     """The token ids a drill draws from: every id below `vocab_size` but the special ones."""
-    special = {int(i) for i in special_ids if i is not None}
-    ids = np.asarray([i for i in range(vocab_size) if i not in special], np.int32)
+    ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), np.asarray(special_ids, np.int32))
     if len(ids) < 2:
         raise DataError(f"a copying drill needs at least 2 ordinary token ids; the tokenizer has {len(ids)}.")
     return ids

@@ -31,6 +31,7 @@ from flax import nnx
 from flamingo_jax.core import flops
 from flamingo_jax.core.config import PAPER_WEIGHT_DECAY_EXEMPT, RunConfig
 from flamingo_jax.core.parts import ALL_WEIGHTS, ModelParts
+from flamingo_jax.data import repeats
 from flamingo_jax.errors import UserError
 from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models.decoder import Decoder
@@ -112,7 +113,7 @@ class FlamingoObjective(Objective):
         return ModelParts.flamingo(self.run.model)
 
     def check(self, batch_kinds: Mapping[str, str]) -> None:
-        textual = {name: kind for name, kind in batch_kinds.items() if kind == "repeats"}
+        textual = {name: kind for name, kind in batch_kinds.items() if kind == repeats.KIND}
         if textual:
             raise ObjectiveError(f"objective 'flamingo' trains on media with text; datasets {textual} are text "
                                  "alone (copying drills for LM pretraining). Remove them from config.data.datasets.")
