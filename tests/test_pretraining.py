@@ -2,6 +2,7 @@
 trainer's machinery: the loss falls, SIGTERM + resume is exact, and the exported backbone is
 what a Flamingo run restores through `config.backbones`."""
 
+import logging
 import os
 
 import chex
@@ -10,9 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flamingo_jax.errors import UserError
 from flamingo_jax.models.config import ConfigError
 from flamingo_jax.training.objectives import ObjectiveError
-from flamingo_jax.training.trainer import Trainer
+from flamingo_jax.training.trainer import Trainer, check_curriculum
 
 from helpers import no_compiles, preempt_after, read_metrics, train_config
 
@@ -84,6 +86,14 @@ def test_copying_drills_come_first_and_the_corpus_joins_at_its_from_step_across_
         datasets = {r["step"]: sorted(k.split("/", 1)[1] for k in r if k.startswith("loss/"))
                     for r in read_metrics(tmp_path / workdir)}
         assert datasets == {s: ["copying"] if s <= 4 else ["copying", "interleaved"] for s in range(1, 9)}
+
+
+def test_a_curriculum_without_a_first_dataset_is_refused_and_one_joining_too_late_is_named(caplog):
+    with pytest.raises(UserError, match=r"every dataset has from_step > 0 .*set one dataset's from_step to 0"):
+        check_curriculum({"copying": 10, "docs": 20}, steps=100)
+    with caplog.at_level(logging.WARNING):
+        check_curriculum({"copying": 0, "docs": 100}, steps=100)
+    assert "{'docs': 100}" in caplog.text and "never trains on them" in caplog.text
 
 
 def test_contrastive_pretraining_resumes_exactly_and_exports_the_vision_encoder(synthetic_corpus, tmp_path):
