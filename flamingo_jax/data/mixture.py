@@ -86,9 +86,12 @@ class DatasetSpec:
     tfds_split: str = "train"  # ... the split, with TFDS slicing ('train[:90%]')
     tfds_data_dir: str = ""  # ... where it was prepared ('' = TFDS's default, ~/tensorflow_datasets)
     tfds_fields: dict = dataclasses.field(default_factory=dict)  # ... image or frames (+ frame_rate), text
-    min_repeat_len: int = 10  # kind 'repeats': the shortest run of random tokens (said twice)
+    drill: str = "copy"  # kind 'repeats': 'copy' (runs said twice) or 'recall' (keys bound to runs)
+    min_repeat_len: int = 10  # ... the shortest run of random tokens
     max_repeat_len: int = 40  # ... the longest
-    first_copy_loss: bool = False  # ... also score a run's first saying (unpredictable)
+    first_copy_loss: bool = False  # ... copy: also score a run's first saying (unpredictable)
+    max_keys: int = 6  # ... recall: each row binds 2..max_keys keys
+    max_frame_len: int = 0  # ... recall: a frame of 0..max_frame_len pieces between each key and value
 
     @property
     def record_kind(self) -> str:
@@ -148,7 +151,9 @@ def build_pipeline(spec: DatasetSpec, tokenizer: Tokenizer, image_config: images
         return repeats.RepeatsPipeline(
             spec.name, spec.batch_size, repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids()),
             max_len=max_len, min_run=spec.min_repeat_len, max_run=spec.max_repeat_len, bos_id=tokenizer.bos_id,
-            first_copy_loss=spec.first_copy_loss, seed=kwargs.get("seed", 0), process_index=process_index,
+            first_copy_loss=spec.first_copy_loss, drill=spec.drill, max_keys=spec.max_keys,
+            max_frame_len=spec.max_frame_len,
+            seed=kwargs.get("seed", 0), process_index=process_index,
             process_count=process_count)
     kwargs.setdefault("shuffle_buffer", spec.shuffle_buffer or _DEFAULT_SHUFFLE_BUFFER[kind])
     kwargs.setdefault("max_skip_fraction", spec.max_skip_fraction)
