@@ -1,0 +1,227 @@
+"""Where does tiny Flamingo's few-shot learning stop? Probes a recipe workdir (the README's main job)
+from the LM's in-context recall up to the held-out tasks, each as rank accuracy (the mean
+log-probability per token of each candidate answer, the highest taken), so that a score shows
+whether the model picks the answer the prompt's images call for rather than how well it writes:
+
+  lm_drills       the LM stage's decoder alone on held-out drill rows: copying (runs said twice)
+                  and recall (keys bound to values, with or without frame pieces between them,
+                  `data/repeats.py`); `first` is a value's first token, the one only a lookup by
+                  its key predicts (for copying, a second saying's first token, which nothing
+                  predicts: a run's end is not marked)
+  text_recall     the Flamingo engine on text-only prompts that bind colour words to made-up names
+                  in a frame and ask one back: keyed recall in words, as a few-shot prompt needs it
+  naming          fresh naming episodes like the training documents (`synthetic.naming_episode`:
+                  3 values of one attribute, made-up names, 5 images, then a 6th to name)
+  held_out        the held-out VQA and captioning families ranked among their names at 0, 4 and 8
+                  shots, and how often the query's answer is among the support examples at all
+  gates           tanh of each xattn block's attention and dense gates
+
+    python bench/few_shot_probe.py --workdir=workdirs/tiny --json=bench/results/few_shot_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import common
+
+FRAMES = {  # text_recall: {k} a colour word, {v} a name with its leading space
+    "key before name": "{k}{v}.",
+    "key, then frame words": "Key: {k}. Value:{v}.",
+    "training naming frame": "This {k} shape is a{v}.",
+}
+
+
+def _mean_per_token_choice(engine, prompts, candidates) -> list[int]:
+    """Index of the best candidate per prompt by mean log-probability per token (with <EOC>)."""
+    import numpy as np
+
+    from flamingo_jax.inference import prompting
+
+    scores = np.stack(engine.score(prompts, candidates, batch_size=8))
+    lengths = np.array([[len(prompting.continuation_ids(p, c, engine.tokenizer)) + 1 for c in row]
+                        for p, row in zip(prompts, candidates)])
+    return list((scores / lengths).argmax(-1))
+
+
+def lm_drills(lm_workdir: str, rows: int = 32) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flamingo_jax.data import repeats
+    from flamingo_jax.data.tokenizer import load_tokenizer
+    from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
+
+    run = load_pretraining_run(lm_workdir)
+    model, vocab = run.model, run.run.model.decoder.vocab_size
+    tokenizer = load_tokenizer(run.run.data["tokenizer"])
+    ids = repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids())
+
+    @jax.jit
+    def predict(tokens):
+        hidden = model.final_hidden(tokens, valid=jnp.ones_like(tokens, bool))
+        embedding = model.output_embedding()
+        logits = hidden @ (embedding.T if embedding.shape[0] == vocab else embedding)
+        return logits[..., :vocab].argmax(-1)
+
+    results = {}
+    for label, drill, settings in (("copy, runs of 10-40", "copy", dict(min_run=10, max_run=40)),
+                                   ("recall, 2-4 keys, values of 1-3", "recall", dict(min_run=1, max_run=3, max_keys=4)),
+                                   ("recall, 2-6 keys, values of 2-3", "recall", dict(min_run=2, max_run=3, max_keys=6)),
+                                   ("recall, 2-6 keys, values of 1-3, frames of 0-4", "recall",
+                                    dict(min_run=1, max_run=3, max_keys=6, max_frame_len=4))):
+        pipeline = repeats.RepeatsPipeline("probe", rows, ids, max_len=128, bos_id=tokenizer.bos_id, drill=drill,
+                                           seed=999, **settings)  # a seed no training run uses
+        batch = next(pipeline)
+        hit = np.asarray(predict(jnp.asarray(batch["tokens"]))) == batch["targets"]
+        scored = batch["loss_mask"] > 0
+        first = scored & ~np.pad(scored, ((0, 0), (1, 0)))[:, :-1]
+        results[label] = {"accuracy": float(hit[scored].mean()), "first": float(hit[first].mean()),
+                          "rest": float(hit[scored & ~first].mean()), "chance": 1 / len(ids)}
+    return results
+
+
+def text_recall(engine, count: int) -> dict:
+    import numpy as np
+
+    from flamingo_jax.data import synthetic
+    from flamingo_jax.inference.items import END_OF_CHUNK
+
+    rng = np.random.default_rng(0)
+    colours = list(synthetic.COLOURS)
+    results = {}
+    for label, frame in FRAMES.items():
+        for pairs in (2, 4):
+            prompts, candidates, gold = [], [], []
+            for _ in range(count):
+                keys = [colours[i] for i in rng.permutation(len(colours))[:pairs]]
+                names = synthetic.made_up_names(rng, pairs)
+                items = []
+                for i in rng.permutation(pairs):
+                    items += [frame.format(k=keys[i], v=" " + names[i]), END_OF_CHUNK]
+                asked = int(rng.integers(0, pairs))
+                head = frame.split("{v}")[0].format(k=keys[asked])
+                items.append(head)
+                tail = frame.split("{v}")[1]
+                prompts.append(items)
+                candidates.append([" " + name + tail for name in names])
+                gold.append(asked)
+            chosen = _mean_per_token_choice(engine, prompts, candidates)
+            results[f"{label}, {pairs} pairs"] = {"accuracy": float(np.mean(np.array(chosen) == gold)),
+                                                  "chance": 1 / pairs}
+    return results
+
+
+def naming(engine, count: int) -> dict:
+    import numpy as np
+
+    from flamingo_jax.data import synthetic
+    from flamingo_jax.inference.items import END_OF_CHUNK, Media
+
+    rng = np.random.default_rng(5)
+    size = engine.cfg.vision.image_size
+    results = {}
+    for attribute, population in (("kind", synthetic.SHAPES), ("texture", synthetic.TEXTURES),
+                                  ("colour", tuple(synthetic.COLOURS))):
+        prompts, candidates, gold = [], [], []
+        for _ in range(count):
+            values = [population[int(i)] for i in rng.permutation(len(population))[:3]]
+            names = synthetic.made_up_names(rng, 3)
+            shown = [int(i) for i in rng.permutation(3)] + [int(i) for i in rng.integers(0, 3, 2)]  # each at least once
+            asked = int(rng.integers(0, 3))
+            items = []
+            for i in shown:
+                scene = synthetic._scene_with(rng, attribute, values[i])
+                items += [Media(array=synthetic.render(scene, size)),
+                          f"This is {synthetic.article(names[i])} {names[i]}.", END_OF_CHUNK]
+            items += [Media(array=synthetic.render(synthetic._scene_with(rng, attribute, values[asked]), size)), "This is"]
+            prompts.append(items)
+            candidates.append([f" {synthetic.article(n)} {n}." for n in names])
+            gold.append(asked)
+        chosen = _mean_per_token_choice(engine, prompts, candidates)
+        results[attribute] = {"accuracy": float(np.mean(np.array(chosen) == gold)), "chance": 1 / 3}
+    return results
+
+
+def held_out(engine, count: int) -> dict:
+    from pathlib import Path
+
+    import numpy as np
+
+    from flamingo_jax.data import synthetic
+    from flamingo_jax.evaluation import support as support_lib
+    from flamingo_jax.evaluation.tasks import get_task
+    from flamingo_jax.evaluation.templates import build_prompt
+
+    data_dir = Path(engine.run_config.synthetic.out_dir)
+    families = {
+        "synthetic_vqa": (sorted(synthetic.HELD_OUT_TEXTURE_NAMES.values()), lambda e: e.answers[0],
+                          lambda e, name: f" {name}."),
+        "synthetic_captioning": (sorted(synthetic.HELD_OUT_SHAPE_NAMES.values()),
+                                 lambda e: e.captions[0].rstrip(".").split()[-1],
+                                 lambda e, name: " " + " ".join(e.captions[0].split()[:-1]) + f" {name}."),
+    }
+    results = {}
+    for task_name, (names, answer_of, candidate) in families.items():
+        task = get_task(task_name)
+        pool, queries = task.load(data_dir)
+        queries = support_lib.sample_queries(queries, count, 1)
+        for shots in (0, 4, 8):
+            rng = np.random.default_rng([0, shots])
+            prompts, candidates, gold, shown = [], [], [], []
+            for query in queries:
+                support = support_lib.random_support(pool, shots, rng) if shots else []
+                zero_shot = [] if shots else support_lib.zero_shot_examples(pool, rng)
+                prompts.append(build_prompt(task.template, support, query, zero_shot_text_only=zero_shot))
+                candidates.append([candidate(query, name) for name in names])  # captions: the query's words, each name
+                gold.append(names.index(answer_of(query)))
+                shown.append(any(answer_of(s) == answer_of(query) for s in support))
+            chosen = np.array(_mean_per_token_choice(engine, prompts, candidates))
+            right, shown = chosen == np.array(gold), np.array(shown)
+            results[f"{task_name}, {shots} shots"] = {
+                "accuracy": float(right.mean()), "chance": 1 / len(names),
+                "answer_in_support": float(shown.mean()),
+                "accuracy_where_shown": float(right[shown].mean()) if shown.any() else None}
+    return results
+
+
+def gates(engine) -> dict:
+    """{block: {attention, dense}}: tanh of each xattn block's gates, in the LM's layer order."""
+    import re
+
+    import jax
+    import numpy as np
+
+    found: dict = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(engine.layer_states):
+        name = jax.tree_util.keystr(path)
+        match = re.search(r"xattn\[(\d+)\].*?(attention|ffw)_gate", name)
+        if match:
+            which = "attention" if match.group(2) == "attention" else "dense"
+            found.setdefault(f"block {match.group(1)}", {})[which] = float(np.tanh(np.asarray(leaf)))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="workdirs/tiny", help="the recipe's workdir (lm/ and flamingo/ in it)")
+    parser.add_argument("--queries", type=int, default=60, help="prompts per probe row")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from flamingo_jax import runtime
+    from flamingo_jax.inference.engine import Engine
+
+    runtime.quiet_library_logs()
+    result = {"machine": common.machine(), "workdir": os.path.abspath(args.workdir), "queries": args.queries,
+              "lm_drills": lm_drills(os.path.join(args.workdir, "lm"))}
+    engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
+    result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
+                  naming=naming(engine, args.queries), held_out=held_out(engine, args.queries))
+    common.emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
