@@ -9,9 +9,14 @@ whether the model picks the answer the prompt's images call for rather than how 
                   its key predicts (for copying, a second saying's first token, which nothing
                   predicts: a run's end is not marked)
   text_recall     the Flamingo engine on text-only prompts that bind colour words to made-up names
-                  in a frame and ask one back: keyed recall in words, as a few-shot prompt needs it
+                  in a frame and ask one back: keyed recall in words, as a few-shot prompt needs it;
+                  again with every xattn gate at 0 (`text_recall_gates_shut`), which is the frozen
+                  LM alone: the dense blocks' FFWs act on every token, text-only ones too
   naming          fresh naming episodes like the training documents (`synthetic.naming_episode`:
                   3 values of one attribute, made-up names, 5 images, then a 6th to name)
+  claims          fresh claim episodes like the training documents (`synthetic.claim_episode`'s
+                  frames: 4 images with a claim and its answer, then a 5th claim to judge), as the
+                  ROC-AUC of "yes" over "no": whether the model checks a claim against its image
   held_out        the held-out VQA and captioning families ranked among their names at 0, 4 and 8
                   shots, and how often the query's answer is among the support examples at all
   gates           tanh of each xattn block's attention and dense gates
@@ -145,6 +150,35 @@ def naming(engine, count: int) -> dict:
     return results
 
 
+def claims(engine, count: int) -> dict:
+    import numpy as np
+
+    from flamingo_jax.data import synthetic
+    from flamingo_jax.evaluation.metrics import roc_auc
+    from flamingo_jax.inference.items import END_OF_CHUNK, Media
+
+    rng = np.random.default_rng(7)
+    size = engine.cfg.vision.image_size
+    results = {}
+    for frame in synthetic.CLAIM_FRAMES:
+        head, _ = frame.split("{answer}")
+        prompts, labels = [], []
+        for _ in range(count):
+            items = []
+            for k in range(5):
+                scene = synthetic.random_scene(rng)
+                holds = bool(rng.random() < 0.5)
+                colour, kind = synthetic.verification_claim(scene, rng, false=not holds)
+                text = head.format(a=synthetic.article(colour), colour=colour, kind=kind).rstrip()
+                items += [Media(array=synthetic.render(scene, size)), text]
+                items += [f" {'yes' if holds else 'no'}.", END_OF_CHUNK] if k < 4 else []
+            prompts.append(items)
+            labels.append(int(holds))
+        scores = np.stack(engine.score(prompts, [[" yes.", " no."]] * count, batch_size=8))
+        results[frame] = {"roc_auc": float(roc_auc(scores[:, 0] - scores[:, 1], labels)), "chance": 50.0}
+    return results
+
+
 def held_out(engine, count: int) -> dict:
     from pathlib import Path
 
@@ -204,6 +238,18 @@ def gates(engine) -> dict:
     return found
 
 
+def shut_gates(engine) -> None:
+    """Every xattn gate of the engine's weights set to 0, in place: the frozen LM alone."""
+    import jax
+    import jax.numpy as jnp
+
+    def shut(path, leaf):
+        return jnp.zeros_like(leaf) if "gate" in jax.tree_util.keystr(path) else leaf
+
+    engine.layer_states = jax.tree_util.tree_map_with_path(shut, engine.layer_states)
+    engine.state = jax.tree_util.tree_map_with_path(shut, engine.state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/tiny", help="the recipe's workdir (lm/ and flamingo/ in it)")
@@ -219,7 +265,10 @@ def main() -> None:
               "lm_drills": lm_drills(os.path.join(args.workdir, "lm"))}
     engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
     result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
-                  naming=naming(engine, args.queries), held_out=held_out(engine, args.queries))
+                  naming=naming(engine, args.queries), claims=claims(engine, args.queries),
+                  held_out=held_out(engine, args.queries))
+    shut_gates(engine)
+    result["text_recall_gates_shut"] = text_recall(engine, args.queries)
     common.emit(result, args.json)
 
 
