@@ -8,6 +8,10 @@ whether the model picks the answer the prompt's images call for rather than how 
                   `data/repeats.py`); `first` is a value's first token, the one only a lookup by
                   its key predicts (for copying, a second saying's first token, which nothing
                   predicts: a run's end is not marked)
+  lm_added_keys   the same LM when a row's keys are not tokens of their own but each key's embedding
+                  is added to the input of the piece just before its value (one frame piece), what
+                  an xattn block before layer 0 could write from an image; beside it the key as a
+                  token followed by that frame piece
   text_recall     the Flamingo engine on text-only prompts that bind colour words to made-up names
                   in a frame and ask one back: keyed recall in words, as a few-shot prompt needs it;
                   again with every xattn gate at 0 (`text_recall_gates_shut`), which is the frozen
@@ -86,6 +90,62 @@ def lm_drills(lm_workdir: str, rows: int = 32) -> dict:
         results[label] = {"accuracy": float(hit[scored].mean()), "first": float(hit[first].mean()),
                           "rest": float(hit[scored & ~first].mean()), "chance": 1 / len(ids)}
     return results
+
+
+def lm_added_keys(lm_workdir: str, rows: int = 32, num_keys: int = 4, length: int = 120) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flamingo_jax.data import repeats
+    from flamingo_jax.data.tokenizer import load_tokenizer
+    from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
+    from flamingo_jax.models.decoder import default_positions, uncached_slots
+
+    run = load_pretraining_run(lm_workdir)
+    decoder, vocab = run.model, run.run.model.decoder.vocab_size
+    tokenizer = load_tokenizer(run.run.data["tokenizer"])
+    ids = repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids())
+    table = np.asarray(decoder.embedding[...])[:vocab]
+
+    @jax.jit
+    def predict(tokens, added):
+        positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
+        x, _ = decoder.run_layers(decoder.embed(tokens) + added, positions, uncached_slots(positions, valid),
+                                  position_keys=decoder.position_keys(tokens.shape[1]))
+        embedding = decoder.output_embedding()
+        logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
+        return logits[..., :vocab].argmax(-1)
+
+    rng = np.random.default_rng(11)
+
+    def accuracy(key_as_token: bool, scale: float = 1.0) -> float:
+        hits = []
+        for _ in range(rows):
+            keys = rng.choice(ids, num_keys, replace=False)
+            others = np.setdiff1d(ids, keys)
+            frame = int(rng.choice(others))
+            values = [rng.choice(others, 2).tolist() for _ in keys]
+            tokens, added, lookups, said = [int(tokenizer.bos_id)], np.zeros((length, table.shape[1]), np.float32), [], set()
+            while len(tokens) < length:
+                i = int(rng.integers(0, num_keys))
+                if key_as_token:
+                    tokens.append(int(keys[i]))
+                elif len(tokens) < length:
+                    added[len(tokens)] = scale * table[keys[i]]
+                tokens.append(frame)
+                if i in said:
+                    lookups.append((len(tokens) - 1, values[i][0]))
+                tokens += values[i]
+                said.add(i)
+            predicted = np.asarray(predict(jnp.asarray([tokens[:length]]), jnp.asarray(added[None])))[0]
+            hits += [predicted[p] == v for p, v in lookups if p < length - 1]
+        return float(np.mean(hits))
+
+    results = {"key token, then one frame piece": accuracy(True)}
+    for scale in (0.5, 1.0, 2.0):
+        results[f"key embedding x{scale} added to the frame piece"] = accuracy(False, scale)
+    return {name: {"accuracy": value, "chance": 1 / len(ids)} for name, value in results.items()}
 
 
 def text_recall(engine, count: int) -> dict:
@@ -262,7 +322,8 @@ def main() -> None:
 
     runtime.quiet_library_logs()
     result = {"machine": common.machine(), "workdir": os.path.abspath(args.workdir), "queries": args.queries,
-              "lm_drills": lm_drills(os.path.join(args.workdir, "lm"))}
+              "lm_drills": lm_drills(os.path.join(args.workdir, "lm")),
+              "lm_added_keys": lm_added_keys(os.path.join(args.workdir, "lm"))}
     engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
     result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
                   naming=naming(engine, args.queries), claims=claims(engine, args.queries),
