@@ -21,6 +21,8 @@ Config (an ml_collections ConfigDict or a plain dict), e.g. `config.data`:
            batch_size=512, weight=0.2)   # a prepared TFDS builder instead of shards (data/tfds_source.py)
       dict(name="copying", kind="repeats", batch_size=8, max_len=128, min_repeat_len=10,
            max_repeat_len=40)   # random-token runs said twice, no files: LM pretraining (data/repeats.py)
+      dict(name="recall", kind="repeats", drill="recall", batch_size=8, min_repeat_len=1,
+           max_repeat_len=3, max_keys=6, max_frame_len=4)   # keys bound to runs, looked up later
   `from_step` (any kind) holds a dataset out of the steps before it: a curriculum, e.g. the
   copying drills alone first, the corpus joining at step 1,500 (configs/tiny.py's LM stage).
   A dataset whose skipped records (bad records and damaged file stretches) pass
