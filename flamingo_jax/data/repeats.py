@@ -43,7 +43,7 @@ def ordinary_ids(vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:
     """The token ids a drill draws from: every id below `vocab_size` but the special ones."""
     ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), np.asarray(special_ids, np.int32))
     if len(ids) < 2:
-        raise DataError(f"a copying drill needs at least 2 ordinary token ids; the tokenizer has {len(ids)}.")
+        raise DataError(f"a drill needs at least 2 ordinary token ids; the tokenizer has {len(ids)}.")
     return ids
 
 
