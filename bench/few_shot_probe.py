@@ -54,26 +54,53 @@ def _mean_per_token_choice(engine, prompts, candidates) -> list[int]:
     return list((scores / lengths).argmax(-1))
 
 
-def lm_drills(lm_workdir: str, rows: int = 32) -> dict:
-    import jax
-    import jax.numpy as jnp
+class FrozenLM:
+    """The LM stage's decoder, loaded once, with one compiled program for every LM probe: next-token
+    argmax from tokens [B, T] plus vectors [B, T, D] added to their input embeddings."""
+
+    def __init__(self, lm_workdir: str):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from flamingo_jax.data import repeats
+        from flamingo_jax.data.tokenizer import load_tokenizer
+        from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
+        from flamingo_jax.models.decoder import default_positions, uncached_slots
+
+        run = load_pretraining_run(lm_workdir)
+        decoder, vocab = run.model, run.run.model.decoder.vocab_size
+        self.tokenizer = load_tokenizer(run.run.data["tokenizer"])
+        self.ids = repeats.ordinary_ids(self.tokenizer.vocab_size, self.tokenizer.special_ids())
+        self.table = np.asarray(decoder.embedding[...])[:vocab]  # the input embeddings
+
+        @jax.jit
+        def predict(tokens, added):
+            positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
+            x, _ = decoder.run_layers(decoder.embed(tokens) + added, positions, uncached_slots(positions, valid),
+                                      position_keys=decoder.position_keys(tokens.shape[1]))
+            embedding = decoder.output_embedding()
+            logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
+            return logits[..., :vocab].argmax(-1)
+
+        self._predict = predict
+
+    def predict(self, tokens, added=None):
+        import numpy as np
+
+        tokens = np.asarray(tokens, np.int32)
+        if added is None:
+            added = np.zeros((*tokens.shape, self.table.shape[1]), np.float32)
+        return np.asarray(self._predict(tokens, added))
+
+
+ROW_LEN = 128  # every LM probe row: one compiled shape
+
+
+def lm_drills(lm: FrozenLM, rows: int = 32) -> dict:
     import numpy as np
 
     from flamingo_jax.data import repeats
-    from flamingo_jax.data.tokenizer import load_tokenizer
-    from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
-
-    run = load_pretraining_run(lm_workdir)
-    model, vocab = run.model, run.run.model.decoder.vocab_size
-    tokenizer = load_tokenizer(run.run.data["tokenizer"])
-    ids = repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids())
-
-    @jax.jit
-    def predict(tokens):
-        hidden = model.final_hidden(tokens, valid=jnp.ones_like(tokens, bool))
-        embedding = model.output_embedding()
-        logits = hidden @ (embedding.T if embedding.shape[0] == vocab else embedding)
-        return logits[..., :vocab].argmax(-1)
 
     results = {}
     for label, drill, settings in (("copy, runs of 10-40", "copy", dict(min_run=10, max_run=40)),
@@ -81,71 +108,53 @@ def lm_drills(lm_workdir: str, rows: int = 32) -> dict:
                                    ("recall, 2-6 keys, values of 2-3", "recall", dict(min_run=2, max_run=3, max_keys=6)),
                                    ("recall, 2-6 keys, values of 1-3, frames of 0-4", "recall",
                                     dict(min_run=1, max_run=3, max_keys=6, max_frame_len=4))):
-        pipeline = repeats.RepeatsPipeline("probe", rows, ids, max_len=128, bos_id=tokenizer.bos_id, drill=drill,
-                                           seed=999, **settings)  # a seed no training run uses
+        pipeline = repeats.RepeatsPipeline("probe", rows, lm.ids, max_len=ROW_LEN, bos_id=lm.tokenizer.bos_id,
+                                           drill=drill, seed=999, **settings)  # a seed no training run uses
         batch = next(pipeline)
-        hit = np.asarray(predict(jnp.asarray(batch["tokens"]))) == batch["targets"]
+        hit = lm.predict(batch["tokens"]) == batch["targets"]
         scored = batch["loss_mask"] > 0
         first = scored & ~np.pad(scored, ((0, 0), (1, 0)))[:, :-1]
         results[label] = {"accuracy": float(hit[scored].mean()), "first": float(hit[first].mean()),
-                          "rest": float(hit[scored & ~first].mean()), "chance": 1 / len(ids)}
+                          "rest": float(hit[scored & ~first].mean()), "chance": 1 / len(lm.ids)}
     return results
 
 
-def lm_added_keys(lm_workdir: str, rows: int = 32, num_keys: int = 4, length: int = 120) -> dict:
-    import jax
-    import jax.numpy as jnp
+def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
     import numpy as np
-
-    from flamingo_jax.data import repeats
-    from flamingo_jax.data.tokenizer import load_tokenizer
-    from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
-    from flamingo_jax.models.decoder import default_positions, uncached_slots
-
-    run = load_pretraining_run(lm_workdir)
-    decoder, vocab = run.model, run.run.model.decoder.vocab_size
-    tokenizer = load_tokenizer(run.run.data["tokenizer"])
-    ids = repeats.ordinary_ids(tokenizer.vocab_size, tokenizer.special_ids())
-    table = np.asarray(decoder.embedding[...])[:vocab]
-
-    @jax.jit
-    def predict(tokens, added):
-        positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
-        x, _ = decoder.run_layers(decoder.embed(tokens) + added, positions, uncached_slots(positions, valid),
-                                  position_keys=decoder.position_keys(tokens.shape[1]))
-        embedding = decoder.output_embedding()
-        logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
-        return logits[..., :vocab].argmax(-1)
 
     rng = np.random.default_rng(11)
 
     def accuracy(key_as_token: bool, scale: float = 1.0) -> float:
-        hits = []
+        batch_tokens, batch_added, batch_lookups = [], [], []
         for _ in range(rows):
-            keys = rng.choice(ids, num_keys, replace=False)
-            others = np.setdiff1d(ids, keys)
+            keys = rng.choice(lm.ids, num_keys, replace=False)
+            others = np.setdiff1d(lm.ids, keys)
             frame = int(rng.choice(others))
             values = [rng.choice(others, 2).tolist() for _ in keys]
-            tokens, added, lookups, said = [int(tokenizer.bos_id)], np.zeros((length, table.shape[1]), np.float32), [], set()
-            while len(tokens) < length:
+            tokens, lookups, said = [int(lm.tokenizer.bos_id)], [], set()
+            added = np.zeros((ROW_LEN, lm.table.shape[1]), np.float32)
+            while len(tokens) < ROW_LEN:
                 i = int(rng.integers(0, num_keys))
                 if key_as_token:
                     tokens.append(int(keys[i]))
-                elif len(tokens) < length:
-                    added[len(tokens)] = scale * table[keys[i]]
+                else:
+                    added[len(tokens)] = scale * lm.table[keys[i]]
                 tokens.append(frame)
                 if i in said:
                     lookups.append((len(tokens) - 1, values[i][0]))
                 tokens += values[i]
                 said.add(i)
-            predicted = np.asarray(predict(jnp.asarray([tokens[:length]]), jnp.asarray(added[None])))[0]
-            hits += [predicted[p] == v for p, v in lookups if p < length - 1]
+            batch_tokens.append(tokens[:ROW_LEN])
+            batch_added.append(added)
+            batch_lookups.append(lookups)
+        predicted = lm.predict(batch_tokens, np.stack(batch_added))  # [rows, ROW_LEN], the drills' shape
+        hits = [row[p] == v for row, lookups in zip(predicted, batch_lookups) for p, v in lookups if p < ROW_LEN - 1]
         return float(np.mean(hits))
 
     results = {"key token, then one frame piece": accuracy(True)}
     for scale in (0.5, 1.0, 2.0):
         results[f"key embedding x{scale} added to the frame piece"] = accuracy(False, scale)
-    return {name: {"accuracy": value, "chance": 1 / len(ids)} for name, value in results.items()}
+    return {name: {"accuracy": value, "chance": 1 / len(lm.ids)} for name, value in results.items()}
 
 
 def text_recall(engine, count: int) -> dict:
@@ -321,9 +330,9 @@ def main() -> None:
     from flamingo_jax.inference.engine import Engine
 
     runtime.quiet_library_logs()
-    result = {"machine": common.machine(), "workdir": os.path.abspath(args.workdir), "queries": args.queries,
-              "lm_drills": lm_drills(os.path.join(args.workdir, "lm")),
-              "lm_added_keys": lm_added_keys(os.path.join(args.workdir, "lm"))}
+    result = {"machine": common.machine(), "workdir": os.path.abspath(args.workdir), "queries": args.queries}
+    lm = FrozenLM(os.path.join(args.workdir, "lm"))
+    result.update(lm_drills=lm_drills(lm), lm_added_keys=lm_added_keys(lm))
     engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
     result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
                   naming=naming(engine, args.queries), claims=claims(engine, args.queries),
