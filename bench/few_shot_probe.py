@@ -207,10 +207,10 @@ def naming(engine, count: int) -> dict:
             asked = int(rng.integers(0, 3))
             items = []
             for i in shown:
-                scene = synthetic._scene_with(rng, attribute, values[i])
+                scene = synthetic.scene_with(rng, attribute, values[i])
                 items += [Media(array=synthetic.render(scene, size)),
                           f"This is {synthetic.article(names[i])} {names[i]}.", END_OF_CHUNK]
-            items += [Media(array=synthetic.render(synthetic._scene_with(rng, attribute, values[asked]), size)), "This is"]
+            items += [Media(array=synthetic.render(synthetic.scene_with(rng, attribute, values[asked]), size)), "This is"]
             prompts.append(items)
             candidates.append([f" {synthetic.article(n)} {n}." for n in names])
             gold.append(asked)

@@ -314,7 +314,7 @@ def lexicon(num_names: int = 600) -> list[str]:
     return [" ".join(words)] + names
 
 
-def _scene_with(rng: np.random.Generator, attribute: str, value: str) -> Scene:
+def scene_with(rng: np.random.Generator, attribute: str, value: str) -> Scene:
     """A scene whose `attribute` (kind, colour: of its one shape; texture) is `value`."""
     if attribute == "texture":
         return dataclasses.replace(random_scene(rng), texture=value)
@@ -338,7 +338,7 @@ def naming_episode(rng: np.random.Generator) -> tuple[list[Scene], list[str]]:
     scenes, texts = [], []
     for _ in range(int(rng.integers(4, 7))):
         index = int(rng.integers(0, len(values)))
-        scene = _scene_with(rng, attribute, values[index])
+        scene = scene_with(rng, attribute, values[index])
         scenes.append(scene)
         texts.append(frame.format(name=names[index], a=article(names[index]), colour=scene.shapes[0].colour))
     return scenes, texts
