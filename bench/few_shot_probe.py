@@ -11,7 +11,10 @@ whether the model picks the answer the prompt's images call for rather than how 
   lm_added_keys   the same LM when a row's keys are not tokens of their own but each key's embedding
                   is added to the input of the piece just before its value (one frame piece), what
                   an xattn block before layer 0 could write from an image; beside it the key as a
-                  token followed by that frame piece
+                  token followed by that frame piece, and the key added before later LM layers
+  frame_keys      the same LM on text-only prompts in the held-out and training frames with the
+                  image's attribute words added to each example's tokens: how well the frozen LM
+                  would look names up if the first xattn block wrote the ideal key
   text_recall     the Flamingo engine on text-only prompts that bind colour words to made-up names
                   in a frame and ask one back: keyed recall in words, as a few-shot prompt needs it;
                   again with every xattn gate at 0 (`text_recall_gates_shut`), which is the frozen
@@ -55,43 +58,64 @@ def _mean_per_token_choice(engine, prompts, candidates) -> list[int]:
 
 
 class FrozenLM:
-    """The LM stage's decoder, loaded once, with one compiled program for every LM probe: next-token
-    argmax from tokens [B, T] plus vectors [B, T, D] added to their input embeddings."""
+    """The LM stage's decoder, loaded once: next-token log-probabilities from tokens [B, T] plus
+    vectors [B, T, D] added to the residual stream before LM layer `layer` (0: to the input
+    embeddings), one compiled program per layer and row shape."""
 
     def __init__(self, lm_workdir: str):
-        import jax
-        import jax.numpy as jnp
         import numpy as np
 
         from flamingo_jax.data import repeats
         from flamingo_jax.data.tokenizer import load_tokenizer
         from flamingo_jax.evaluation.backbone_checks import load_pretraining_run
-        from flamingo_jax.models.decoder import default_positions, uncached_slots
 
         run = load_pretraining_run(lm_workdir)
-        decoder, vocab = run.model, run.run.model.decoder.vocab_size
+        self.decoder, self.vocab = run.model, run.run.model.decoder.vocab_size
+        self.num_layers = run.run.model.decoder.num_layers
         self.tokenizer = load_tokenizer(run.run.data["tokenizer"])
         self.ids = repeats.ordinary_ids(self.tokenizer.vocab_size, self.tokenizer.special_ids())
-        self.table = np.asarray(decoder.embedding[...])[:vocab]  # the input embeddings
+        self.table = np.asarray(self.decoder.embedding[...])[:self.vocab]  # the input embeddings
+        self._programs: dict = {}
 
-        @jax.jit
-        def predict(tokens, added):
-            positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
-            x, _ = decoder.run_layers(decoder.embed(tokens) + added, positions, uncached_slots(positions, valid),
-                                      position_keys=decoder.position_keys(tokens.shape[1]))
-            embedding = decoder.output_embedding()
-            logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
-            return logits[..., :vocab].argmax(-1)
+    def _program(self, layer: int):
+        if layer not in self._programs:
+            import jax
+            import jax.numpy as jnp
 
-        self._predict = predict
+            from flamingo_jax.models.decoder import default_positions, uncached_slots
 
-    def predict(self, tokens, added=None):
+            decoder, vocab, num_layers = self.decoder, self.vocab, self.num_layers
+
+            def run(x, positions, slots, keys, start, stop):
+                if stop == start:
+                    return x
+                x, _ = decoder.run_layers(x, positions, slots, layer_indices=jnp.arange(start, stop),
+                                          position_keys=None if keys is None else keys[start:stop])
+                return x
+
+            @jax.jit
+            def log_probs(tokens, added):
+                positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
+                slots, keys = uncached_slots(positions, valid), decoder.position_keys(tokens.shape[1])
+                x = run(decoder.embed(tokens), positions, slots, keys, 0, layer)
+                x = run(x + added, positions, slots, keys, layer, num_layers)
+                embedding = decoder.output_embedding()
+                logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
+                return jax.nn.log_softmax(logits[..., :vocab])
+
+            self._programs[layer] = log_probs
+        return self._programs[layer]
+
+    def log_probs(self, tokens, added=None, layer: int = 0):
         import numpy as np
 
         tokens = np.asarray(tokens, np.int32)
         if added is None:
             added = np.zeros((*tokens.shape, self.table.shape[1]), np.float32)
-        return np.asarray(self._predict(tokens, added))
+        return np.asarray(self._program(layer)(tokens, added))
+
+    def predict(self, tokens, added=None, layer: int = 0):
+        return self.log_probs(tokens, added, layer).argmax(-1)
 
 
 ROW_LEN = 128  # every LM probe row: one compiled shape
@@ -124,7 +148,7 @@ def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
 
     rng = np.random.default_rng(11)
 
-    def accuracy(key_as_token: bool, scale: float = 1.0) -> float:
+    def accuracy(key_as_token: bool, scale: float = 1.0, layer: int = 0) -> float:
         batch_tokens, batch_added, batch_lookups = [], [], []
         for _ in range(rows):
             keys = rng.choice(lm.ids, num_keys, replace=False)
@@ -147,14 +171,86 @@ def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
             batch_tokens.append(tokens[:ROW_LEN])
             batch_added.append(added)
             batch_lookups.append(lookups)
-        predicted = lm.predict(batch_tokens, np.stack(batch_added))  # [rows, ROW_LEN], the drills' shape
+        predicted = lm.predict(batch_tokens, np.stack(batch_added), layer)  # [rows, ROW_LEN], the drills' shape
         hits = [row[p] == v for row, lookups in zip(predicted, batch_lookups) for p, v in lookups if p < ROW_LEN - 1]
         return float(np.mean(hits))
 
     results = {"key token, then one frame piece": accuracy(True)}
     for scale in (0.5, 1.0, 2.0):
         results[f"key embedding x{scale} added to the frame piece"] = accuracy(False, scale)
+    for layer in range(1, lm.num_layers):  # a block before a later layer writes there instead
+        results[f"key embedding x1 added to the frame piece before LM layer {layer}"] = accuracy(False, 1.0, layer)
     return {name: {"accuracy": value, "chance": 1 / len(lm.ids)} for name, value in results.items()}
+
+
+KEYED_FRAMES = {  # frame_keys: (frame, attribute whose word is the key, held-out names or None: made up)
+    "held-out captioning": ("Output: {a} {colour} {name}.", "kind", "shape"),
+    "held-out VQA": ("Question: What paper is it drawn on? Answer: {name}.", "texture", "texture"),
+    "training naming": ("This is {a} {name}.", "kind", None),
+}
+FRAME_ROW_LEN = 256
+
+
+def frame_keys(lm: FrozenLM, count: int) -> dict:
+    """Rank accuracy of the LM alone on text-only few-shot prompts in the real frames, 5 examples
+    then a 6th with each of 3 names, when word embeddings (what an ideal first xattn block would
+    write from the image) are added to each example's tokens. `where`: none; the attribute's word
+    from the token before the name to its end, or on every token; or on every token the words of
+    all three of the image's attributes (colour, kind, texture) summed, which is what a block
+    before layer 0 can write: its queries are the token embeddings alone, the same in every
+    task, so it cannot pick the attribute a task asks about. The LM has no <EOC>: examples follow
+    each other."""
+    import numpy as np
+
+    from flamingo_jax.data import synthetic
+
+    tokenizer, table = lm.tokenizer, lm.table
+    held_names = {"shape": synthetic.HELD_OUT_SHAPE_NAMES, "texture": synthetic.HELD_OUT_TEXTURE_NAMES}
+    populations = {"kind": synthetic.SHAPES, "texture": synthetic.TEXTURES, "colour": tuple(synthetic.COLOURS)}
+    results = {}
+    for label, (frame, attribute, held) in KEYED_FRAMES.items():
+        rng = np.random.default_rng(13)
+        episodes = []
+        for _ in range(count):
+            population = populations[attribute]
+            values = [population[int(i)] for i in rng.permutation(len(population))[:3]]
+            names = [held_names[held][v] for v in values] if held else synthetic.made_up_names(rng, 3)
+            shown = [int(i) for i in rng.permutation(3)] + [int(i) for i in rng.integers(0, 3, 3)]
+            colours = [str(rng.choice(list(synthetic.COLOURS))) for _ in shown]
+            others = [[colour] + [str(rng.choice(populations[a])) for a in ("kind", "texture") if a != attribute]
+                      for colour in colours]  # the image's other attributes
+            episodes.append((values, names, shown, colours, others))
+        for where in ("none", "name", "all", "all, every attribute"):
+            rows, added, spans = [], [], []
+            for values, names, shown, colours, others in episodes:
+                for candidate in range(3):
+                    tokens = [tokenizer.bos_id]
+                    extra = np.zeros((FRAME_ROW_LEN, table.shape[1]), np.float32)
+                    for n, (i, colour, other) in enumerate(zip(shown, colours, others)):
+                        name = names[candidate] if n == len(shown) - 1 else names[i]
+                        tokens += list(tokenizer.image_marker_ids)
+                        start = len(tokens)
+                        fill = dict(a=synthetic.article(name), colour=colour)
+                        head = len(tokenizer.encode(frame.split("{name}")[0].format(**fill).rstrip()))
+                        text = tokenizer.encode(frame.format(name=name, **fill))
+                        words = [values[i]] + (other if where == "all, every attribute" else [])
+                        key = sum(table[tokenizer.encode(word)[0]] for word in words)  # each word one piece
+                        if where != "none":
+                            extra[(start + head - 1 if where == "name" else start):start + len(text)] += key
+                        tokens += text
+                    if len(tokens) > FRAME_ROW_LEN:
+                        raise ValueError(f"frame_keys: a {label} row has {len(tokens)} tokens, over {FRAME_ROW_LEN}.")
+                    rows.append(tokens + [tokenizer.bos_id] * (FRAME_ROW_LEN - len(tokens)))
+                    added.append(extra)
+                    spans.append((start + head - 1, text[head:]))
+            log_probs = np.concatenate([lm.log_probs(rows[k:k + 48], np.stack(added[k:k + 48]))
+                                        for k in range(0, len(rows), 48)])
+            scores = np.array([np.mean([log_probs[r, at + j, t] for j, t in enumerate(name_tokens)])
+                               for r, (at, name_tokens) in enumerate(spans)]).reshape(count, 3)
+            gold = np.array([episode[2][-1] for episode in episodes])
+            results[f"{label}, key added: {where}"] = {"accuracy": float(np.mean(scores.argmax(-1) == gold)),
+                                                       "chance": 1 / 3}
+    return results
 
 
 def text_recall(engine, count: int) -> dict:
@@ -332,7 +428,8 @@ def main() -> None:
     runtime.quiet_library_logs()
     result = {"machine": common.machine(), "workdir": os.path.abspath(args.workdir), "queries": args.queries}
     lm = FrozenLM(os.path.join(args.workdir, "lm"))
-    result.update(lm_drills=lm_drills(lm), lm_added_keys=lm_added_keys(lm))
+    result.update(lm_drills=lm_drills(lm), lm_added_keys=lm_added_keys(lm),
+                  frame_keys=frame_keys(lm, args.queries))
     engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
     result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
                   naming=naming(engine, args.queries), claims=claims(engine, args.queries),
