@@ -9,8 +9,10 @@ The peer's generation setting: batch 1, a 4-shot prompt with 5 images (four
 gates at 1.0, greedy decoding of 20 new tokens with a KV cache, fp32.
 
 Measured like the peer: `total` = prefill (vision encoder, Resampler, prompt)
-plus 20 tokens; `prefill` = the same program run for 1 token; ms per decoded
-token = (total(20) - total(1)) / 19, the median over repetitions. Beam search
+plus 20 tokens; `prefill` = the same program run for 1 token (one compiled program
+per search: its stop ids are an argument, and a call whose first token stops every
+row ends after it); ms per decoded token = (total(20) - total(1)) / 19, the median
+over repetitions. Beam search
 (beam 3), the paper's evaluation decoding, is reported beside it. The peer
 runs first, in its own process (a child inherits its parent's peak-RSS mark).
 """
@@ -104,31 +106,36 @@ def run_ours(args) -> dict:
     prompt = jax.device_put(gen_prompt(cfg, args.shots, args.shot_text, args.query_text, args.seed))
     prompt_len = prompt[0].shape[1]
     num_slots = max(args.cache_len or 0, prompt_len + args.new)
-    stop = (-1,)  # never stop early: every run decodes exactly the requested tokens, as the peer's
+    vocab = cfg.decoder.vocab_size
 
-    def program(new_tokens: int, beams: int, shapes=weight_shapes):
-        def run(state, layer_states, tokens, media, media_index, positions, valid):
+    def never_stop(beams: int):
+        # Every run decodes exactly the requested tokens, as the peer's. Greedy's stop ids are one
+        # id (the first token's, to stop after it); beam search's every id (its beams differ).
+        return np.full((1 if beams == 1 else vocab,), -1, np.int32)
+
+    def program(beams: int, shapes=weight_shapes):
+        def run(state, layer_states, stop_ids, tokens, media, media_index, positions, valid):
             m = merge(state, layer_states)
             context = decoding.prefill(m, tokens, media, media_index, positions, valid, num_slots)
             if beams > 1:
-                return decoding.beam_search(m, context, num_beams=beams, max_new_tokens=new_tokens,
-                                            stop_ids=stop, pad_id=0)
-            return decoding.decode(m, context, jax.random.key(0), max_new_tokens=new_tokens, stop_ids=stop,
+                return decoding.beam_search(m, context, num_beams=beams, max_new_tokens=args.new,
+                                            stop_ids=stop_ids, pad_id=0)
+            return decoding.decode(m, context, jax.random.key(0), max_new_tokens=args.new, stop_ids=stop_ids,
                                    pad_id=0, choose=decoding.greedy_chooser())
 
         started = time.perf_counter()
         options = unrolled.COMPILER_OPTIONS if args.layout == "unrolled" else None
-        compiled = jax.jit(run, compiler_options=options).lower(*shapes, *prompt).compile()
+        compiled = jax.jit(run, compiler_options=options).lower(*shapes, never_stop(beams), *prompt).compile()
         return compiled, time.perf_counter() - started
 
-    def timed_with(compiled, weights):
+    def timed_with(compiled, weights, stop_ids):
         t = time.perf_counter()
-        out = compiled(*weights, *prompt)
+        out = compiled(*weights, stop_ids, *prompt)
         out.tokens.block_until_ready()
         return time.perf_counter() - t, out
 
     searches = (("greedy", 1), ("beam3", 3))[:1 if args.greedy_only else 2]
-    programs = {searches[0][0]: (program(args.new, searches[0][1]), program(1, searches[0][1]))}
+    programs = {searches[0][0]: program(searches[0][1])}
     init = jax.jit(parts.init, static_argnums=0).lower(args.seed).compile()
     runtime.release_free_heap()
     state, layer_states = decoding_weights(*init(), consume=args.layout == "unrolled")
@@ -137,30 +144,35 @@ def run_ours(args) -> dict:
         reference = (state, layer_states)
         state, layer_states = to_bf16(state, layer_states)
     runtime.release_free_heap()
-    timed = lambda compiled: timed_with(compiled, (state, layer_states))
+    timed = lambda compiled, stop_ids: timed_with(compiled, (state, layer_states), stop_ids)
 
     result = {"config": "ref_cpu", "prompt_len": prompt_len, "images": args.shots + 1, "gen_batch": 1,
               "new_tokens": args.new, "xattn_gate_value": args.gate, "dtype": "float32",
               "weights": "bf16 frozen LM layers, xattn blocks, unembedding" if args.precision == "bf16" else "float32",
               "cache_slots": num_slots, "positions": args.positions, "layout": args.layout}
     for name, beams in searches:
-        (full, compile_full), (one, compile_one) = programs.pop(name, None) or (
-            program(args.new, beams), program(1, beams))
-        timed(full), timed(one)  # warm-up
+        compiled, compile_s = programs.pop(name, None) or program(beams)
+        full = never_stop(beams)
+        _, out = timed(compiled, full)  # warm-up
+        one = (np.asarray(out.tokens[:1, 0]) if beams == 1 else np.arange(vocab)).astype(np.int32)  # stops at once
+        _, first = timed(compiled, one)
+        if int(first.lengths.max()) != 1 or int(out.lengths.min()) != args.new:
+            raise RuntimeError(f"{name}: the 1-token run decoded {int(first.lengths.max())} tokens and the full "
+                               f"one {int(out.lengths.min())}, not 1 and {args.new}.")
         totals, firsts, decodes = [], [], []
         for _ in range(args.reps):
-            t_full, out = timed(full)
-            t_one, _ = timed(one)
+            t_full, out = timed(compiled, full)
+            t_one, _ = timed(compiled, one)
             totals.append(t_full)
             firsts.append(t_one)
             decodes.append((t_full - t_one) / (args.new - 1) * 1e3)
         result[name] = {
             "total_s": summary(totals), "vision_plus_prefill_plus_1tok_s": summary(firsts),
-            "decode_per_token_ms": summary(decodes), "compile_s": compile_full + compile_one,
+            "decode_per_token_ms": summary(decodes), "compile_s": compile_s,
             "generated_ids_row0": np.asarray(out.tokens[0]).tolist(),
             "peak_rss_mib_so_far": _peak_rss_mib(),  # greedy's: the peer's setting, which runs no beam search
         }
-        del full, one
+        del compiled
     if args.precision == "bf16":
         # The prompt's next-token logits and the greedy tokens against the fp32 weights'.
         def last_logits(state, layer_states, *prompt):
@@ -169,7 +181,7 @@ def run_ours(args) -> dict:
         ours = jax.jit(last_logits)(state, layer_states, *prompt)
         exact = jax.jit(last_logits)(*reference, *prompt)
         deviation = np.abs(np.asarray(ours) - np.asarray(exact))
-        exact_tokens = timed_with(program(args.new, 1, fp32_shapes)[0], reference)[1].tokens[0]
+        exact_tokens = timed_with(program(1, fp32_shapes)[0], reference, never_stop(1))[1].tokens[0]
         result["bf16_vs_fp32"] = {"max_abs_logit_deviation": float(deviation.max()),
                                   "mean_abs_logit_deviation": float(deviation.mean()),
                                   "logit_std": float(np.asarray(exact).std()),

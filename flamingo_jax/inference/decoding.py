@@ -144,9 +144,10 @@ class Decoded(NamedTuple):
     scores: Array  # float32 [B]: sum of the model's log-probabilities of those tokens
 
 
-def decode(model: DecodingModel, context: Context, key: Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-           pad_id: int, choose: TokenChooser) -> Decoded:
-    """Up to `max_new_tokens` tokens per row; a row stops after its first stop token."""
+def decode(model: DecodingModel, context: Context, key: Array, *, max_new_tokens: int,
+           stop_ids: tuple[int, ...] | Array, pad_id: int, choose: TokenChooser) -> Decoded:
+    """Up to `max_new_tokens` tokens per row; a row stops after its first stop token. `stop_ids`
+    may be an argument of the compiled program: one program then serves any stop set of its size."""
     batch = context.last_logits.shape[0]
     stop_ids = jnp.asarray(stop_ids, jnp.int32)
 
@@ -184,7 +185,7 @@ def length_penalty(lengths: Array, alpha: float) -> Array:
 
 
 def beam_search(model: DecodingModel, context: Context, *, num_beams: int, max_new_tokens: int,
-                stop_ids: tuple[int, ...], pad_id: int, alpha: float = 0.0) -> Decoded:
+                stop_ids: tuple[int, ...] | Array, pad_id: int, alpha: float = 0.0) -> Decoded:
     """The best of `num_beams` hypotheses per row, by score / length_penalty(length, alpha)."""
     batch, vocab = context.last_logits.shape
     if num_beams > vocab:
