@@ -124,6 +124,36 @@ def test_cached_greedy_equals_uncached_argmax_for_left_padded_batch(setup):
         assert stopped.lengths[other] == NEW
 
 
+def test_stop_ids_passed_as_an_argument_serve_every_stop_set_from_one_program(setup):
+    """What bench/generate.py relies on: one compiled program times 20 tokens and 1 (a stop set
+    that the first token hits), so each search keeps one program resident."""
+    graphdef, state, prompt = setup
+    vocab = nnx.merge(graphdef, state).cfg.decoder.vocab_size
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+    def run(method, state, stop_ids, tokens, media, media_index, positions, valid):
+        model = nnx.merge(graphdef, state)
+        context = decoding.prefill(model, tokens, media, media_index, positions, valid, P + NEW)
+        if method == "beam":
+            return decoding.beam_search(model, context, num_beams=3, max_new_tokens=NEW, stop_ids=stop_ids, pad_id=0)
+        return decoding.decode(model, context, jax.random.key(0), max_new_tokens=NEW, stop_ids=stop_ids, pad_id=0,
+                               choose=decoding.greedy_chooser())
+
+    expected, _ = uncached_greedy(graphdef, state, prompt)
+    never = run("greedy", state, np.array([-1], np.int32), *prompt)
+    np.testing.assert_array_equal(never.tokens, expected)
+    assert (np.asarray(never.lengths) == NEW).all()
+    first = run("greedy", state, np.array([expected[0, 0]], np.int32), *prompt)
+    assert np.asarray(first.lengths)[0] == 1 and (np.asarray(first.tokens)[0, 1:] == 0).all()
+    assert run._cache_size() == 1  # both stop sets, one program
+
+    never = run("beam", state, np.full(vocab, -1, np.int32), *prompt)
+    every = run("beam", state, np.arange(vocab, dtype=np.int32), *prompt)
+    assert (np.asarray(never.lengths) == NEW).all() and (np.asarray(every.lengths) == 1).all()
+    assert (np.asarray(every.tokens)[:, 1:] == 0).all()
+    assert run._cache_size() == 2  # one program per search
+
+
 def test_cached_greedy_equals_uncached_argmax_under_openflamingo_placement():
     """Blocks before layers 1, 3 (OpenFlamingo's (i + 1) % 2 == 0 of 4 layers): a lead layer
     without a block, then two groups; the cache holds the lead layer's keys apart."""
