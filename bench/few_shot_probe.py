@@ -188,7 +188,7 @@ KEYED_FRAMES = {  # frame_keys: (frame, attribute whose word is the key, held-ou
     "held-out VQA": ("Question: What paper is it drawn on? Answer: {name}.", "texture", "texture"),
     "training naming": ("This is {a} {name}.", "kind", None),
 }
-FRAME_ROW_LEN = 256
+FRAME_ROW_LEN, FRAME_BATCH = 256, 48
 
 
 def frame_keys(lm: FrozenLM, count: int) -> dict:
@@ -243,8 +243,10 @@ def frame_keys(lm: FrozenLM, count: int) -> dict:
                     rows.append(tokens + [tokenizer.bos_id] * (FRAME_ROW_LEN - len(tokens)))
                     added.append(extra)
                     spans.append((start + head - 1, text[head:]))
-            log_probs = np.concatenate([lm.log_probs(rows[k:k + 48], np.stack(added[k:k + 48]))
-                                        for k in range(0, len(rows), 48)])
+            padding = -len(rows) % FRAME_BATCH  # every batch one shape: one compiled program
+            rows, added = rows + rows[-1:] * padding, added + added[-1:] * padding
+            log_probs = np.concatenate([lm.log_probs(rows[k:k + FRAME_BATCH], np.stack(added[k:k + FRAME_BATCH]))
+                                        for k in range(0, len(rows), FRAME_BATCH)])
             scores = np.array([np.mean([log_probs[r, at + j, t] for j, t in enumerate(name_tokens)])
                                for r, (at, name_tokens) in enumerate(spans)]).reshape(count, 3)
             gold = np.array([episode[2][-1] for episode in episodes])
@@ -421,7 +423,6 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60, help="prompts per probe row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from flamingo_jax import runtime
     from flamingo_jax.inference.engine import Engine
 
