@@ -12,6 +12,9 @@ whether the model picks the answer the prompt's images call for rather than how 
                   is added to the input of the piece just before its value (one frame piece), what
                   an xattn block before layer 0 could write from an image; beside it the key as a
                   token followed by that frame piece, and the key added before later LM layers
+  learned_keys    (--learned_keys_steps) the same rows with linear writes of the key, trained with
+                  the LM frozen, before each LM layer: whether a later block could write a key the
+                  LM uses if it found the right one, not only the raw embedding
   frame_keys      the same LM on text-only prompts in the held-out and training frames with the
                   image's attribute words added to each example's tokens: how well the frozen LM
                   would look names up if the first xattn block wrote the ideal key
@@ -77,33 +80,39 @@ class FrozenLM:
         self.table = np.asarray(self.decoder.embedding[...])[:self.vocab]  # the input embeddings
         self._programs: dict = {}
 
+    def log_probs_fn(self, layer: int):
+        """The pure function (tokens [B, T], added [B, T, D]) -> log-probabilities [B, T, V], the
+        vectors added before LM layer `layer`: differentiable in `added`, for `learned_keys`."""
+        import jax
+        import jax.numpy as jnp
+
+        from flamingo_jax.models.decoder import default_positions, uncached_slots
+
+        decoder, vocab, num_layers = self.decoder, self.vocab, self.num_layers
+
+        def run(x, positions, slots, keys, start, stop):
+            if stop == start:
+                return x
+            x, _ = decoder.run_layers(x, positions, slots, layer_indices=jnp.arange(start, stop),
+                                      position_keys=None if keys is None else keys[start:stop])
+            return x
+
+        def log_probs(tokens, added):
+            positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
+            slots, keys = uncached_slots(positions, valid), decoder.position_keys(tokens.shape[1])
+            x = run(decoder.embed(tokens), positions, slots, keys, 0, layer)
+            x = run(x + added, positions, slots, keys, layer, num_layers)
+            embedding = decoder.output_embedding()
+            logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
+            return jax.nn.log_softmax(logits[..., :vocab])
+
+        return log_probs
+
     def _program(self, layer: int):
         if layer not in self._programs:
             import jax
-            import jax.numpy as jnp
 
-            from flamingo_jax.models.decoder import default_positions, uncached_slots
-
-            decoder, vocab, num_layers = self.decoder, self.vocab, self.num_layers
-
-            def run(x, positions, slots, keys, start, stop):
-                if stop == start:
-                    return x
-                x, _ = decoder.run_layers(x, positions, slots, layer_indices=jnp.arange(start, stop),
-                                          position_keys=None if keys is None else keys[start:stop])
-                return x
-
-            @jax.jit
-            def log_probs(tokens, added):
-                positions, valid = default_positions(tokens, None, jnp.ones_like(tokens, bool))
-                slots, keys = uncached_slots(positions, valid), decoder.position_keys(tokens.shape[1])
-                x = run(decoder.embed(tokens), positions, slots, keys, 0, layer)
-                x = run(x + added, positions, slots, keys, layer, num_layers)
-                embedding = decoder.output_embedding()
-                logits = decoder.final_norm(x) @ (embedding.T if embedding.shape[0] == vocab else embedding)
-                return jax.nn.log_softmax(logits[..., :vocab])
-
-            self._programs[layer] = log_probs
+            self._programs[layer] = jax.jit(self.log_probs_fn(layer))
         return self._programs[layer]
 
     def log_probs(self, tokens, added=None, layer: int = 0):
@@ -143,37 +152,54 @@ def lm_drills(lm: FrozenLM, rows: int = 32) -> dict:
     return results
 
 
+def _keyed_rows(lm: FrozenLM, rng, rows: int, num_keys: int, key_as_token: bool):
+    """Recall rows whose items are [key token,] one frame piece, then a 2-token value: tokens
+    [rows, ROW_LEN]; each item's key embedding on its frame piece and value tokens [rows, ROW_LEN, D];
+    each position's role (1 the frame piece, 2 a value token, 0 else); and the lookups (row, frame
+    piece's position, value's first token), items whose key came before."""
+    import numpy as np
+
+    batch_tokens, batch_keys, batch_roles, lookups = [], [], [], []
+    for row in range(rows):
+        keys = rng.choice(lm.ids, num_keys, replace=False)
+        others = np.setdiff1d(lm.ids, keys)
+        frame = int(rng.choice(others))
+        values = [rng.choice(others, 2).tolist() for _ in keys]
+        tokens, said = [int(lm.tokenizer.bos_id)], set()
+        key_rows = np.zeros((ROW_LEN + 3, lm.table.shape[1]), np.float32)
+        roles = np.zeros(ROW_LEN + 3, np.int32)
+        while len(tokens) < ROW_LEN:
+            i = int(rng.integers(0, num_keys))
+            if key_as_token:
+                tokens.append(int(keys[i]))
+            at = len(tokens)
+            key_rows[at:at + 3], roles[at], roles[at + 1:at + 3] = lm.table[keys[i]], 1, 2
+            tokens.append(frame)
+            if i in said and at < ROW_LEN - 1:
+                lookups.append((row, at, values[i][0]))
+            tokens += values[i]
+            said.add(i)
+        batch_tokens.append(tokens[:ROW_LEN])
+        batch_keys.append(key_rows[:ROW_LEN])
+        batch_roles.append(roles[:ROW_LEN])
+    return np.array(batch_tokens, np.int32), np.stack(batch_keys), np.stack(batch_roles), lookups
+
+
+def _lookup_accuracy(predicted, lookups) -> float:
+    import numpy as np
+
+    return float(np.mean([predicted[row, at] == value for row, at, value in lookups]))
+
+
 def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(11)
 
     def accuracy(key_as_token: bool, scale: float = 1.0, layer: int = 0) -> float:
-        batch_tokens, batch_added, batch_lookups = [], [], []
-        for _ in range(rows):
-            keys = rng.choice(lm.ids, num_keys, replace=False)
-            others = np.setdiff1d(lm.ids, keys)
-            frame = int(rng.choice(others))
-            values = [rng.choice(others, 2).tolist() for _ in keys]
-            tokens, lookups, said = [int(lm.tokenizer.bos_id)], [], set()
-            added = np.zeros((ROW_LEN, lm.table.shape[1]), np.float32)
-            while len(tokens) < ROW_LEN:
-                i = int(rng.integers(0, num_keys))
-                if key_as_token:
-                    tokens.append(int(keys[i]))
-                else:
-                    added[len(tokens)] = scale * lm.table[keys[i]]
-                tokens.append(frame)
-                if i in said:
-                    lookups.append((len(tokens) - 1, values[i][0]))
-                tokens += values[i]
-                said.add(i)
-            batch_tokens.append(tokens[:ROW_LEN])
-            batch_added.append(added)
-            batch_lookups.append(lookups)
-        predicted = lm.predict(batch_tokens, np.stack(batch_added), layer)  # [rows, ROW_LEN], the drills' shape
-        hits = [row[p] == v for row, lookups in zip(predicted, batch_lookups) for p, v in lookups if p < ROW_LEN - 1]
-        return float(np.mean(hits))
+        tokens, keys, roles, lookups = _keyed_rows(lm, rng, rows, num_keys, key_as_token)
+        added = 0.0 if key_as_token else scale * keys * (roles == 1)[..., None]
+        return _lookup_accuracy(lm.predict(tokens, np.broadcast_to(added, keys.shape), layer), lookups)
 
     results = {"key token, then one frame piece": accuracy(True)}
     for scale in (0.5, 1.0, 2.0):
@@ -181,6 +207,56 @@ def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
     for layer in range(1, lm.num_layers):  # a block before a later layer writes there instead
         results[f"key embedding x1 added to the frame piece before LM layer {layer}"] = accuracy(False, 1.0, layer)
     return {name: {"accuracy": value, "chance": 1 / len(lm.ids)} for name, value in results.items()}
+
+
+def learned_keys(lm: FrozenLM, steps: int, rows: int = 32, num_keys: int = 4) -> dict:
+    """Whether any linear write of the key, not only its raw embedding, is a key the LM looks up by
+    when added before a later layer: two maps [D, D] (one for the frame piece, one for the value
+    tokens, as a block writes something at every token after its image) trained by Adam with the LM
+    frozen, from the raw embedding (the frame piece's map the identity, the values' 0), on the
+    first value token's loss at each lookup; the accuracy on held-out rows before and after."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    results = {}
+    for layer in range(lm.num_layers):
+        log_probs = lm.log_probs_fn(layer)
+        dim = lm.table.shape[1]
+
+        def added(maps, keys, roles):
+            return (jnp.where((roles == 1)[..., None], keys @ maps["frame piece"], 0.0)
+                    + jnp.where((roles == 2)[..., None], keys @ maps["values"], 0.0))
+
+        def loss(maps, tokens, keys, roles, where, targets):
+            chosen = log_probs(tokens, added(maps, keys, roles))[where[:, 0], where[:, 1], targets]
+            return -chosen.mean()
+
+        optimizer = optax.adam(3e-3)
+
+        @jax.jit
+        def step(maps, opt_state, tokens, keys, roles, where, targets):
+            value, grads = jax.value_and_grad(loss)(maps, tokens, keys, roles, where, targets)
+            updates, opt_state = optimizer.update(grads, opt_state, maps)
+            return optax.apply_updates(maps, updates), opt_state, value
+
+        predict = jax.jit(lambda maps, tokens, keys, roles: log_probs(tokens, added(maps, keys, roles)).argmax(-1))
+        maps = {"frame piece": jnp.eye(dim), "values": jnp.zeros((dim, dim))}
+        opt_state = optimizer.init(maps)
+        held_out = _keyed_rows(lm, np.random.default_rng(17), rows, num_keys, False)
+        before = _lookup_accuracy(np.asarray(predict(maps, *held_out[:3])), held_out[3])
+        rng = np.random.default_rng(19)
+        for _ in range(steps):
+            tokens, keys, roles, lookups = _keyed_rows(lm, rng, rows, num_keys, False)
+            lookups = lookups[:rows * 16] + lookups[:1] * (rows * 16 - len(lookups))  # one shape: one program
+            where, targets = np.array([l[:2] for l in lookups]), np.array([l[2] for l in lookups])
+            maps, opt_state, value = step(maps, opt_state, tokens, keys, roles, where, targets)
+        after = _lookup_accuracy(np.asarray(predict(maps, *held_out[:3])), held_out[3])
+        results[f"learned write before LM layer {layer}"] = {
+            "accuracy before": before, "accuracy after": after, "last loss": float(value), "steps": steps,
+            "chance": 1 / len(lm.ids)}
+    return results
 
 
 KEYED_FRAMES = {  # frame_keys: (frame, attribute whose word is the key, held-out names or None: made up)
@@ -421,6 +497,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/tiny", help="the recipe's workdir (lm/ and flamingo/ in it)")
     parser.add_argument("--queries", type=int, default=60, help="prompts per probe row")
+    parser.add_argument("--learned_keys_steps", type=int, default=0,
+                        help="Adam steps of the learned_keys probe per layer (0: skip it; 200 add ~6 min)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from flamingo_jax import runtime
@@ -431,6 +509,8 @@ def main() -> None:
     lm = FrozenLM(os.path.join(args.workdir, "lm"))
     result.update(lm_drills=lm_drills(lm), lm_added_keys=lm_added_keys(lm),
                   frame_keys=frame_keys(lm, 3 * args.queries))  # the LM alone is cheap: less noise
+    if args.learned_keys_steps:
+        result["learned_keys"] = learned_keys(lm, args.learned_keys_steps)
     engine = Engine.from_workdir(os.path.join(args.workdir, "flamingo"))
     result.update(gates=gates(engine), text_recall=text_recall(engine, args.queries),
                   naming=naming(engine, args.queries), claims=claims(engine, args.queries),
