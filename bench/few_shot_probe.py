@@ -198,8 +198,8 @@ def lm_added_keys(lm: FrozenLM, rows: int = 32, num_keys: int = 4) -> dict:
 
     def accuracy(key_as_token: bool, scale: float = 1.0, layer: int = 0) -> float:
         tokens, keys, roles, lookups = _keyed_rows(lm, rng, rows, num_keys, key_as_token)
-        added = 0.0 if key_as_token else scale * keys * (roles == 1)[..., None]
-        return _lookup_accuracy(lm.predict(tokens, np.broadcast_to(added, keys.shape), layer), lookups)
+        added = np.zeros_like(keys) if key_as_token else scale * keys * (roles == 1)[..., None]
+        return _lookup_accuracy(lm.predict(tokens, added, layer), lookups)
 
     results = {"key token, then one frame piece": accuracy(True)}
     for scale in (0.5, 1.0, 2.0):
@@ -229,15 +229,15 @@ def learned_keys(lm: FrozenLM, steps: int, rows: int = 32, num_keys: int = 4) ->
             return (jnp.where((roles == 1)[..., None], keys @ maps["frame piece"], 0.0)
                     + jnp.where((roles == 2)[..., None], keys @ maps["values"], 0.0))
 
-        def loss(maps, tokens, keys, roles, where, targets):
-            chosen = log_probs(tokens, added(maps, keys, roles))[where[:, 0], where[:, 1], targets]
-            return -chosen.mean()
+        def loss(maps, tokens, keys, roles, targets, scored):
+            chosen = jnp.take_along_axis(log_probs(tokens, added(maps, keys, roles)), targets[..., None], -1)[..., 0]
+            return -(chosen * scored).sum() / scored.sum()
 
         optimizer = optax.adam(3e-3)
 
         @jax.jit
-        def step(maps, opt_state, tokens, keys, roles, where, targets):
-            value, grads = jax.value_and_grad(loss)(maps, tokens, keys, roles, where, targets)
+        def step(maps, opt_state, tokens, keys, roles, targets, scored):
+            value, grads = jax.value_and_grad(loss)(maps, tokens, keys, roles, targets, scored)
             updates, opt_state = optimizer.update(grads, opt_state, maps)
             return optax.apply_updates(maps, updates), opt_state, value
 
@@ -249,9 +249,10 @@ def learned_keys(lm: FrozenLM, steps: int, rows: int = 32, num_keys: int = 4) ->
         rng = np.random.default_rng(19)
         for _ in range(steps):
             tokens, keys, roles, lookups = _keyed_rows(lm, rng, rows, num_keys, False)
-            lookups = lookups[:rows * 16] + lookups[:1] * (rows * 16 - len(lookups))  # one shape: one program
-            where, targets = np.array([l[:2] for l in lookups]), np.array([l[2] for l in lookups])
-            maps, opt_state, value = step(maps, opt_state, tokens, keys, roles, where, targets)
+            targets, scored = np.zeros(tokens.shape, np.int32), np.zeros(tokens.shape, np.float32)
+            for row, at, first in lookups:  # every lookup, in the rows' own shape: one program
+                targets[row, at], scored[row, at] = first, 1.0
+            maps, opt_state, value = step(maps, opt_state, tokens, keys, roles, targets, scored)
         after = _lookup_accuracy(np.asarray(predict(maps, *held_out[:3])), held_out[3])
         results[f"learned write before LM layer {layer}"] = {
             "accuracy before": before, "accuracy after": after, "last loss": float(value), "steps": steps,
